@@ -1,0 +1,1 @@
+"""Version shims: the only place allowed to touch another library's private API."""

@@ -1,0 +1,1 @@
+"""Spec schema and loading, composer, workloads, benchmarks."""

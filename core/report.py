@@ -1,0 +1,167 @@
+"""Reports of a sweep folder: report.md, report.html and pareto.png, from results.jsonl alone
+(so ``blockzoo report DIR`` can re-render them at any time)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from .store import read_rows, wide
+
+# quality metrics: name -> (label, higher_is_better)
+QUALITY = {"bytes_lm_bpb": ("bytes_lm bits/byte", False), "mqar_accuracy": ("mqar accuracy", True),
+           "passkey_accuracy": ("passkey accuracy", True)}
+COLUMNS = [("label", "trial"), ("status", "status"), ("bytes_lm_bpb", "bpb ↓"), ("mqar_accuracy", "mqar ↑"),
+           ("passkey_accuracy", "passkey ↑"), ("rel_attn_flops", "attn FLOPs ×dense"),
+           ("rel_kv_bytes", "KV bytes ×dense"), ("fwd_bwd_ms", "fwd+bwd ms"), ("tokens_per_s", "tokens/s"),
+           ("params", "params"), ("logits_max_rel_err", "err vs ref"), ("backends", "backends")]
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None or v == "":
+        return "—"
+    if isinstance(v, float):
+        if key == "params":
+            return f"{v:,.0f}"
+        if key in ("tokens_per_s",):
+            return f"{v:,.0f}"
+        if key.endswith("err"):
+            return f"{v:.1e}"
+        return f"{v:.3f}"
+    return str(v)
+
+
+def pareto_front(points: list[tuple[float, float]], higher_better: bool) -> list[int]:
+    """Indices of points not dominated (lower cost, better quality)."""
+    front = []
+    for i, (c, q) in enumerate(points):
+        dominated = False
+        for j, (c2, q2) in enumerate(points):
+            if j == i:
+                continue
+            better_q = q2 >= q if higher_better else q2 <= q
+            strictly = c2 < c or (q2 > q if higher_better else q2 < q)
+            if c2 <= c and better_q and strictly:
+                dominated = True
+                break
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.get("status", "?")] = counts.get(t.get("status", "?"), 0) + 1
+    ok = [t for t in trials if t.get("status") == "ok" and t.get("wall_s")]
+    overhead = None
+    if ok:
+        wall = sum(t["wall_s"] for t in ok)
+        compute = sum(t.get("compute_s") or 0 for t in ok)
+        overhead = (wall - compute) / wall if wall else None
+    return {"counts": counts, "runner_overhead": overhead}
+
+
+def render(out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    rows = read_rows(out_dir)
+    trials = wide(rows)
+    status_rows = {r["trial"]: r for r in rows if r["metric"] == "status"}
+    for t in trials:
+        t["compute_s"] = status_rows.get(t["trial"], {}).get("compute_s")
+    info = summary(trials)
+    inv = out_dir / "invocations.jsonl"
+    if inv.exists():  # runner overhead of the latest invocation that ran trials: wall vs trial compute
+        import json
+        last = [json.loads(line) for line in inv.read_text().splitlines() if line.strip()]
+        if last:
+            info["runner_overhead"] = last[-1]["overhead"]
+            info["overhead_note"] = (f"latest invocation: {last[-1]['trials_run']} trials in {last[-1]['wall_s']:.1f} s "
+                                     f"wall, {last[-1]['compute_s']:.1f} s inside trials")
+    name = trials[0]["sweep"] if trials else out_dir.name
+    versions = rows[-1].get("versions", {}) if rows else {}
+    cols = [(k, h) for k, h in COLUMNS if any(t.get(k) not in (None, "") for t in trials)]
+    written = {}
+
+    # markdown
+    lines = [f"# sweep `{name}`", "",
+             f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(info['counts'].items())) + ".",
+             f"Device: {trials[0]['device'] if trials else '?'}; versions: "
+             + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".", ""]
+    if info["runner_overhead"] is not None:
+        lines += [f"Runner overhead (worker start, imports, bookkeeping): {100 * info['runner_overhead']:.1f}% of "
+                  f"the sweep's wall time ({info.get('overhead_note', 'per-trial accounting')}).", ""]
+    lines += ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for t in trials:
+        lines.append("| " + " | ".join(_fmt(k, t.get(k)).replace("|", "\\|") for k, _ in cols) + " |")
+    failed = [t for t in trials if t.get("status") in ("failed", "skipped") and t.get("reason")]
+    if failed:
+        lines += ["", "## Skipped and failed trials", ""]
+        for t in failed:
+            first = t["reason"].strip().splitlines()[0] if t["reason"].strip() else ""
+            lines.append(f"- **{t['label']}** ({t['status']}): {first}")
+    plot = _plot(trials, out_dir / "pareto.png")
+    if plot:
+        lines += ["", "![quality vs cost](pareto.png)"]
+        written["pareto.png"] = plot
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    written["report.md"] = out_dir / "report.md"
+
+    # html
+    h = ["<!doctype html><meta charset='utf-8'><title>blockzoo sweep</title>",
+         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+         ".failed{background:#fdd}.skipped{background:#eee}</style>",
+         f"<h1>sweep <code>{html.escape(name)}</code></h1>",
+         f"<p>{html.escape(lines[2])}<br>{html.escape(lines[3])}</p><table><tr>"
+         + "".join(f"<th>{html.escape(hd)}</th>" for _, hd in cols) + "</tr>"]
+    for t in trials:
+        cls = t.get("status", "")
+        h.append(f"<tr class='{cls}'>" + "".join(
+            f"<td title='{html.escape(t.get('reason', '') if k == 'status' else '')}'>{html.escape(_fmt(k, t.get(k)))}</td>"
+            for k, _ in cols) + "</tr>")
+    h.append("</table>")
+    if plot:
+        h.append("<p><img src='pareto.png' alt='quality vs cost' style='max-width:100%'></p>")
+    (out_dir / "report.html").write_text("\n".join(h))
+    written["report.html"] = out_dir / "report.html"
+    return written
+
+
+def _plot(trials: list[dict[str, Any]], path: Path) -> Path | None:
+    ok = [t for t in trials if t.get("status") == "ok"]
+    metrics = [m for m in QUALITY if any(t.get(m) is not None for t in ok)]
+    costs = [c for c in ("rel_attn_flops", "fwd_bwd_ms") if any(t.get(c) is not None for t in ok)]
+    if not ok or not metrics or not costs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(metrics), len(costs), figsize=(6 * len(costs), 4.2 * len(metrics)), squeeze=False)
+    for r, metric in enumerate(metrics):
+        label, higher = QUALITY[metric]
+        for c, cost in enumerate(costs):
+            ax = axes[r][c]
+            pts = [(t[cost], t[metric], t["label"]) for t in ok if t.get(cost) is not None and t.get(metric) is not None
+                   and math.isfinite(t[metric])]
+            if not pts:
+                ax.set_visible(False)
+                continue
+            front = set(pareto_front([(p[0], p[1]) for p in pts], higher))
+            for i, (x, y, lab) in enumerate(pts):
+                ax.scatter([x], [y], c="tab:red" if i in front else "tab:blue", s=40 if i in front else 20, zorder=3)
+                ax.annotate(lab, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            fr = sorted((pts[i][0], pts[i][1]) for i in front)
+            ax.plot([p[0] for p in fr], [p[1] for p in fr], "--", c="tab:red", lw=1, label="Pareto front")
+            ax.set_xlabel({"rel_attn_flops": "attention FLOPs relative to dense",
+                           "fwd_bwd_ms": "forward+backward time (ms)"}[cost])
+            ax.set_ylabel(label + (" (higher is better)" if higher else " (lower is better)"))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("quality vs cost (red: Pareto front)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,225 @@
+"""Built-in evaluation tasks, registered through ``blockzoo_register_tasks`` like a plugin's.
+
+All offline and seeded. Each task trains a fresh model built from the spec for a fixed budget
+and reports metrics (higher-is-better or lower-is-better is in the metric's name/doc):
+
+- ``mqar``: multi-query associative recall (Arora et al. 2023, Zoology). Accuracy of recalling
+  the value of each queried key.
+- ``bytes_lm``: byte-level language modelling on the Python standard library's own sources
+  (fixed file lists below, split by file). Held-out bits per byte.
+- ``passkey``: a 5-digit number hidden in filler text; accuracy of reproducing its digits at the
+  question (teacher-forced), the probe for inference-time KV policies.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..registry import Task, hookimpl
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(150, ge=0, description="optimizer steps")
+    batch: int = Field(16, ge=1)
+    seq: int = Field(64, ge=8)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    eval_batches: int = Field(4, ge=1)
+
+
+def _train(model: torch.nn.Module, sample: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+           cfg: TrainConfig, device: str) -> float:
+    """AdamW on ``loss(logits, targets)`` with targets == -100 ignored. Returns the last loss."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps))))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(cfg.steps):
+        x, y = (t.to(device) for t in sample(gen))
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# mqar
+class MQARConfig(TrainConfig):
+    steps: int = 200
+    seq: int = 64
+    kv_pairs: int = Field(8, ge=1)
+    lr: float = 3e-3
+
+
+def mqar_batch(gen: torch.Generator, batch: int, seq: int, kv_pairs: int, vocab: int):
+    """Keys from [1, vocab/2), values from [vocab/2, vocab); layout
+    ``k1 v1 k2 v2 ... kN vN | filler ... q(k_i) ...``: each key queried once, at a random
+    position after the pairs; the target at a query is its value (everything else ignored)."""
+    half = vocab // 2
+    if 2 * kv_pairs * 2 > seq or kv_pairs >= half - 1:
+        raise ValueError(f"mqar: seq {seq} too short for {kv_pairs} pairs (needs >= {4 * kv_pairs})")
+    keys = torch.stack([torch.randperm(half - 1, generator=gen)[:kv_pairs] + 1 for _ in range(batch)])
+    vals = torch.randint(half, vocab, (batch, kv_pairs), generator=gen)
+    x = torch.zeros(batch, seq + 1, dtype=torch.long)
+    x[:, 0:2 * kv_pairs:2], x[:, 1:2 * kv_pairs:2] = keys, vals
+    y = torch.full((batch, seq + 1), -100, dtype=torch.long)
+    free = seq + 1 - 2 * kv_pairs
+    for b in range(batch):
+        pos = 2 * kv_pairs + torch.randperm(free - 1, generator=gen)[:kv_pairs]
+        order = torch.randperm(kv_pairs, generator=gen)
+        x[b, pos] = keys[b, order]
+        y[b, pos] = vals[b, order]  # predict the value at the query's own position
+    return x[:, :-1], y[:, :-1]
+
+
+def run_mqar(make_model: Callable[[], torch.nn.Module], vocab: int, config: dict, device: str) -> dict[str, float]:
+    cfg = MQARConfig(**config)
+    model = make_model()
+    last = _train(model, lambda g: mqar_batch(g, cfg.batch, cfg.seq, cfg.kv_pairs, vocab), cfg, device)
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(cfg.eval_batches):
+            x, y = mqar_batch(gen, cfg.batch, cfg.seq, cfg.kv_pairs, vocab)
+            pred = model(x.to(device)).argmax(-1).cpu()
+            mask = y != -100
+            correct += int((pred[mask] == y[mask]).sum())
+            total += int(mask.sum())
+    return {"mqar_accuracy": correct / total, "mqar_train_loss": last}
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes_lm
+BYTES_LM_TRAIN = ("argparse.py", "textwrap.py", "functools.py", "heapq.py", "string.py", "json/decoder.py",
+                  "json/encoder.py", "csv.py", "fractions.py", "calendar.py", "shlex.py", "dataclasses.py",
+                  "enum.py")
+BYTES_LM_HELDOUT = ("difflib.py", "pprint.py", "bisect.py")
+
+
+def stdlib_bytes(files: tuple[str, ...]) -> torch.Tensor:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [f for f in files if not (root / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"bytes_lm: standard-library files missing under {root}: {missing}")
+    data = b"".join((root / f).read_bytes() + b"\n" for f in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+class BytesLMConfig(TrainConfig):
+    steps: int = 200
+    seq: int = 128
+    eval_windows: int = Field(32, ge=1)
+
+
+def run_bytes_lm(make_model, vocab: int, config: dict, device: str) -> dict[str, float]:
+    cfg = BytesLMConfig(**config)
+    if vocab < 256:
+        raise ValueError(f"bytes_lm needs vocab >= 256, the spec has {vocab}")
+    train, held = stdlib_bytes(BYTES_LM_TRAIN), stdlib_bytes(BYTES_LM_HELDOUT)
+
+    def sample(gen):
+        starts = torch.randint(0, len(train) - cfg.seq - 1, (cfg.batch,), generator=gen)
+        w = torch.stack([train[s:s + cfg.seq + 1] for s in starts])
+        return w[:, :-1], w[:, 1:]
+    model = make_model()
+    last = _train(model, sample, cfg, device)
+    # fixed, evenly spaced held-out windows
+    starts = torch.linspace(0, len(held) - cfg.seq - 2, cfg.eval_windows).long()
+    nll = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for chunk in starts.split(cfg.batch):
+            w = torch.stack([held[s:s + cfg.seq + 1] for s in chunk]).to(device)
+            logits = model(w[:, :-1]).float()
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
+            count += w[:, 1:].numel()
+    return {"bytes_lm_bpb": nll / count / math.log(2), "bytes_lm_train_loss": last}
+
+
+# ---------------------------------------------------------------------------------------------
+# passkey
+FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+class PasskeyConfig(TrainConfig):
+    steps: int = 200
+    seq: int = 128
+
+
+def passkey_batch(gen: torch.Generator, batch: int, seq: int):
+    """filler with 'pass key is NNNNN.' at a random depth, then 'key? NNNNN' at the end; targets
+    are the 5 answer digits."""
+    xs, ys = [], []
+    for _ in range(batch):
+        key = "".join(str(int(d)) for d in torch.randint(0, 10, (5,), generator=gen))
+        needle = f" pass key is {key}. ".encode()
+        tail = b" key? " + key.encode()
+        room = seq + 1 - len(needle) - len(tail)
+        if room < 0:
+            raise ValueError(f"passkey: seq {seq} too short")
+        filler = (FILLER * (room // len(FILLER) + 2))[int(torch.randint(0, len(FILLER), (1,), generator=gen)):][:room]
+        at = int(torch.randint(0, room + 1, (1,), generator=gen))
+        seqb = filler[:at] + needle + filler[at:] + tail
+        t = torch.tensor(list(seqb), dtype=torch.long)
+        y = torch.full_like(t, -100)
+        y[-5:] = t[-5:]
+        xs.append(t[:-1])
+        ys.append(y[1:])
+    return torch.stack(xs), torch.stack(ys)
+
+
+def run_passkey(make_model, vocab: int, config: dict, device: str) -> dict[str, float]:
+    cfg = PasskeyConfig(**config)
+    model = make_model()
+    last = _train(model, lambda g: passkey_batch(g, cfg.batch, cfg.seq), cfg, device)
+    gen = torch.Generator().manual_seed(20_000 + cfg.seed)
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(cfg.eval_batches):
+            x, y = passkey_batch(gen, cfg.batch, cfg.seq)
+            pred = model(x.to(device)).argmax(-1).cpu()
+            mask = y != -100
+            correct += int((pred[mask] == y[mask]).sum())
+            total += int(mask.sum())
+    return {"passkey_accuracy": correct / total, "passkey_train_loss": last}
+
+
+TASKS: dict[str, tuple[Callable[..., dict[str, float]], type[BaseModel], str]] = {
+    "mqar": (run_mqar, MQARConfig, "multi-query associative recall accuracy (higher is better)"),
+    "bytes_lm": (run_bytes_lm, BytesLMConfig, "held-out bits per byte on stdlib sources (lower is better)"),
+    "passkey": (run_passkey, PasskeyConfig, "passkey digit accuracy (higher is better)"),
+}
+
+
+@hookimpl
+def blockzoo_register_tasks(registry) -> None:
+    for name, (fn, cfg, doc) in TASKS.items():
+        registry.add_task(Task(name=name, run=fn, params=cfg, doc=doc))
+
+
+def task_names() -> list[str]:
+    from ..registry import get_registry
+    return sorted(get_registry().tasks)
+
+
+def run_task(name: str, make_model, vocab: int, config: dict[str, Any], device: str) -> dict[str, float]:
+    from ..registry import get_registry
+    return get_registry().tasks[name].run(make_model, vocab, config, device)

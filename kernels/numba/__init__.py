@@ -1,0 +1,1 @@
+"""Numba CPU kernels, same sharing rule as the Triton ones."""

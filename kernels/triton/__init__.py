@@ -1,0 +1,1 @@
+"""Triton kernels. Shared building blocks first: the online-softmax attention core."""

@@ -1,0 +1,1 @@
+"""attention.* components: the dense causal/non-causal softmax attention baseline."""

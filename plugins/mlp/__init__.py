@@ -1,0 +1,1 @@
+"""mlp.* components: SwiGLU and GELU feed-forward blocks."""

@@ -1,0 +1,1 @@
+"""normres.* components: pre-norm + residual units (fused residual add + norm)."""

@@ -1,0 +1,66 @@
+"""``assert_close`` with a report that says where and by how much two tensors differ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tolerances import Tolerance
+
+
+@dataclass
+class CloseReport:
+    name: str
+    ok: bool
+    max_rel: float
+    rms_rel: float
+    max_abs: float
+    worst_index: tuple[int, ...]
+    actual_at_worst: float
+    expected_at_worst: float
+    nan_actual: int
+    nan_expected: int
+    shape: tuple[int, ...]
+    tol: Tolerance
+
+    def __str__(self) -> str:
+        status = "ok" if self.ok else "MISMATCH"
+        return (f"{self.name}: {status} shape={self.shape} max_rel={self.max_rel:.3e} (tol {self.tol.max_rel:.1e}) "
+                f"rms_rel={self.rms_rel:.3e} (tol {self.tol.rms_rel:.1e}) max_abs={self.max_abs:.3e} "
+                f"worst at {self.worst_index}: actual={self.actual_at_worst:.6g} expected={self.expected_at_worst:.6g}"
+                + (f" NaN: actual {self.nan_actual}, expected {self.nan_expected}"
+                   if self.nan_actual or self.nan_expected else ""))
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: str = "tensor") -> CloseReport:
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    nan_a, nan_e = int(torch.isnan(a).sum()), int(torch.isnan(e).sum())
+    diff = (a - e).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    norm = float(e.norm()) if e.numel() else 0.0
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    # an all-zero expectation is compared absolutely
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    rms_rel = float((a - e).nan_to_num(float("inf")).norm()) / norm if norm > 0 else float(diff.norm()) if diff.numel() else 0.0
+    if diff.numel():
+        flat = int(diff.argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+        aw, ew = float(a.flatten()[flat]), float(e.flatten()[flat])
+    else:
+        idx, aw, ew = (), 0.0, 0.0
+    ok = nan_a == nan_e == 0 and max_rel <= tol.max_rel and rms_rel <= tol.rms_rel
+    if nan_e and nan_a == nan_e and bool((torch.isnan(a) == torch.isnan(e)).all()):
+        ok = max_rel <= tol.max_rel  # NaN in both at the same places is not the backend's fault
+    return CloseReport(name, ok, max_rel, rms_rel, max_abs, idx, aw, ew, nan_a, nan_e, tuple(a.shape), tol)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: str = "tensor") -> CloseReport:
+    report = compare(actual, expected, tol, name)
+    if not report.ok:
+        raise AssertionError(str(report))
+    return report

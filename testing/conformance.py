@@ -1,0 +1,129 @@
+"""The conformance check: a backend's forward and every gradient against the fp32 reference.
+
+Used by the project's generated matrix (``tests/test_matrix.py``) and by plugin authors.
+For each (component, backend, case, dtype): fresh random inputs rounded to ``dtype``; the oracle
+is the component's ``reference`` backend on the same values upcast to fp32 (fp64 for fp64);
+the backend runs with NaN-poisoned output allocation; outputs and the gradients of every input
+(for a random cotangent, also rounded to ``dtype``) are compared with the tolerance table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..core.ops import op_kwargs
+from ..kernels._alloc import poisoned
+from ..registry import get_registry
+from ..registry.registry import Case
+from .compare import CloseReport, compare
+from .inputs import fresh_seed, make_inputs
+from .tolerances import tolerance
+
+TEST_DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+
+
+@dataclass(frozen=True)
+class ConformanceCase:
+    component: str
+    backend: str
+    case: Case
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.component}-{self.backend}-{self.case.id}-{str(self.dtype).removeprefix('torch.')}"
+
+
+def _selected(env: str) -> set[str] | None:
+    raw = os.environ.get(env, "").strip()
+    return {s.strip() for s in raw.split(",") if s.strip()} or None
+
+
+def matrix(components=None, backends=None, dtypes=None, device: str | None = None) -> list[ConformanceCase]:
+    """Every (component, backend, case, dtype) that the backend declares it can run here.
+
+    Defaults come from ``BLOCKZOO_TEST_COMPONENTS`` / ``BLOCKZOO_TEST_BACKENDS`` /
+    ``BLOCKZOO_TEST_DTYPES`` (comma lists) or else everything registered. The reference backend
+    is included too: it must match its own fp32 evaluation within the dtype's tolerance.
+    """
+    reg = get_registry()
+    components = components or _selected("BLOCKZOO_TEST_COMPONENTS") or sorted(reg.components)
+    backends = backends or _selected("BLOCKZOO_TEST_BACKENDS")
+    names = _selected("BLOCKZOO_TEST_DTYPES")
+    dtypes = dtypes or ([getattr(torch, n) for n in names] if names else TEST_DTYPES)
+    device = device or os.environ.get("BLOCKZOO_TEST_DEVICE") or "cpu"
+    out = []
+    for cid in components:
+        comp = reg.component(cid)
+        if comp.cases is None:
+            continue
+        for be in reg.backends_for(cid):
+            if backends and be.name not in backends:
+                continue
+            if be.capabilities.environment_reasons():
+                continue
+            for dtype in dtypes:
+                for case in comp.cases():
+                    from ..registry import Inputs
+                    probe = Inputs(device=device, dtype=dtype, requires_grad=be.capabilities.grad,
+                                   head_dim=case.head_dim, shapes=tuple((k, v) for k, v in case.shapes.items() if v))
+                    if not be.not_supported_reasons(probe):
+                        out.append(ConformanceCase(cid, be.name, case, dtype, device))
+    return out
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
+    """Run one conformance case; raises AssertionError with every report on a mismatch."""
+    seed = fresh_seed() if seed is None else seed
+    reg = get_registry()
+    comp = reg.component(cc.component)
+    backend = reg.backend(cc.component, cc.backend)
+    reference = reg.backend(cc.component, "reference")
+    params = comp.params(**cc.case.params)
+    kwargs = op_kwargs(comp, params)
+    grad_ok = backend.capabilities.grad
+
+    inputs = make_inputs(cc.case, cc.dtype, cc.device, seed, requires_grad=grad_ok)
+    acc = torch.promote_types(cc.dtype, torch.float32)
+    oracle_inputs = {k: (None if t is None else t.detach().to(acc).requires_grad_(t.requires_grad))
+                     for k, t in inputs.items()}
+    expected = _as_tuple(reference.fn(**oracle_inputs, **kwargs))
+    with poisoned():
+        actual = _as_tuple(backend.fn(**inputs, **kwargs))
+
+    reports = []
+    where = f"[{cc.id} seed={seed}; replay with BLOCKZOO_TEST_SEED={seed}]"
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        if a.dtype != cc.dtype:
+            raise AssertionError(f"output {i} has dtype {a.dtype}, expected {cc.dtype} {where}")
+        reports.append(compare(a, e, tolerance(cc.dtype, "fwd", cc.backend, cc.device), f"out[{i}]"))
+
+    grad_names = [k for k, t in inputs.items() if t is not None and t.requires_grad]
+    if grad_ok and grad_names:
+        gen = torch.Generator().manual_seed(seed + 1)
+        cots = [torch.randn(e.shape, generator=gen, dtype=torch.float64).to(cc.dtype).to(cc.device) for e in expected]
+        got = torch.autograd.grad(actual, [inputs[k] for k in grad_names], cots, allow_unused=True)
+        want = torch.autograd.grad(expected, [oracle_inputs[k] for k in grad_names],
+                                   [c.to(acc) for c in cots], allow_unused=True)
+        for name, g, w in zip(grad_names, got, want, strict=True):
+            if w is None and g is None:
+                continue
+            if g is None or w is None:
+                raise AssertionError(f"grad of {name}: backend gives {'None' if g is None else 'a tensor'}, "
+                                     f"reference {'None' if w is None else 'a tensor'} {where}")
+            if g.dtype != inputs[name].dtype:
+                raise AssertionError(f"grad of {name} has dtype {g.dtype}, expected {inputs[name].dtype} {where}")
+            reports.append(compare(g, w, tolerance(cc.dtype, "grad", cc.backend, cc.device), f"grad[{name}]"))
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(reports)} comparisons failed {where}\n"
+                             + "\n".join(str(r) for r in reports))
+    return reports

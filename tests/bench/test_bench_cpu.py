@@ -1,0 +1,36 @@
+"""CPU benchmarks (pytest-benchmark): each Numba backend against the reference on the same
+inputs in the same run. Absolute times on a shared machine mean little; the ratio is recorded in
+``extra_info`` and checked against a floor well under what docs/performance.md reports, so the
+check catches a kernel that has become slower than the reference, not noise."""
+
+import pytest
+import torch
+
+from blockzoo.core.bench import _inputs, _runner
+from blockzoo.core.ops import op_kwargs
+from blockzoo.core.timing import median_ms
+from blockzoo.registry import get_registry
+
+FLOOR = 0.8  # numba time may be at most 1/0.8 of the reference's
+
+reg = get_registry()
+CASES = [(cid, case, mode) for cid in sorted(reg.components) if "numba" in reg.backends.get(cid, {})
+         and reg.component(cid).bench_cases for case in reg.component(cid).bench_cases("cpu")[:1]
+         for mode in ("fwd", "fwd+bwd")]
+
+
+@pytest.mark.parametrize("cid,case,mode", CASES, ids=[f"{c}-{k.id}-{m}" for c, k, m in CASES])
+def test_numba_vs_reference(benchmark, cid, case, mode):
+    comp = reg.component(cid)
+    params = comp.params(**case.params)
+    kwargs = op_kwargs(comp, params)
+    tensors = _inputs(case, torch.float32, "cpu", mode != "fwd", seed=0)
+    numba_run = _runner(reg.backend(cid, "numba").fn, tensors, kwargs, mode)
+    ref_run = _runner(reg.backend(cid, "reference").fn, tensors, kwargs, mode)
+    numba_run()  # compile outside the timing
+    benchmark.pedantic(numba_run, rounds=7, warmup_rounds=1)
+    numba_ms = benchmark.stats.stats.median * 1e3
+    ref_ms = median_ms(ref_run, "cpu", min_reps=7, max_reps=7)
+    ratio = ref_ms / numba_ms
+    benchmark.extra_info.update({"reference_ms": ref_ms, "numba_ms": numba_ms, "speedup_vs_reference": ratio})
+    assert ratio >= FLOOR, f"{cid} {mode}: numba {numba_ms:.2f} ms vs reference {ref_ms:.2f} ms ({ratio:.2f}x)"
