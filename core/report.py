@@ -133,7 +133,9 @@ def render(out_dir: str | Path) -> dict[str, Path]:
 def _plot(trials: list[dict[str, Any]], path: Path) -> Path | None:
     ok = [t for t in trials if t.get("status") == "ok"]
     metrics = [m for m in QUALITY if any(t.get(m) is not None for t in ok)]
-    costs = [c for c in ("rel_attn_flops", "fwd_bwd_ms") if any(t.get(c) is not None for t in ok)]
+    # a cost axis on which every trial is equal (e.g. all-dense attention FLOPs) says nothing
+    costs = [c for c in ("rel_attn_flops", "fwd_bwd_ms")
+             if len({round(t[c], 9) for t in ok if t.get(c) is not None}) > 1]
     if not ok or not metrics or not costs:
         return None
     import matplotlib

@@ -113,6 +113,14 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _label(axis: str, value: Any) -> str:
+    """'block.mlp.type', 'mlp.gelu' -> 'mlp=gelu'; 'model.d_model', 64 -> 'd_model=64'."""
+    parts = axis.split(".")
+    key = parts[-2] if parts[-1] == "type" and len(parts) > 1 else parts[-1]
+    text = _short(value)
+    return f"{key}={text.removeprefix(key + '.')}"
+
+
 def trial_key(spec: dict[str, Any], tasks: dict, measure: dict, device: str | None) -> str:
     payload = json.dumps({"spec": spec, "tasks": tasks, "measure": measure, "device": device},
                          sort_keys=True, separators=(",", ":"))
@@ -178,15 +186,15 @@ def load_sweep(path: str | Path | None, device: str | None = None) -> Sweep:
     trials: list[Trial] = []
     combos: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     names = list(sf.axes)
-    for values in itertools.product(*(sf.axes[a] for a in names)):
+    grid = itertools.product(*(sf.axes[a] for a in names)) if (names or not sf.generator) else []
+    for values in grid:
         chosen = dict(zip(names, values, strict=True))
         spec = copy.deepcopy(base)
         for a, v in chosen.items():
             _set(spec, a, v)
         if any(all(_get(spec, k) == v for k, v in ex.items()) for ex in sf.exclude):
             continue
-        label = ", ".join(f"{a.split('.')[-1] if a.split('.')[-1] != 'type' else a.split('.')[-2]}={_short(v)}"
-                          for a, v in chosen.items()) or sf.name
+        label = ", ".join(_label(a, v) for a, v in chosen.items()) or sf.name
         combos.append((label, chosen, spec))
     if sf.generator:
         mod, _, fn = sf.generator.partition(":")

@@ -46,7 +46,7 @@ exclude:
 """ + FAST)
     sweep = load_sweep(p)
     labels = [t.label for t in sweep.trials]
-    assert len(labels) == 3 and "mlp=mlp.gelu, n_kv_heads=2" not in labels
+    assert len(labels) == 3 and "mlp=gelu, n_kv_heads=2" not in labels and "mlp=swiglu, n_kv_heads=2" in labels
     skipped = [t for t in sweep.trials if t.status == "skipped"]
     assert len(skipped) == 2 and all("n_kv_heads" in t.reason for t in skipped)  # 4 heads % 3 != 0
     assert len({t.key for t in sweep.trials}) == 3
@@ -143,3 +143,14 @@ def test_pareto_front():
 def test_render_empty_folder(tmp_path):
     (tmp_path / RESULTS).write_text("")
     assert "report.md" in render(tmp_path)
+
+
+def test_generator_of_specs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HELPERS))
+    p = write(tmp_path, "name: gen\ngenerator: sweep_generators:widths\n" + BASE + FAST)
+    sweep = load_sweep(p)
+    assert [t.label for t in sweep.trials] == ["width 16", "width 32"]
+    assert [t.spec["model"]["d_model"] for t in sweep.trials] == [16, 32]
+    bad = write(tmp_path, "name: gen\ngenerator: sweep_generators:nope\n" + BASE + FAST, "bad.yaml")
+    out = cli("sweep", str(bad), "--out", str(tmp_path / "o"))
+    assert out.returncode == 2 and "bad.yaml:2:" in out.stderr and "cannot load" in out.stderr

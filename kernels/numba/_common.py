@@ -164,6 +164,8 @@ def kernel(parallel: bool = True, fastmath=True, blas: bool = False):
 def jitable(fn=None, *, finite: bool = False):
     """Mark a helper called from kernels (registered with numba.extending.register_jitable
     when numba is first imported). The function stays a plain Python function otherwise.
+    Compiled with the kernels' fastmath flags and numpy's error model (no ZeroDivisionError
+    branch in divisions, which would stop vectorisation).
 
     ``finite=True`` compiles it with full fastmath (no-NaN / no-Inf assumptions too), which
     lets LLVM vectorise max/min reductions; only for helpers whose inputs are finite."""
@@ -171,7 +173,7 @@ def jitable(fn=None, *, finite: bool = False):
         flags = {"reassoc", "contract", "arcp", "nsz"}
         if finite:
             flags |= {"nnan", "ninf"}
-        opts = {"fastmath": flags}
+        opts = {"fastmath": flags, "error_model": "numpy"}
         _JITABLE.append((fn, opts))
         if _numba is not None:  # registered after numba was loaded
             _numba.extending.register_jitable(**opts)(fn)
@@ -184,8 +186,8 @@ def jitable(fn=None, *, finite: bool = False):
 def row_max(row, n):
     """max(row[:n]) for n >= 1 finite values (vectorised)."""
     mx = row[0]
-    for c in range(1, n):
-        v = row[c]
+    for c in range(n):  # from 0, not 1: a loop index numba knows is >= 0 has no wraparound
+        v = row[c]      # code, and this loop vectorises
         mx = v if v > mx else mx
     return mx
 

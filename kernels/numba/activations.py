@@ -18,7 +18,17 @@ from __future__ import annotations
 
 import math
 
-from ._common import as_rows, check_floats, empty, ferfc, fexp, kernel, prange, unary_autograd
+from ._common import (
+    as_rows,
+    check_floats,
+    empty,
+    ferfc,
+    fexp,
+    jitable,
+    kernel,
+    prange,
+    unary_autograd,
+)
 
 __all__ = ["swiglu", "gelu", "swiglu_fwd", "swiglu_bwd", "gelu_fwd", "gelu_bwd",
            "SwiGLUFunction", "GELUFunction"]
@@ -63,34 +73,51 @@ def _swiglu_bwd_kernel(gu, dout, dgu):
             du[c] = dc * gc * s
 
 
-@kernel(parallel=True)
-def _gelu_fwd_kernel(x, y, chunk):
-    n = x.shape[0]
+@jitable
+def _gelu_fwd_chunk(x, y, i0, i1):
     half = x.dtype.type(0.5)
     one = x.dtype.type(1)
     rsqrt2 = x.dtype.type(1 / math.sqrt(2))
+    xs = x[i0:i1]
+    ys = y[i0:i1]
+    for i in range(xs.shape[0]):  # from 0: numba then knows i >= 0 (no wraparound code)
+        v = xs[i]
+        e = half * ferfc(abs(v) * rsqrt2)  # Phi(-|v|), accurate in the tail
+        cdf = e if v < 0 else one - e
+        ys[i] = v * cdf
+
+
+@jitable
+def _gelu_bwd_chunk(x, dy, dx, i0, i1):
+    half = x.dtype.type(0.5)
+    one = x.dtype.type(1)
+    rsqrt2 = x.dtype.type(1 / math.sqrt(2))
+    rsqrt2pi = x.dtype.type(1 / math.sqrt(2 * math.pi))
+    xs = x[i0:i1]
+    dys = dy[i0:i1]
+    dxs = dx[i0:i1]
+    for i in range(xs.shape[0]):
+        v = xs[i]
+        e = half * ferfc(abs(v) * rsqrt2)
+        cdf = e if v < 0 else one - e
+        pdf = fexp(-half * v * v) * rsqrt2pi
+        dxs[i] = dys[i] * (cdf + v * pdf)
+
+
+# The chunk bodies are separate (jitable) functions: LLVM vectorises them as plain loops; the
+# same loop written inline in the prange body was not vectorised (3x slower, measured).
+@kernel(parallel=True)
+def _gelu_fwd_kernel(x, y, chunk):
+    n = x.shape[0]
     for t in prange((n + chunk - 1) // chunk):
-        for i in range(t * chunk, min(n, (t + 1) * chunk)):
-            v = x[i]
-            e = half * ferfc(abs(v) * rsqrt2)  # Phi(-|v|), accurate in the tail
-            cdf = e if v < 0 else one - e
-            y[i] = v * cdf
+        _gelu_fwd_chunk(x, y, t * chunk, min(n, (t + 1) * chunk))
 
 
 @kernel(parallel=True)
 def _gelu_bwd_kernel(x, dy, dx, chunk):
     n = x.shape[0]
-    half = x.dtype.type(0.5)
-    one = x.dtype.type(1)
-    rsqrt2 = x.dtype.type(1 / math.sqrt(2))
-    rsqrt2pi = x.dtype.type(1 / math.sqrt(2 * math.pi))
     for t in prange((n + chunk - 1) // chunk):
-        for i in range(t * chunk, min(n, (t + 1) * chunk)):
-            v = x[i]
-            e = half * ferfc(abs(v) * rsqrt2)
-            cdf = e if v < 0 else one - e
-            pdf = fexp(-half * v * v) * rsqrt2pi
-            dx[i] = dy[i] * (cdf + v * pdf)
+        _gelu_bwd_chunk(x, dy, dx, t * chunk, min(n, (t + 1) * chunk))
 
 
 # ----------------------------------------------------------------------------------------------

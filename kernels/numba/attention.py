@@ -17,9 +17,11 @@ that sees it, recomputes P = exp(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP
 with delta = rowsum(dO * O), dK += dS^T Q, and adds dS K into a per-thread dQ buffer
 (summed after the parallel loop: no atomics, no contention).
 
-The softmax scale is folded into a scaled, head-major copy of Q made once per call; that copy,
-the head-major K / V / dO copies, delta and the final dQ reduction are numba passes too (a
-torch op here would leave torch's OpenMP workers spinning beside the kernel).
+Each task gathers the [rows, D] blocks it needs from the [B, T, H, D] inputs into contiguous
+buffers itself (the softmax scale folded into the Q block), so the forward is ONE parallel
+region and the backward two (the tiles, then the sum of the per-thread dQ buffers): every
+extra region is a barrier, and on a loaded machine each barrier can cost a scheduler time
+slice (see docs/notes/numba-kernels.md).
 """
 
 from __future__ import annotations
@@ -56,40 +58,55 @@ BLOCK_N = 128
 # kernels (plain Python, jitted on first call)
 # ----------------------------------------------------------------------------------------------
 @jitable
-def _fwd_task(qs, kh, vh, o, lse, causal, bm, bn, b, h, qb):
+def _load_rows(src, b, t0, h, n, mul, dst):
+    """dst[:n] = src[b, t0:t0+n, h, :] * mul: a [T, D] slab of a [B, T, H, D] array made
+    contiguous for np.dot (rows of D contiguous values, stride H*D between rows)."""
+    d = src.shape[3]
+    for r in range(n):
+        row = dst[r]
+        for c in range(d):
+            row[c] = src[b, t0 + r, h, c] * mul
+
+
+@jitable
+def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
     """One (batch, head, query block): stream the visible key blocks with online softmax."""
-    hq, tq, d = qs.shape[1], qs.shape[2], qs.shape[3]
-    tk = kh.shape[2]
-    g = h // (hq // kh.shape[1])
+    tq, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    tk = k.shape[1]
+    g = h // (hq // k.shape[2])
     off = tk - tq
     i0 = qb * bm
     i1 = min(i0 + bm, tq)
     m = i1 - i0
-    q = qs[b, h, i0:i1]
     jend = tk
     if causal:
         jend = min(tk, i1 + off)  # key blocks past the last row's diagonal are never read
-    zero = qs.dtype.type(0)
-    acc = np.zeros((m, d), qs.dtype)
-    mrow = np.empty(m, qs.dtype)
-    lrow = np.zeros(m, qs.dtype)
-    alpha_row = np.empty(m, qs.dtype)
+    zero = q.dtype.type(0)
+    one = q.dtype.type(1)
+    qblk = np.empty((m, d), q.dtype)
+    _load_rows(q, b, i0, h, m, q.dtype.type(scale), qblk)  # softmax scale folded into Q
+    kbuf = np.empty((bn, d), q.dtype)
+    vbuf = np.empty((bn, d), q.dtype)
+    acc = np.zeros((m, d), q.dtype)
+    mrow = np.empty(m, q.dtype)
+    lrow = np.zeros(m, q.dtype)
+    alpha_row = np.empty(m, q.dtype)
     for r in range(m):
         mrow[r] = -np.inf
     for j0 in range(0, jend, bn):
-        j1 = min(j0 + bn, jend)
-        n = j1 - j0
-        kb = kh[b, g, j0:j1]
-        vb = vh[b, g, j0:j1]
-        s = np.dot(q, kb.T)
+        n = min(bn, jend - j0)
+        kb = kbuf[:n]
+        vb = vbuf[:n]
+        _load_rows(k, b, j0, g, n, one, kb)
+        _load_rows(v, b, j0, g, n, one, vb)
+        s = np.dot(qblk, kb.T)
         for r in range(m):
             nvis = n
             if causal:
                 nvis = min(n, max(0, i0 + r + off + 1 - j0))
             if nvis == 0:
                 alpha_row[r] = 1
-                for c in range(n):
-                    s[r, c] = 0
+                s[r, :] = 0
                 continue
             mold = mrow[r]
             mnew = max(mold, row_max(s[r], nvis))
@@ -98,8 +115,7 @@ def _fwd_task(qs, kh, vh, o, lse, causal, bm, bn, b, h, qb):
                 p = fexp(s[r, c] - mnew)
                 s[r, c] = p
                 tot += p
-            for c in range(nvis, n):
-                s[r, c] = 0
+            s[r, nvis:] = 0
             if mold == -np.inf:
                 alpha_row[r] = 0
                 lrow[r] = tot
@@ -116,7 +132,7 @@ def _fwd_task(qs, kh, vh, o, lse, causal, bm, bn, b, h, qb):
     for r in range(m):
         i = i0 + r
         if lrow[r] > 0:
-            inv = qs.dtype.type(1) / lrow[r]
+            inv = one / lrow[r]
             for c in range(d):
                 o[b, i, h, c] = acc[r, c] * inv
             lse[b, h, i] = mrow[r] + np.log(lrow[r])
@@ -127,50 +143,62 @@ def _fwd_task(qs, kh, vh, o, lse, causal, bm, bn, b, h, qb):
 
 
 @kernel(parallel=True, blas=True)
-def _fwd_kernel(qs, kh, vh, o, lse, causal, bm, bn, counter, workers):
-    """qs [B,Hq,Tq,D] (pre-scaled), kh/vh [B,Hk,Tk,D] -> o [B,Tq,Hq,D], lse [B,Hq,Tq].
-    Tasks = (batch, head, query block), heaviest (last query block) first, taken from
-    ``counter`` by ``workers`` threads."""
-    nbh = qs.shape[0] * qs.shape[1]
-    nqb = (qs.shape[2] + bm - 1) // bm
+def _fwd_kernel(q, k, v, scale, o, lse, causal, bm, bn, counter, workers):
+    """q [B,Tq,Hq,D], k/v [B,Tk,Hk,D] -> o [B,Tq,Hq,D], lse [B,Hq,Tq]. One parallel region:
+    tasks (batch, head, query block), heaviest (last query block) first, taken from
+    ``counter`` by ``workers`` threads; each task gathers the blocks it needs itself."""
+    nbh = q.shape[0] * q.shape[2]
+    nqb = (q.shape[1] + bm - 1) // bm
     ntask = nbh * nqb
     for _w in prange(workers):
         t = atomic_next(counter)
         while t < ntask:
-            k = t // nbh
-            bh = t - k * nbh
-            _fwd_task(qs, kh, vh, o, lse, causal, bm, bn, bh // qs.shape[1],
-                      bh % qs.shape[1], nqb - 1 - k)
+            kq = t // nbh
+            bh = t - kq * nbh
+            _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, bh // q.shape[2],
+                      bh % q.shape[2], nqb - 1 - kq)
             t = atomic_next(counter)
 
 
 @jitable
-def _bwd_task(qs, kh, vh, doh, lse, delta, dq_acc, dk, dv, causal, bm, bn, b, g, kbi):
-    """One (batch, kv head, key block): dK / dV of the block over its GQA group, dQ parts
-    into this thread's buffer."""
-    hq, tq, d = qs.shape[1], qs.shape[2], qs.shape[3]
-    tk = kh.shape[2]
-    group = hq // kh.shape[1]
+def _bwd_task(q, k, v, o, do, lse, scale, dq_acc, dk, dv, causal, bm, bn, b, g, kbi):
+    """One (batch, kv head, key block): dK / dV of the block over its GQA group, dS K into
+    this thread's dQ buffer."""
+    tq, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    tk = k.shape[1]
+    group = hq // k.shape[2]
     off = tk - tq
+    one = q.dtype.type(1)
+    sc = q.dtype.type(scale)
     tid = thread_id()
     j0 = kbi * bn
-    j1 = min(j0 + bn, tk)
-    n = j1 - j0
-    kb = kh[b, g, j0:j1]
-    vb = vh[b, g, j0:j1]
-    dkb = np.zeros((n, d), qs.dtype)
-    dvb = np.zeros((n, d), qs.dtype)
+    n = min(bn, tk - j0)
+    kb = np.empty((n, d), q.dtype)
+    vb = np.empty((n, d), q.dtype)
+    _load_rows(k, b, j0, g, n, one, kb)
+    _load_rows(v, b, j0, g, n, one, vb)
+    dkb = np.zeros((n, d), q.dtype)
+    dvb = np.zeros((n, d), q.dtype)
+    qbuf = np.empty((bm, d), q.dtype)
+    dobuf = np.empty((bm, d), q.dtype)
+    dl = np.empty(bm, q.dtype)
     ibeg = 0
     if causal:
         ibeg = max(0, j0 - off)  # first query row that sees key j0
     ib0 = (ibeg // bm) * bm
     for h in range(g * group, (g + 1) * group):
         for i0 in range(ib0, tq, bm):
-            i1 = min(i0 + bm, tq)
-            m = i1 - i0
-            q = qs[b, h, i0:i1]
-            do = doh[b, h, i0:i1]
-            p = np.dot(q, kb.T)
+            m = min(bm, tq - i0)
+            qb = qbuf[:m]
+            dob = dobuf[:m]
+            _load_rows(q, b, i0, h, m, sc, qb)
+            _load_rows(do, b, i0, h, m, one, dob)
+            for r in range(m):  # delta = rowsum(dO * O)
+                acc = q.dtype.type(0)
+                for c in range(d):
+                    acc += dob[r, c] * o[b, i0 + r, h, c]
+                dl[r] = acc
+            p = np.dot(qb, kb.T)
             for r in range(m):
                 lr = lse[b, h, i0 + r]
                 nvis = n
@@ -180,25 +208,24 @@ def _bwd_task(qs, kh, vh, doh, lse, delta, dq_acc, dk, dv, causal, bm, bn, b, g,
                     nvis = 0
                 for c in range(nvis):
                     p[r, c] = fexp(p[r, c] - lr)
-                for c in range(nvis, n):
-                    p[r, c] = 0
-            pt_do = np.dot(p.T, do)
+                p[r, nvis:] = 0
+            pt_do = np.dot(p.T, dob)
             for r in range(n):
                 for c in range(d):
                     dvb[r, c] += pt_do[r, c]
-            ds = np.dot(do, vb.T)
+            ds = np.dot(dob, vb.T)
             for r in range(m):
-                dl = delta[b, h, i0 + r]
+                dlr = dl[r]
                 for c in range(n):
-                    ds[r, c] = p[r, c] * (ds[r, c] - dl)
-            dst_q = np.dot(ds.T, q)
+                    ds[r, c] = p[r, c] * (ds[r, c] - dlr)
+            dst_q = np.dot(ds.T, qb)
             for r in range(n):
                 for c in range(d):
                     dkb[r, c] += dst_q[r, c]
             ds_k = np.dot(ds, kb)
             for r in range(m):
                 for c in range(d):
-                    dq_acc[tid, b, h, i0 + r, c] += ds_k[r, c]
+                    dq_acc[tid, b, i0 + r, h, c] += ds_k[r, c]
     for r in range(n):
         for c in range(d):
             dk[b, j0 + r, g, c] = dkb[r, c]
@@ -206,66 +233,42 @@ def _bwd_task(qs, kh, vh, doh, lse, delta, dq_acc, dk, dv, causal, bm, bn, b, g,
 
 
 @kernel(parallel=True, blas=True)
-def _bwd_kernel(qs, kh, vh, doh, lse, delta, dq_acc, dk, dv, causal, bm, bn, counter, workers):
-    """qs/doh [B,Hq,Tq,D] (qs pre-scaled), kh/vh [B,Hk,Tk,D], lse/delta [B,Hq,Tq].
-    Writes dk, dv [B,Tk,Hk,D] (dk already includes the scale) and adds dS K (unscaled) into
-    dq_acc[thread] [nthreads,B,Hq,Tq,D]. Tasks = (batch, kv head, key block), heaviest (first
-    key block under causal) first."""
-    nbg = kh.shape[0] * kh.shape[1]
-    nkb = (kh.shape[2] + bn - 1) // bn
+def _bwd_kernel(q, k, v, o, do, lse, scale, dq_acc, dk, dv, causal, bm, bn, counter, workers):
+    """q/o/do [B,Tq,Hq,D], k/v [B,Tk,Hk,D], lse [B,Hq,Tq]. Writes dk, dv [B,Tk,Hk,D] and adds
+    dS K (unscaled) into dq_acc[thread] [nthreads,B,Tq,Hq,D]. Tasks (batch, kv head, key
+    block), heaviest (first key block under causal) first."""
+    nbg = k.shape[0] * k.shape[2]
+    nkb = (k.shape[1] + bn - 1) // bn
     ntask = nbg * nkb
     for _w in prange(workers):
         t = atomic_next(counter)
         while t < ntask:
             kbi = t // nbg
             bg = t - kbi * nbg
-            _bwd_task(qs, kh, vh, doh, lse, delta, dq_acc, dk, dv, causal, bm, bn,
-                      bg // kh.shape[1], bg % kh.shape[1], kbi)
+            _bwd_task(q, k, v, o, do, lse, scale, dq_acc, dk, dv, causal, bm, bn,
+                      bg // k.shape[2], bg % k.shape[2], kbi)
             t = atomic_next(counter)
 
 
 @kernel(parallel=True)
-def _to_heads(x, mul, out):
-    """x [B,T,H,D] -> out [B,H,T,D] (times mul). A numba pass, not a torch op: torch's idle
-    OpenMP workers would otherwise spin beside the kernel that follows (see the notes)."""
-    nb, t, h, d = x.shape
-    m = x.dtype.type(mul)
-    for r in prange(nb * t):
-        b = r // t
-        i = r - b * t
-        for hh in range(h):
-            for c in range(d):
-                out[b, hh, i, c] = x[b, i, hh, c] * m
-
-
-@kernel(parallel=True)
-def _bwd_prep(do, o, delta):
-    """delta [B,H,T] = rowsum(dO * O) over D, from [B,T,H,D] inputs."""
-    nb, t, h, d = do.shape
-    for r in prange(nb * t):
-        b = r // t
-        i = r - b * t
-        for hh in range(h):
-            acc = do.dtype.type(0)
-            for c in range(d):
-                acc += do[b, i, hh, c] * o[b, i, hh, c]
-            delta[b, hh, i] = acc
-
-
-@kernel(parallel=True)
 def _bwd_post(dq_acc, scale, dq):
-    """dq [B,T,H,D] = scale * sum over threads of dq_acc [nthreads,B,H,T,D]."""
-    nthr, nb, h, t, d = dq_acc.shape
+    """dq = scale * sum over threads of dq_acc [nthreads, ...] (flat views)."""
+    nthr, n = dq_acc.shape
     sc = dq.dtype.type(scale)
-    for r in prange(nb * t):
-        b = r // t
-        i = r - b * t
-        for hh in range(h):
-            for c in range(d):
-                acc = dq_acc[0, b, hh, i, c]
-                for w in range(1, nthr):
-                    acc += dq_acc[w, b, hh, i, c]
-                dq[b, i, hh, c] = acc * sc
+    chunk = 16384
+    for t in prange((n + chunk - 1) // chunk):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        out = dq[lo:hi]
+        first = dq_acc[0, lo:hi]
+        for c in range(hi - lo):
+            out[c] = first[c]
+        for w in range(1, nthr):
+            part = dq_acc[w, lo:hi]
+            for c in range(hi - lo):
+                out[c] += part[c]
+        for c in range(hi - lo):
+            out[c] *= sc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,15 +294,6 @@ def _check(q, k, v, scale):
     return dtype, float(scale)
 
 
-def _heads(x, mul=1.0):
-    """[B, T, H, D] tensor -> new contiguous [B, H, T, D] numpy array (times ``mul``)."""
-    x = x.detach().contiguous()
-    b, t, h, d = x.shape
-    out = np.empty((b, h, t, d), dtype=x.numpy().dtype)
-    _to_heads(x.numpy(), float(mul), out)
-    return out
-
-
 def attention_fwd(q, k, v, causal=True, scale=None):
     """Forward only: returns (o [B,Tq,Hq,D], lse [B,Hq,Tq], natural log; -inf for empty rows)."""
     dtype, scale = _check(q, k, v, scale)
@@ -310,8 +304,8 @@ def attention_fwd(q, k, v, causal=True, scale=None):
         o.zero_()
         lse.fill_(-math.inf)
         return o, lse
-    _fwd_kernel(_heads(q, scale), _heads(k), _heads(v), o.numpy(), lse.numpy(), bool(causal),
-                BLOCK_M, BLOCK_N, task_counter(), num_threads())
+    _fwd_kernel(np_view(q), np_view(k), np_view(v), scale, o.numpy(), lse.numpy(),
+                bool(causal), BLOCK_M, BLOCK_N, task_counter(), num_threads())
     return o, lse
 
 
@@ -326,15 +320,12 @@ def attention_bwd(do, q, k, v, o, lse, causal=True, scale=None):
     dv = torch.empty((b, tk, hk, d), dtype=dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    do = do.detach().contiguous()
-    delta = np.empty((b, hq, tq), dtype=dq.numpy().dtype)
-    _bwd_prep(do.numpy(), np_view(o), delta)
     nthr = num_threads()
-    dq_acc = np.zeros((nthr, b, hq, tq, d), dtype=delta.dtype)
-    _bwd_kernel(_heads(q, scale), _heads(k), _heads(v), _heads(do), np_view(lse), delta,
-                dq_acc, dk.numpy(), dv.numpy(), bool(causal), BLOCK_M, BLOCK_N,
+    dq_acc = np.zeros((nthr, b, tq, hq, d), dtype=dq.numpy().dtype)
+    _bwd_kernel(np_view(q), np_view(k), np_view(v), np_view(o), np_view(do), np_view(lse),
+                scale, dq_acc, dk.numpy(), dv.numpy(), bool(causal), BLOCK_M, BLOCK_N,
                 task_counter(), nthr)
-    _bwd_post(dq_acc, scale, dq.numpy())
+    _bwd_post(dq_acc.reshape(nthr, -1), scale, dq.view(-1).numpy())
     return dq, dk, dv
 
 

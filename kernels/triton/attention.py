@@ -113,14 +113,18 @@ else:
 
     # fp32 operands use 3xTF32 (near-fp32 accuracy on the tensor cores); plain TF32 left errors of
     # ~1e-3 that do not cancel where the exact gradient is 0 (e.g. dq with a single visible key).
-    # bf16/fp16 operands ignore input_precision.
+    # bf16/fp16 operands take the plain tl.dot (the branch is resolved at compile time).
     @triton.jit
     def _dot(a, b):
-        return tl.dot(a, b, input_precision="tf32x3")
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a, b)
 
     @triton.jit
     def _dot_acc(a, b, acc):
-        return tl.dot(a, b, acc, input_precision="tf32x3")
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, acc, input_precision="tf32x3")
+        return tl.dot(a, b, acc)
 
 
 
