@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -31,27 +29,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bootstrap import ensure_blockzoo  # noqa: E402
 
-
-def _load(name):
-    try:
-        return importlib.import_module(f"blockzoo.kernels.numba.{name}")
-    except ImportError:
-        pkg = "_blockzoo_numba_kernels"
-        if pkg not in sys.modules:
-            pdir = _ROOT / "kernels" / "numba"
-            spec = importlib.util.spec_from_file_location(
-                pkg, pdir / "__init__.py", submodule_search_locations=[str(pdir)])
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[pkg] = mod
-            spec.loader.exec_module(mod)
-        return importlib.import_module(f"{pkg}.{name}")
-
-
-A = _load("attention")
-N = _load("norm")
-ACT = _load("activations")
+ensure_blockzoo()
+from blockzoo.kernels.numba import activations as ACT  # noqa: E402
+from blockzoo.kernels.numba import attention as A  # noqa: E402
+from blockzoo.kernels.numba import norm as N  # noqa: E402
 
 
 def _clear_grads(*ts):

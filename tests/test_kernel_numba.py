@@ -8,10 +8,7 @@ seed drawn per test and printed on failure.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import pathlib
 import random
 import sys
 
@@ -20,28 +17,9 @@ import torch
 
 pytest.importorskip("numba")
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    """blockzoo.kernels.numba.<name>, or the same file loaded by path (package not installed)."""
-    try:
-        return importlib.import_module(f"blockzoo.kernels.numba.{name}")
-    except ImportError:
-        pkg = "_blockzoo_numba_kernels"
-        if pkg not in sys.modules:
-            pdir = _ROOT / "kernels" / "numba"
-            spec = importlib.util.spec_from_file_location(
-                pkg, pdir / "__init__.py", submodule_search_locations=[str(pdir)])
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[pkg] = mod
-            spec.loader.exec_module(mod)
-        return importlib.import_module(f"{pkg}.{name}")
-
-
-attn_mod = _load("attention")
-norm_mod = _load("norm")
-act_mod = _load("activations")
+from blockzoo.kernels.numba import activations as act_mod  # noqa: E402
+from blockzoo.kernels.numba import attention as attn_mod  # noqa: E402
+from blockzoo.kernels.numba import norm as norm_mod  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.float64]
@@ -353,16 +331,10 @@ def test_activations_reject_bad_inputs():
 def test_import_is_lazy():
     """Importing the kernel modules compiles nothing (kernels jit on first call)."""
     import subprocess
-    code = (
-        "import sys, importlib, importlib.util, pathlib\n"
-        f"p = pathlib.Path({str(_ROOT / 'kernels' / 'numba')!r})\n"
-        "spec = importlib.util.spec_from_file_location('_lazy_pkg', p / '__init__.py', "
-        "submodule_search_locations=[str(p)])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['_lazy_pkg'] = m\n"
-        "spec.loader.exec_module(m)\n"
-        "for n in ('attention', 'norm', 'activations'): importlib.import_module('_lazy_pkg.' + n)\n"
-        "print('numba' in sys.modules)\n"
-    )
+    code = ("import sys, importlib\n"
+            "for n in ('attention', 'norm', 'activations'):\n"
+            "    importlib.import_module('blockzoo.kernels.numba.' + n)\n"
+            "print('numba' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"

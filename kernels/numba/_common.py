@@ -31,6 +31,9 @@ import threading
 import numpy as np
 import torch
 
+from .._alloc import empty as _poisonable_empty
+from .._alloc import poison_enabled
+
 __all__ = [
     "kernel", "jitable", "prange", "row_max", "fexp", "ferfc", "thread_id", "atomic_next", "num_threads",
     "task_counter",
@@ -453,7 +456,10 @@ def _get_madvise():
 
 
 def empty(shape, dtype) -> torch.Tensor:
-    """torch.empty on the CPU; large ones advised to use transparent huge pages."""
+    """torch.empty on the CPU; large ones advised to use transparent huge pages. Inside
+    ``kernels._alloc.poisoned()`` (tests) the buffer comes NaN-filled instead."""
+    if poison_enabled():
+        return _poisonable_empty(shape, dtype=dtype, device="cpu")
     t = torch.empty(shape, dtype=dtype)
     nbytes = t.numel() * t.element_size()
     if nbytes >= _THP_MIN_BYTES:

@@ -34,6 +34,7 @@ import torch
 from ._common import (
     atomic_next,
     check_floats,
+    empty,
     fexp,
     jitable,
     kernel,
@@ -298,8 +299,8 @@ def attention_fwd(q, k, v, causal=True, scale=None):
     """Forward only: returns (o [B,Tq,Hq,D], lse [B,Hq,Tq], natural log; -inf for empty rows)."""
     dtype, scale = _check(q, k, v, scale)
     b, tq, hq, d = q.shape
-    o = torch.empty((b, tq, hq, d), dtype=dtype)
-    lse = torch.empty((b, hq, tq), dtype=dtype)
+    o = empty((b, tq, hq, d), dtype)
+    lse = empty((b, hq, tq), dtype)
     if o.numel() == 0 or k.shape[1] == 0:
         o.zero_()
         lse.fill_(-math.inf)
@@ -315,9 +316,9 @@ def attention_bwd(do, q, k, v, o, lse, causal=True, scale=None):
     check_floats("attention_bwd", do=do, o=o, lse=lse, q=q)
     b, tq, hq, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
-    dq = torch.empty((b, tq, hq, d), dtype=dtype)
-    dk = torch.empty((b, tk, hk, d), dtype=dtype)
-    dv = torch.empty((b, tk, hk, d), dtype=dtype)
+    dq = empty((b, tq, hq, d), dtype)
+    dk = empty((b, tk, hk, d), dtype)
+    dv = empty((b, tk, hk, d), dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     nthr = num_threads()

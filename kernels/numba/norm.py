@@ -161,8 +161,8 @@ def add_norm_fwd(x, delta, weight, bias, eps, kind):
     x2 = as_rows(x.detach())
     nrows, width = x2.shape
     y = empty(shape, dtype)
-    mean = torch.empty(nrows, dtype=dtype)
-    rstd = torch.empty(nrows, dtype=dtype)
+    mean = empty((nrows,), dtype)
+    rstd = empty((nrows,), dtype)
     if delta is not None:
         h = empty(shape, dtype)
         d_np, h_np = as_rows(delta.detach()).numpy(), h.view(nrows, width).numpy()

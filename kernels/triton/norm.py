@@ -29,18 +29,16 @@ Layout choices (see docs/notes/triton-norm.md for measurements):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .._alloc import empty
+from ._common import INTERPRET, _cast
 
 __all__ = ["add_norm", "KINDS", "INTERPRET"]
 
 KINDS = ("layernorm", "rmsnorm")
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---- tunables (module attributes so tests and bench/triton_norm_tune.py can override) --------
 FWD_MAX_BLOCK_N = 16384     # widest row held whole in registers by the forward
@@ -56,21 +54,6 @@ CPU_PROGRAMS = 3            # persistent backward programs under the interpreter
 MAX_N = 65536
 
 
-# Under TRITON_INTERPRET=1, Triton 3.6 converts fp32 -> bf16 by truncation (its "rtne" path drops
-# the carry into the exponent), while GPUs round to nearest even. Kernels store through _cast, which
-# rounds the bits to nearest even first when interpreted, so CI checks the numbers the GPU makes.
-# Compiled kernels get a plain .to(dtype) (the branch is a compile-time constant).
-_INTERP_RNE = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    if _INTERP_RNE:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 def _bound(v: int):
