@@ -8,14 +8,12 @@ that names the nearest valid keyword).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from ..registry import Backend, get_registry, resolve
-from ..registry.registry import Component, RegistryError, suggest
+from ..registry.registry import Component, suggest
 
 
 class OpArgumentError(TypeError):
@@ -94,14 +92,6 @@ def op(component_id: str, backend: str = "auto") -> Op:
     return Op(component_id, backend)
 
 
-def first_tensor(tensors: dict[str, Any]) -> torch.Tensor:
-    for t in tensors.values():
-        if isinstance(t, torch.Tensor):
-            return t
-    raise RegistryError("no tensor argument given")
-
-
-Describe = Callable[..., Any]
 
 
 class BoundOp:

@@ -153,9 +153,15 @@ class PluginManager:
                     self._record(info, hook_name, exc)
                 finally:
                     self.registry.current_owner = "?"
-        for problem in self.registry.validate():
-            if _flag("BLOCKZOO_PLUGINS_STRICT"):
+        known = {f.error for f in self.failures}
+        for component, problem in self.registry.validate():
+            if f"RegistryError: {problem}" in known:
+                continue
+            info = PluginInfo(name=component.owner, dist=component.owner, version="", builtin=False)
+            try:
                 raise RegistryError(problem)
+            except RegistryError as exc:
+                self._record(info, "validate", exc)
 
     def select_backend(self, op: str, inputs: Any, candidates: list[Any]) -> Any:
         return self.pm.hook.blockzoo_select_backend(op=op, inputs=inputs, candidates=candidates)

@@ -176,7 +176,7 @@ class Registry:
             raise RegistryError(f"component {cid!r} has no backend {name!r}: {suggest(name, tuple(table))}")
         return table[name]
 
-    def validate(self) -> list[str]:
-        """Problems that make the registry unusable (a component without a reference)."""
-        return [f"component {cid!r} (from {c.owner}) has no 'reference' backend"
+    def validate(self) -> list[tuple[Component, str]]:
+        """Components that cannot be used (no reference backend), with the reason."""
+        return [(c, f"component {cid!r} (from {c.owner}) has no 'reference' backend")
                 for cid, c in self.components.items() if "reference" not in self.backends.get(cid, {})]

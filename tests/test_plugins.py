@@ -215,3 +215,29 @@ def test_op_keyword_errors():
         blockzoo.op("attention.dense")(q, q, q, casual=False)
     with pytest.raises(TypeError, match="invalid params"):
         blockzoo.op("attention.dense")(q, q, q, scale=-1.0)
+
+
+NO_REFERENCE = """
+from pydantic import BaseModel
+from blockzoo.registry import Backend, Component, Inputs, hookimpl
+
+class P(BaseModel):
+    pass
+
+@hookimpl
+def blockzoo_register_components(registry):
+    registry.add_component(Component(id="demo.noref", slot="mixer", params=P,
+                                     describe=lambda x, params=None: Inputs.from_tensors({"x": x})))
+
+@hookimpl
+def blockzoo_register_backends(registry):
+    registry.add_backend(Backend("demo.noref", "fast", lambda x: x))
+"""
+
+
+def test_component_without_reference_is_reported(tmp_path, monkeypatch):
+    install_fake_dist(tmp_path, monkeypatch, "noref-plugin", "0.1", {"noref": NO_REFERENCE})
+    blockzoo.components()
+    failures = get_manager().failures
+    assert len(failures) == 1 and failures[0].stage == "validate"
+    assert "has no 'reference' backend" in failures[0].error and "noref-plugin 0.1" in failures[0].error
