@@ -29,6 +29,7 @@ BUILTIN_PLUGINS = (
     "blockzoo.plugins.attention.plugin",
     "blockzoo.plugins.normres.plugin",
     "blockzoo.plugins.mlp.plugin",
+    "blockzoo.plugins.context.plugin",
     "blockzoo.core.tasks",
 )
 

@@ -1,4 +1,5 @@
-"""Registers normres.layernorm and normres.rmsnorm (fused residual add + norm)."""
+"""Registers normres.layernorm and normres.rmsnorm (fused residual add + norm), and through
+``gated_plugin`` normres.dyt and normres.agu (fused (gated) residual + DyT squash)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import torch
 
 from ...registry import Backend, Capabilities, Case, Component, Inputs, hookimpl
+from . import gated_plugin
 from .params import LayerNormParams, RMSNormParams
 from .reference import layernorm_reference, rmsnorm_reference
 
@@ -91,6 +93,7 @@ def blockzoo_register_components(registry) -> None:
             bench_cases=norm_bench_cases, baselines=norm_baselines(kind), cost=norm_cost,
             doc=f"fused residual add + {kind}: (y, h) = ({kind}(x + delta) * w{' + b' if bias else ''}, x + delta)",
             source="Ba et al. 2016 (LayerNorm); Zhang & Sennrich 2019 (RMSNorm)"))
+    gated_plugin.register_components(registry)
 
 
 @hookimpl
@@ -109,3 +112,4 @@ def blockzoo_register_backends(registry) -> None:
             cid, "numba", functools.partial(_kernel, "numba", kind),
             Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64), requires=("numba>=0.60",)),
             priority=20, doc="row-parallel fused add+norm forward and backward"))
+    gated_plugin.register_backends(registry)

@@ -1,0 +1,443 @@
+"""Mixture of Contexts (``context.moc``) in Triton: block-sparse flash attention over the chunks
+each query selected, forward and backward, on the shared online-softmax core.
+
+Routing is the torch function ``plugins.context.reference.moc_routing`` (chunk means, scores,
+top-k with the shared tie-breaking, drop-off / drop-in), run as torch ops on the GPU; it gives a
+selection ``sel[b, h, i, c]`` (own chunk included), the chunk bounds and each row's exclusive key
+limit ``lim[i]`` (``pos_i + 1`` causal, ``Tk`` otherwise). The host then builds block lists:
+
+* forward / dQ: for every (batch, query head, query block of BLOCK_M rows), the ascending list of
+  chunks selected by at least one row of the block;
+* dK/dV: for every (batch, kv head, key block of BLOCK_N keys), the list of query blocks in which
+  some row of some head of the GQA group selected a chunk touching the key block (or, for key
+  blocks overlapping the prefix, every query block that can see them).
+
+Forward kernel: per (query block, head, batch) it sweeps the prefix segment ``[0, prefix)`` and
+then each listed chunk restricted to ``[max(start, prefix), end)`` (so no key is counted twice)
+with :func:`attention.attn_fwd_inner` unchanged: the key base pointer is moved to the segment
+start, ``Tk`` is the segment length, and the per-row selection and causal limit are folded into
+the ``offs_m`` argument of its causal mask (``key_rel <= offs_m + diag`` with ``diag = 0`` and
+``offs_m = lim_i - 1 - start`` for a row that selected the chunk, ``-1`` for one that did not).
+The dQ kernel reuses :func:`attention.attn_bwd_dq_inner` the same way; the preprocess kernel
+(delta, lse2) is the core's. dK/dV need a per-(key, row) selection, which the core's
+``attn_bwd_dkdv_inner`` cannot express (its query rows are internal), so :func:`_moc_dkdv_kernel`
+has its own loop (same transposed FA2 form, group heads inside the program: no atomics).
+
+Under ``TRITON_INTERPRET=1`` it runs on CPU tensors (interpreter quirks handled by the core's
+``_loop_bound`` / ``_dot`` helpers). Custom ops: ``blockzoo::moc_fwd`` / ``blockzoo::moc_bwd``
+with ``register_fake`` and ``register_autograd``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (
+    LOG2E,
+    _alloc,
+    _attn_bwd_pre_kernel,
+    _block_d,
+    _check,
+    _check_i32,
+    _dot,
+    _dot_acc,
+    _interpreting,
+    _load_tile,
+    _loop_bound,
+    _store_tile,
+    _unit_last,
+    attn_bwd_dq_inner,
+    attn_fwd_inner,
+)
+
+__all__ = ["moc_attention", "moc_attention_fwd", "moc_block_lists", "BLOCKS"]
+
+
+def _blocks(block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M query rows, BLOCK_N key step, num_warps, num_stages); untuned (no GPU yet)."""
+    if _interpreting():
+        return BLOCKS.get("interp", (16, 16, 4, 1))
+    if block_d <= 64:
+        return (64, 64, 4, 3)
+    if block_d <= 128:
+        return (64, 64, 4, 2)
+    return (32, 32, 4, 1)
+
+
+#: tests may set BLOCKS["interp"] = (BM, BN, warps, stages) to exercise other tilings
+BLOCKS: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C):
+    """offs_m for the core's causal mask over a segment starting at key ``ja`` of chunk ``c``:
+    ``lim_i - 1 - ja`` for rows that selected ``c``, ``-1`` (nothing visible) otherwise."""
+    rmask = offs_m < Tq
+    s = tl.load(Sel + sel_row + offs_m.to(tl.int64) * C + c, mask=rmask, other=0)
+    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+    return tl.where(s != 0, lim - 1 - ja, -1)
+
+
+@triton.jit
+def _moc_fwd_kernel(Q, K, V, Out, LSE, Sel, Lim, Bounds, QList, QCount,
+                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                    Hq, Tq, GROUP, C, NQB, PREFIX, qk_scale,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    q_base = Q + b * s_qb + h.to(tl.int64) * s_qh
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lim = tl.load(Lim + offs_m, mask=offs_m < Tq, other=0)
+    if PREFIX > 0:
+        # prefix keys [0, PREFIX): visible to every row up to its limit
+        hi = tl.cdiv(PREFIX, BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, lim - 1, offs_d,
+                                       0, hi, qk_scale, PREFIX, 0, D, BLOCK_N, True, True, EVEN_D, False)
+    sel_row = (b * Hq + h) * Tq * C
+    lst = (b * Hq + h) * NQB * C + pid_m * C
+    cnt = tl.load(QCount + (b * Hq + h) * NQB + pid_m)
+    for t in range(0, _loop_bound(cnt)):
+        c = tl.load(QList + lst + t)
+        ja = tl.maximum(tl.load(Bounds + c), PREFIX)
+        jb = tl.load(Bounds + c + 1)
+        seg = tl.maximum(jb - ja, 0)
+        rows = _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C)
+        hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
+                                       rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N,
+                                       True, True, EVEN_D, False)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
+                Tq, D, EVEN_D)
+    tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount,
+                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                   s_db, s_dt, s_dh, s_dqb, s_dqt, s_dqh,
+                   Hq, Tq, GROUP, C, NQB, PREFIX, qk_scale, sm_scale,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    do = _load_tile(DO + b * s_db + h.to(tl.int64) * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
+    row = (b * Hq + h) * Tq + offs_m
+    rmask = offs_m < Tq
+    lse2 = tl.load(LSE2 + row, mask=rmask, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+    if PREFIX > 0:
+        hi = tl.cdiv(PREFIX, BLOCK_N) * BLOCK_N
+        dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, lim - 1, offs_d,
+                               0, hi, qk_scale, PREFIX, 0, D, BLOCK_N, True, True, EVEN_D)
+    sel_row = (b * Hq + h) * Tq * C
+    lst = (b * Hq + h) * NQB * C + pid_m * C
+    cnt = tl.load(QCount + (b * Hq + h) * NQB + pid_m)
+    for t in range(0, _loop_bound(cnt)):
+        c = tl.load(QList + lst + t)
+        ja = tl.maximum(tl.load(Bounds + c), PREFIX)
+        jb = tl.load(Bounds + c + 1)
+        seg = tl.maximum(jb - ja, 0)
+        rows = _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C)
+        hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
+        dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
+                               rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N, True, True, EVEN_D)
+    dq = dq * sm_scale
+    _store_tile(DQ + b * s_dqb + h.to(tl.int64) * s_dqh, dq.to(DQ.dtype.element_ty), offs_m, s_dqt,
+                offs_d, Tq, D, EVEN_D)
+
+
+@triton.jit
+def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, KCount,
+                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                     s_db, s_dt, s_dh, s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
+                     Hq, Hk, Tq, Tk, GROUP, C, NQB, NKB, PREFIX, qk_scale, sm_scale,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """dK/dV of one key block over its listed query blocks x the GQA group (transposed FA2
+    form). Key n is visible to row m of head g iff n < lim_m and (n < PREFIX or
+    sel[g, m, chunk(n)])."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * s_kb + hk.to(tl.int64) * s_kh, offs_n, s_kt, offs_d, Tk, D, True, EVEN_D)
+    v = _load_tile(V + b * s_vb + hk.to(tl.int64) * s_vh, offs_n, s_vt, offs_d, Tk, D, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # chunk of each key (bounds are ascending; a linear scan over the block's chunk range)
+    nmask = offs_n < Tk
+    chunk_n = tl.zeros([BLOCK_N], dtype=tl.int32)
+    c_lo = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3 + 1)
+    c_hi = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3 + 2)
+    for c in range(_loop_bound(c_lo), _loop_bound(c_hi)):
+        start = tl.load(Bounds + c)
+        chunk_n = tl.where(offs_n >= start, c, chunk_n)
+    in_prefix = offs_n < PREFIX
+    h0 = (hk * GROUP).to(tl.int64)
+    q_base = Q + b * s_qb + h0 * s_qh
+    do_base = DO + b * s_db + h0 * s_dh
+    lse2_base = LSE2 + (b * Hq + h0) * Tq
+    delta_base = DELTA + (b * Hq + h0) * Tq
+    sel_base = Sel + (b * Hq + h0) * Tq * C
+    lst = ((b * Hk + hk) * NKB + pid_n) * NQB
+    cnt = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for it in range(0, _loop_bound(cnt * GROUP)):
+        blk = it // GROUP
+        g = it - blk * GROUP
+        start_m = tl.load(KList + lst + blk) * BLOCK_M
+        offs_m = start_m + offs_m0
+        rmask = offs_m < Tq
+        q = _load_tile(q_base + g * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+        lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
+        lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+        s = tl.load(sel_base + g * Tq * C + offs_m[None, :].to(tl.int64) * C + chunk_n[:, None],
+                    mask=rmask[None, :] & nmask[:, None], other=0)
+        valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & ((s != 0) | in_prefix[:, None])
+        qkT = _dot(k, tl.trans(q))
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        pT = tl.where(valid, pT, 0.0)
+        do = _load_tile(do_base + g * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
+        dv = _dot_acc(pT.to(do.dtype), do, dv)
+        delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
+        dpT = _dot(v, tl.trans(do))
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = _dot_acc(dsT, q, dk)
+    dk = dk * sm_scale
+    _store_tile(DK + b * s_dkb + hk.to(tl.int64) * s_dkh, dk.to(DK.dtype.element_ty), offs_n, s_dkt,
+                offs_d, Tk, D, EVEN_D)
+    _store_tile(DV + b * s_dvb + hk.to(tl.int64) * s_dvh, dv.to(DV.dtype.element_ty), offs_n, s_dvt,
+                offs_d, Tk, D, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+
+def moc_block_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int, group: int,
+                    block_m: int, block_n: int):
+    """Block lists for the kernels (see the module docstring).
+
+    Returns ``qlist`` int32 [B, Hq, NQB, C] (ascending chunk ids, first ``qcount`` valid),
+    ``qcount`` int32 [B, Hq, NQB], ``klist`` int32 [B, Hk, NKB, NQB] (query block ids) and
+    ``kmeta`` int32 [B, Hk, NKB, 3] = (count, first chunk, last chunk + 1) per key block.
+    """
+    B, Hq, Tq, C = sel.shape
+    dev = sel.device
+    tk = int(bounds[-1])
+    nqb = triton.cdiv(max(Tq, 1), block_m)
+    nkb = triton.cdiv(max(tk, 1), block_n)
+    pad = nqb * block_m - Tq
+    selp = torch.nn.functional.pad(sel, (0, 0, 0, pad)) if pad else sel
+    blk = (selp.view(B, Hq, nqb, block_m, C) != 0).any(3)                    # [B, Hq, NQB, C]
+    ci = torch.arange(C, device=dev, dtype=torch.int32)
+    key = torch.where(blk, ci, ci + C)                                  # selected first, ascending
+    qlist = torch.sort(key, dim=-1).values.to(torch.int32) % C
+    qcount = blk.sum(-1).to(torch.int32)
+    # chunk range [c_first, c_last] touching each key block
+    kstart = torch.arange(nkb, device=dev) * block_n
+    kend = torch.clamp(kstart + block_n, max=tk) - 1
+    b1 = bounds[1:].to(dev)
+    c_first = torch.bucketize(kstart.clamp(max=max(tk - 1, 0)), b1, right=True)
+    c_last = torch.bucketize(kend.clamp(min=0), b1, right=True)
+    cs = torch.cat([torch.zeros((B, Hq, nqb, 1), dtype=torch.long, device=dev), blk.long().cumsum(-1)], -1)
+    need = (cs[..., c_last + 1] - cs[..., c_first]) > 0               # [B, Hq, NQB, NKB]
+    lim_p = torch.nn.functional.pad(lim, (0, pad)) if pad else lim
+    blk_lim = lim_p.view(nqb, block_m).amax(1)                          # [NQB]
+    if prefix > 0:
+        pref = (kstart < prefix)[None, :] & (blk_lim[:, None] > kstart[None, :])  # [NQB, NKB]
+        need = need | pref[None, None]
+    need = need & (blk_lim[:, None] > kstart[None, :])[None, None]
+    need = need.view(B, Hq // group, group, nqb, nkb).any(2).transpose(-1, -2)  # [B, Hk, NKB, NQB]
+    qi = torch.arange(nqb, device=dev, dtype=torch.int32)
+    kkey = torch.where(need, qi, qi + nqb)
+    klist = (torch.sort(kkey, dim=-1).values % nqb).to(torch.int32).contiguous()
+    kcount = need.sum(-1).to(torch.int32)
+    kmeta = torch.stack([kcount, c_first.to(torch.int32).expand_as(kcount),
+                         (c_last + 1).to(torch.int32).expand_as(kcount)], -1).contiguous()
+    return qlist.contiguous(), qcount.contiguous(), klist, kmeta
+
+
+def _prep(q, k, v, sel, bounds, lim, prefix):
+    B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
+    BD = _block_d(D)
+    bm, bn, warps, stages = _blocks(BD)
+    lists = moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, bn)
+    return B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, lists
+
+
+def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, (qlist, qcount, _, _) = _prep(q, k, v, sel, bounds, lim,
+                                                                                   prefix)
+    o = _alloc((B, Tq, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq, Tq), torch.float32, q.device)
+    C = sel.shape[-1]
+    if o.numel() == 0 or Tk == 0 or C == 0:
+        o.zero_()
+        lse.fill_(float("-inf"))
+        return o, lse
+    _check_i32(q, k, v, o)
+    nqb = triton.cdiv(Tq, bm)
+    _moc_fwd_kernel[(nqb, Hq, B)](
+        q, k, v, o, lse, sel, lim, bounds, qlist, qcount,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        Hq, Tq, Hq // Hk, C, nqb, int(prefix), float(scale) * LOG2E,
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
+    q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
+    do = do.to(q.dtype)
+    B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, (qlist, qcount, klist, kmeta) = _prep(
+        q, k, v, sel, bounds, lim, prefix)
+    dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
+    dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    C = sel.shape[-1]
+    if dq.numel() == 0 or dk.numel() == 0 or C == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv
+    _check_i32(q, k, v, o, do)
+    lse = lse.contiguous().float()
+    delta = _alloc((B, Hq, Tq), torch.float32, q.device)
+    lse2 = _alloc((B, Hq, Tq), torch.float32, q.device)
+    PRE_M = 64 if BD <= 128 else 32
+    _attn_bwd_pre_kernel[(triton.cdiv(Tq, PRE_M), Hq, B)](
+        o, do, lse, delta, delta, lse2,
+        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        Hq, Tq, D=D, BLOCK_D=BD, BLOCK_M=PRE_M, HAS_DLSE=False, num_warps=4)
+    qk_scale = float(scale) * LOG2E
+    G = Hq // Hk
+    nqb, nkb = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+    _moc_dkdv_kernel[(nkb, Hk, B)](
+        q, k, v, do, dk, dv, lse2, delta, sel, lim, bounds, klist, kmeta,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Hq, Hk, Tq, Tk, G, C, nqb, nkb, int(prefix), qk_scale, float(scale),
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    _moc_dq_kernel[(nqb, Hq, B)](
+        q, k, v, do, dq, lse2, delta, sel, lim, bounds, qlist, qcount,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Hq, Tq, G, C, nqb, int(prefix), qk_scale, float(scale),
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------
+
+def _define_ops():
+    ns = getattr(torch.ops, "blockzoo", None)
+    if ns is not None and hasattr(ns, "moc_fwd") and hasattr(ns, "moc_bwd"):
+        return ns.moc_fwd, ns.moc_bwd
+
+    @torch.library.custom_op("blockzoo::moc_fwd", mutates_args=())
+    def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, bounds: torch.Tensor,
+               lim: torch.Tensor, prefix: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fwd_impl(q, k, v, sel, bounds, lim, prefix, scale)
+
+    @torch.library.custom_op("blockzoo::moc_bwd", mutates_args=())
+    def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale)
+
+    @fwd_op.register_fake
+    def _(q, k, v, sel, bounds, lim, prefix, scale):
+        B, Tq, Hq, D = q.shape
+        return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+
+    @bwd_op.register_fake
+    def _(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale):
+        return q.new_empty(tuple(q.shape)), k.new_empty(tuple(k.shape)), k.new_empty(tuple(k.shape))
+
+    def setup(ctx, inputs, output):
+        q, k, v, sel, bounds, lim, prefix, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, sel, bounds, lim)
+        ctx.prefix, ctx.scale = prefix, scale
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, sel, bounds, lim = ctx.saved_tensors
+        if dlse is not None:
+            raise NotImplementedError("context.moc triton: gradient through lse is not supported")
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = bwd_op(do, q, k, v, o, lse, sel, bounds, lim, ctx.prefix, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup)
+    return fwd_op, bwd_op
+
+
+_fwd_op, _bwd_op = _define_ops()
+
+
+def _routing_tensors(q, k, params, routing):
+    from ...plugins.context.reference import moc_routing
+    if routing is None:
+        keys = ("causal", "chunk_size", "top_k", "prefix", "boundaries", "drop_off", "drop_in", "seed")
+        routing = moc_routing(q, k, **{n: params[n] for n in keys if n in params})
+    sel = routing.sel.to(device=q.device, dtype=torch.uint8).contiguous()
+    bounds = routing.bounds.to(device=q.device, dtype=torch.int32).contiguous()
+    lim = routing.lim.to(device=q.device, dtype=torch.int32).contiguous()
+    return sel, bounds, lim, int(routing.prefix)
+
+
+def moc_attention_fwd(q, k, v, scale=None, routing=None, **params):
+    """-> (o, lse fp32 [B, Hq, Tq]); params as ``context.moc``."""
+    sel, bounds, lim, prefix = _routing_tensors(q, k, params, routing)
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _fwd_op(q, k, v, sel, bounds, lim, prefix, sc)
+
+
+def moc_attention(q, k, v, scale=None, routing=None, **params):
+    """``context.moc`` forward, autograd-enabled (custom op ``blockzoo::moc_fwd``)."""
+    return moc_attention_fwd(q, k, v, scale=scale, routing=routing, **params)[0]
+

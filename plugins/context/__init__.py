@@ -1,0 +1,1 @@
+"""context.* components: context sparsity (Mixture of Contexts chunk routing)."""

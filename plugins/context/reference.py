@@ -1,0 +1,243 @@
+"""Mixture of Contexts (MoC, arXiv 2508.21058): routing and the reference attention.
+
+Layout q [B, Tq, Hq, D], k/v [B, Tk, Hk, D], Hq % Hk == 0 (GQA: query head h reads kv head
+h // (Hq // Hk)). Query row i sits at key position ``pos_i = i + (Tk - Tq)`` (bottom-right
+alignment, as in ``attention.dense``).
+
+Routing (shared by EVERY backend, so that they select exactly the same keys):
+
+* chunks: fixed ``chunk_size`` or given start offsets ``boundaries`` (0 implied, offsets >= Tk
+  dropped); chunk c covers keys [s_c, s_{c+1}) with s_C = Tk.
+* descriptor of chunk c, per kv head: the mean of its keys (fp32, fp64 for fp64 inputs).
+* score of chunk c for query row i, head h: ``q_i . desc_c`` (fp32; no scale: it does not change
+  the order).
+* candidates: causal -> chunks entirely before the query's own chunk; non-causal -> every chunk
+  but the own one. Future chunks are removed BEFORE the top-k.
+* top-k over candidates. Tie-breaking (ours): higher score first, lower chunk index on equal
+  scores (a stable descending sort).
+* training options (seeded, CPU generator, so every backend draws the same numbers): drop-off
+  removes each selected past chunk with probability ``drop_off``; drop-in adds each unselected
+  candidate with probability ``drop_in``.
+* the own chunk (the one holding ``pos_i``) is always selected (causal mask inside it), and the
+  first ``prefix`` keys are always visible (causal too). One softmax over the union.
+
+Routing is discrete and computed without gradients; gradients flow through the attention over
+the selected keys only. A row that sees no key (``pos_i < 0``) returns 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.reference import check_shapes, expand_kv
+
+
+def chunk_bounds(tk: int, chunk_size: int = 64, boundaries=None) -> list[int]:
+    """Chunk boundaries ``[s_0=0, s_1, ..., s_C=Tk]`` (C >= 1 when Tk >= 1)."""
+    if tk <= 0:
+        return [0]
+    if boundaries is None:
+        starts = list(range(0, tk, int(chunk_size)))
+    else:
+        starts = sorted({0, *(int(b) for b in boundaries if 0 <= int(b) < tk)})
+    return starts + [tk]
+
+
+@dataclass
+class MoCRouting:
+    """What the router chose.
+
+    bounds: LongTensor [C + 1] chunk boundaries. own: LongTensor [Tq], the own chunk of each
+    query row (-1: the row sees no key). sel: bool [B, Hq, Tq, C], selected chunks INCLUDING the
+    own chunk. lim: LongTensor [Tq], exclusive key limit of each row (``pos_i + 1`` causal,
+    ``Tk`` otherwise, clamped to [0, Tk]). prefix: the always-visible leading keys.
+    """
+
+    bounds: torch.Tensor
+    own: torch.Tensor
+    sel: torch.Tensor
+    lim: torch.Tensor
+    prefix: int
+    causal: bool
+
+    @property
+    def n_chunks(self) -> int:
+        return self.bounds.numel() - 1
+
+    def visible_per_row(self) -> torch.Tensor:
+        """[B, Hq, Tq] number of keys each (row, head) attends to (the union, counted once)."""
+        s, e = self.bounds[:-1], self.bounds[1:]
+        lo = torch.clamp(s, min=self.prefix)                      # prefix keys counted separately
+        hi = torch.minimum(e[None, :], self.lim[:, None])          # [Tq, C]
+        lenv = torch.clamp(hi - lo[None, :], min=0)
+        n = (self.sel.long() * lenv).sum(-1)
+        return n + torch.clamp(self.lim, max=self.prefix)
+
+    def pairs(self) -> int:
+        """Visible (query, key) pairs summed over batch and query heads."""
+        return int(self.visible_per_row().sum())
+
+    def dense_pairs(self) -> int:
+        b, h = self.sel.shape[:2]
+        return int(self.lim.sum()) * b * h
+
+    def density(self) -> float:
+        """Visible pairs / pairs dense attention (same causality) would see."""
+        d = self.dense_pairs()
+        return self.pairs() / d if d else 0.0
+
+    def key_mask(self) -> torch.Tensor:
+        """bool [B, Hq, Tq, Tk], True where attention is allowed (O(T^2): for tests/reference)."""
+        tk = int(self.bounds[-1])
+        dev = self.sel.device
+        j = torch.arange(tk, device=dev)
+        chunk_of = torch.bucketize(j, self.bounds[1:].to(dev), right=True)  # [Tk]
+        m = self.sel[..., chunk_of]                                         # [B, Hq, Tq, Tk]
+        m = m | (j < self.prefix)[None, None, None, :]
+        return m & (j[None, :] < self.lim.to(dev)[:, None])[None, None]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.no_grad()
+def chunk_descriptors(k: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Mean key of each chunk: [B, C, Hk, D] in fp32 (fp64 for fp64 inputs)."""
+    kf = k.detach().to(_acc_dtype(k.dtype))
+    c = bounds.numel() - 1
+    # segment sums with one index_add (deterministic on the CPU)
+    chunk_of = torch.bucketize(torch.arange(kf.shape[1], device=kf.device), bounds[1:].to(kf.device), right=True)
+    sums = torch.zeros((kf.shape[0], c, *kf.shape[2:]), dtype=kf.dtype, device=kf.device)
+    sums.index_add_(1, chunk_of, kf)
+    lens = (bounds[1:] - bounds[:-1]).to(device=kf.device, dtype=kf.dtype)
+    return sums / lens[None, :, None, None]
+
+
+@torch.no_grad()
+def moc_routing(q: torch.Tensor, k: torch.Tensor, causal: bool = True, chunk_size: int = 64,
+                top_k: int = 4, prefix: int = 0, boundaries=None, drop_off: float = 0.0,
+                drop_in: float = 0.0, seed: int = 0, **_ignored) -> MoCRouting:
+    """Route every (query row, head) to its chunks. Deterministic; see the module docstring."""
+    b, tq, hq, d = q.shape
+    tk = k.shape[1]
+    dev = q.device
+    if boundaries is not None and hasattr(boundaries, "tolist"):
+        boundaries = boundaries.tolist()
+    bounds = torch.tensor(chunk_bounds(tk, chunk_size, boundaries), dtype=torch.long, device=dev)
+    c = bounds.numel() - 1
+    pos = torch.arange(tq, device=dev) + (tk - tq)
+    if causal:
+        lim = torch.clamp(pos + 1, 0, tk)
+    else:
+        lim = torch.full((tq,), tk, dtype=torch.long, device=dev)
+    inside = (pos >= 0) & (pos < tk)
+    own = torch.where(inside, torch.bucketize(pos.clamp(0, max(tk - 1, 0)), bounds[1:], right=True),
+                      torch.full_like(pos, -1))
+    if causal:
+        own = torch.where(lim > 0, own, torch.full_like(own, -1))
+    if c == 0 or tq == 0:
+        sel = torch.zeros((b, hq, tq, max(c, 0)), dtype=torch.bool, device=dev)
+        return MoCRouting(bounds, own, sel, lim, int(prefix), bool(causal))
+    ci = torch.arange(c, device=dev)
+    if causal:
+        # chunks entirely before the own chunk; a row before every key (pos < 0) has none
+        cand = (ci[None, :] < own[:, None]) & (lim[:, None] > 0)
+    else:
+        cand = ci[None, :] != own[:, None]
+    desc = chunk_descriptors(k, bounds)                                  # [B, C, Hk, D]
+    desc = expand_kv(desc, hq)                                           # [B, C, Hq, D]
+    qf = q.detach().to(desc.dtype)
+    scores = torch.einsum("bthd,bchd->bhtc", qf, desc).contiguous()     # [B, Hq, Tq, C]
+    scores.masked_fill_(~cand, float("-inf"))
+    kk = min(int(top_k), c)
+    if kk > 0:
+        # tie-breaking: higher score first, lower chunk index on ties. The k-th largest score tau
+        # (torch.topk; its own order among ties does not matter) splits the row: every score
+        # > tau is kept, and the lowest-index scores == tau fill the remaining places. Same
+        # result as a stable descending sort, at the cost of a top-k.
+        tau = torch.topk(scores, kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        gt = scores > tau
+        eq = scores == tau
+        room = kk - gt.sum(-1, keepdim=True)
+        sel = gt | (eq & (torch.cumsum(eq, -1) <= room))
+        sel &= cand                       # fewer than top_k candidates: -inf entries were taken
+    else:
+        sel = torch.zeros(scores.shape, dtype=torch.bool, device=dev)
+    if drop_off > 0 or drop_in > 0:
+        gen = torch.Generator().manual_seed(int(seed))
+        u_off = torch.rand(sel.shape, generator=gen).to(dev)
+        u_in = torch.rand(sel.shape, generator=gen).to(dev)
+        if drop_off > 0:
+            sel &= u_off >= drop_off
+        if drop_in > 0:
+            sel |= cand & (u_in < drop_in)
+    own_1h = (ci[None, :] == own[:, None]) & (own >= 0)[:, None]        # [Tq, C]
+    sel |= own_1h
+    return MoCRouting(bounds, own, sel, lim, int(prefix), bool(causal))
+
+
+def moc_reference(q, k, v, causal: bool = True, chunk_size: int = 64, top_k: int = 4, prefix: int = 0,
+                  boundaries=None, drop_off: float = 0.0, drop_in: float = 0.0, seed: int = 0,
+                  scale: float | None = None, routing: MoCRouting | None = None) -> torch.Tensor:
+    """Dense fp32 scores with the routing mask (the oracle); differentiable in q, k, v."""
+    check_shapes(q, k, v)
+    if routing is None:
+        routing = moc_routing(q, k, causal, chunk_size, top_k, prefix, boundaries, drop_off, drop_in, seed)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), expand_kv(k, q.shape[2]).to(acc), expand_kv(v, q.shape[2]).to(acc)
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    allowed = routing.key_mask()
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    o = torch.einsum("bhqk,bkhd->bqhd", p, vf)
+    return o.to(q.dtype)
+
+
+def expected_pairs(tq: int, tk: int, causal: bool, chunk_size: int, top_k: int, prefix: int,
+                   boundaries=None, drop_off: float = 0.0, drop_in: float = 0.0) -> float:
+    """Expected visible (query, key) pairs per (batch, head) WITHOUT the tensors: every query is
+    assumed to pick ``min(top_k, #candidates)`` of its candidate chunks uniformly (so a chunk's
+    expected share is the average candidate length), then drop-off / drop-in in expectation.
+    Exact counts come from :meth:`MoCRouting.pairs` on real inputs."""
+    bounds = torch.tensor(chunk_bounds(tk, chunk_size, boundaries), dtype=torch.float64)
+    if tq == 0 or tk == 0:
+        return 0.0
+    s, e = bounds[:-1], bounds[1:]
+    pos = torch.arange(tq, dtype=torch.float64) + (tk - tq)
+    lim = torch.clamp(pos + 1, 0, tk) if causal else torch.full((tq,), float(tk), dtype=torch.float64)
+    own = torch.bucketize(pos.clamp(0, tk - 1), e, right=True)
+    has = (pos >= 0) & (pos < tk) & (lim > 0)
+    lo = torch.clamp(s, min=prefix)
+    lenc = torch.clamp(e - lo, min=0)                                  # [C] lengths outside prefix
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lenc, 0)])
+    own_i = own.long()
+    if causal:
+        ncand = own.to(torch.float64)
+        cand_len = csum[own_i]
+    else:
+        ncand = torch.full_like(pos, float(lenc.numel() - 1))
+        cand_len = csum[-1] - lenc[own_i]
+    ncand = torch.where(has, ncand, torch.zeros_like(ncand))
+    cand_len = torch.where(has, cand_len, torch.zeros_like(cand_len))
+    kk = torch.clamp(ncand, max=float(top_k))
+    frac = torch.where(ncand > 0, kk / ncand.clamp(min=1), torch.zeros_like(ncand))
+    frac = frac * (1 - drop_off) + (1 - frac) * drop_in
+    past = frac * cand_len
+    own_len = torch.clamp(torch.minimum(e[own_i], lim) - lo[own_i], min=0)
+    own_len = torch.where(has, own_len, torch.zeros_like(own_len))
+    return float((past + own_len + torch.clamp(lim, max=float(prefix))).sum())
+
+
+def moc_flops(b: int, tq: int, tk: int, hq: int, hk: int, d: int, causal: bool, chunk_size: int, top_k: int,
+              prefix: int = 0, boundaries=None, drop_off: float = 0.0, drop_in: float = 0.0) -> float:
+    """Forward FLOPs: 4*d per visible (query, key) pair (QK^T and PV, expected count), plus the
+    router: chunk means (Tk*Hk*D adds) and scores (2*Tq*Hq*C*D)."""
+    pairs = expected_pairs(tq, tk, causal, chunk_size, top_k, prefix, boundaries, drop_off, drop_in)
+    n_chunks = len(chunk_bounds(tk, chunk_size, boundaries)) - 1
+    route = b * (tk * hk * d + 2.0 * tq * hq * n_chunks * d)
+    return 4.0 * b * hq * d * pairs + route

@@ -1,0 +1,317 @@
+"""context.moc (Mixture of Contexts): routing rules, causality, the dense limit, kernels on their
+own (NaN-poisoned), and a tiny model that trains with a MoC mixer.
+
+Backend-vs-reference on odd shapes is the generated matrix (tests/test_matrix.py, cases in
+plugins/context/plugin.py). Triton runs here only under TRITON_INTERPRET=1 (or on a GPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import blockzoo
+from blockzoo.kernels._alloc import poisoned
+from blockzoo.plugins.attention.reference import attention_reference
+from blockzoo.plugins.context.params import MoCParams
+from blockzoo.plugins.context.reference import chunk_bounds, expected_pairs, moc_reference, moc_routing
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _backends():
+    out = ["reference", "numba"]
+    if INTERP or HAS_CUDA:
+        out.append("triton")
+    return out
+
+
+def _dev(backend):
+    return "cuda" if backend == "triton" and HAS_CUDA and not INTERP else "cpu"
+
+
+def _run(backend, q, k, v, **params):
+    with poisoned():
+        return blockzoo.op("context.moc", backend)(q, k, v, **params)
+
+
+# ------------------------------------------------------------------------------------------------
+# routing
+# ------------------------------------------------------------------------------------------------
+def brute_force_routing(q, k, causal, bounds, top_k, prefix):
+    """Plain-Python MoC routing: sel[b][h][i] = set of chunks (own included)."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    C = len(bounds) - 1
+    out = {}
+    for b, h, i in itertools.product(range(B), range(Hq), range(Tq)):
+        pos = i + Tk - Tq
+        if causal and pos < 0:
+            out[b, h, i] = set()
+            continue
+        own = next((c for c in range(C) if bounds[c] <= pos < bounds[c + 1]), -1)
+        scores = []
+        for c in range(C):
+            if (causal and c >= own) or (not causal and c == own):
+                continue
+            keys = [k[b, j, h // G].double() for j in range(bounds[c], bounds[c + 1])]
+            desc = sum(keys) / len(keys)
+            scores.append((-float(q[b, i, h].double() @ desc), c))
+        chosen = {c for _, c in sorted(scores)[:top_k]}  # higher score first, lower index on ties
+        if own >= 0:
+            chosen.add(own)
+        out[b, h, i] = chosen
+    return out
+
+
+def _sel_sets(r):
+    B, Hq, Tq, C = r.sel.shape
+    return {(b, h, i): {c for c in range(C) if r.sel[b, h, i, c]} for b in range(B) for h in range(Hq)
+            for i in range(Tq)}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_routing_matches_brute_force_with_ties(causal):
+    # small integers and power-of-two chunks: means and dot products are exact, ties are common,
+    # so the tie-breaking rule (lower chunk index first) is exercised
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-2, 3, (2, 37, 4, 8), generator=g).float()
+    k = torch.randint(-2, 3, (2, 37, 2, 8), generator=g).float()
+    r = moc_routing(q, k, causal=causal, chunk_size=4, top_k=3)
+    bf = brute_force_routing(q, k, causal, chunk_bounds(37, 4), 3, 0)
+    assert _sel_sets(r) == bf
+
+
+def test_routing_matches_brute_force_variable_boundaries_and_tq_lt_tk():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 20, 2, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 50, 1, 16, generator=g, dtype=torch.float64)
+    bnd = (3, 10, 11, 29, 47, 60)  # 0 implied, 60 >= Tk dropped
+    r = moc_routing(q, k, boundaries=bnd, top_k=2)
+    assert r.bounds.tolist() == [0, 3, 10, 11, 29, 47, 50]
+    assert _sel_sets(r) == brute_force_routing(q, k, True, r.bounds.tolist(), 2, 0)
+
+
+def test_boundaries_accept_a_long_tensor():
+    p = MoCParams(boundaries=torch.tensor([0, 16, 40]))
+    assert p.boundaries == (0, 16, 40)
+    with pytest.raises(ValueError):
+        MoCParams(boundaries=(0, 16, 16))
+    assert MoCParams(chunk=32).chunk_size == 32  # the spec-friendly alias
+
+
+def test_causal_rule_no_future_chunk_is_ever_selected():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 90, 4, 16, generator=g)
+    k = torch.randn(2, 90, 2, 16, generator=g)
+    r = moc_routing(q, k, chunk_size=8, top_k=5, prefix=3, drop_in=0.5, seed=1)
+    mask = r.key_mask()
+    j = torch.arange(90)
+    assert not (mask & (j[None, :] > j[:, None])[None, None]).any()
+    # own chunk always kept, the prefix always visible, never more than top_k past chunks w/o drop-in
+    own = r.own
+    assert r.sel[..., torch.arange(90), own].all()
+    assert mask[..., :3].sum(-1).eq(torch.clamp(j + 1, max=3)).all()
+    r0 = moc_routing(q, k, chunk_size=8, top_k=5)
+    assert (r0.sel.sum(-1) <= 6).all()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_no_query_sees_the_future(backend):
+    """Perturb keys/values after t0: outputs of queries <= t0 do not change at all."""
+    dev = _dev(backend)
+    g = torch.Generator().manual_seed(3)
+    B, T, Hq, Hk, D = 1, 77, 4, 2, 16
+    q = torch.randn(B, T, Hq, D, generator=g).to(dev)
+    k = torch.randn(B, T, Hk, D, generator=g).to(dev)
+    v = torch.randn(B, T, Hk, D, generator=g).to(dev)
+    params = dict(chunk_size=8, top_k=2, prefix=2)
+    o = _run(backend, q, k, v, **params)
+    for t0 in (0, 5, 8, 30, 50):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, t0 + 1:] = torch.randn(k2[:, t0 + 1:].shape, generator=g).to(dev) * 10
+        v2[:, t0 + 1:] = torch.randn(v2[:, t0 + 1:].shape, generator=g).to(dev) * 10
+        o2 = _run(backend, q, k2, v2, **params)
+        # equal up to fp32 rounding: the numba kernel gathers the rows that selected a chunk
+        # into one gemm, and the row count (which later rows' routing changes) can change the
+        # BLAS rounding of the earlier rows by an ulp; a leak of the x10 future values would
+        # move them by O(1)
+        torch.testing.assert_close(o[:, :t0 + 1], o2[:, :t0 + 1], rtol=0, atol=1e-6, msg=f"{backend} t0={t0}")
+        assert (o[:, t0 + 1:] - o2[:, t0 + 1:]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_top_k_all_chunks_is_dense_causal_attention(backend):
+    dev = _dev(backend)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 45, 4, 32, generator=g).to(dev)
+    k = torch.randn(2, 45, 2, 32, generator=g).to(dev)
+    v = torch.randn(2, 45, 2, 32, generator=g).to(dev)
+    dense = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    for params in (dict(chunk_size=8, top_k=6), dict(boundaries=(0, 3, 17, 30), top_k=10, prefix=4)):
+        o = _run(backend, q, k, v, **params)
+        torch.testing.assert_close(o.double(), dense, rtol=0, atol=2e-6)
+
+
+def test_density_and_flops():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 128, 2, 16, generator=g)
+    k = torch.randn(1, 128, 2, 16, generator=g)
+    r = moc_routing(q, k, chunk_size=16, top_k=2)
+    # equal chunks, no drops: the shape-only estimate is the exact count
+    assert expected_pairs(128, 128, True, 16, 2, 0) * 2 == pytest.approx(r.pairs(), rel=1e-12)
+    assert r.pairs() == int(r.key_mask().sum())
+    assert r.density() == r.pairs() / (2 * 128 * 129 // 2) < 0.6
+    assert moc_routing(q, k, chunk_size=16, top_k=99).density() == 1.0
+    from blockzoo.registry import Inputs, get_registry
+    reg = get_registry()
+    moc, dense = reg.component("context.moc"), reg.component("attention.dense")
+    inputs = Inputs(device="cpu", dtype=torch.float32, head_dim=64,
+                    shapes=(("q", (1, 4096, 4, 64)), ("k", (1, 4096, 4, 64)), ("v", (1, 4096, 4, 64))))
+    rel = moc.flops(inputs, MoCParams(chunk_size=128, top_k=4)) / dense.flops(inputs, dense.params())
+    assert 0.2 < rel < 0.3, rel
+
+
+def test_drop_options_are_seeded_and_keep_the_own_chunk():
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 64, 2, 16, generator=g)
+    k = torch.randn(1, 64, 2, 16, generator=g)
+    base = moc_routing(q, k, chunk_size=8, top_k=3)
+    a = moc_routing(q, k, chunk_size=8, top_k=3, drop_off=0.5, drop_in=0.3, seed=7)
+    b = moc_routing(q, k, chunk_size=8, top_k=3, drop_off=0.5, drop_in=0.3, seed=7)
+    c = moc_routing(q, k, chunk_size=8, top_k=3, drop_off=0.5, drop_in=0.3, seed=8)
+    assert torch.equal(a.sel, b.sel) and not torch.equal(a.sel, c.sel) and not torch.equal(a.sel, base.sel)
+    assert a.sel[..., torch.arange(64), a.own].all()
+    assert not (a.key_mask() & torch.ones(64, 64).triu(1).bool()).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels on their own
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("block_m", "block_n"), [(64, 16), (512, 128)])
+def test_numba_forward_lse_and_poison(monkeypatch, block_m, block_n):
+    from blockzoo.kernels.numba import moc as nmoc
+    from blockzoo.kernels.numba.moc import moc_attention_fwd
+    monkeypatch.setattr(nmoc, "BLOCK_M", block_m)  # several query blocks per head, or one
+    monkeypatch.setattr(nmoc, "BLOCK_N", block_n)  # several key steps per chunk, or one
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 300, 4, 24, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 300, 2, 24, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 300, 2, 24, generator=g, dtype=torch.float64)
+    params = dict(boundaries=(0, 50, 51, 140, 200, 290), top_k=2, prefix=7)
+    with poisoned():
+        o, lse = moc_attention_fwd(q, k, v, **params)
+    r = moc_routing(q, k, **params)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2)) / 24 ** 0.5
+    want_lse = s.masked_fill(~r.key_mask(), float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-10)
+    torch.testing.assert_close(o, moc_reference(q, k, v, **params), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("block_m", "block_n"), [(64, 16), (512, 128)])
+def test_numba_backward_poisoned_fp64(monkeypatch, block_m, block_n):
+    from blockzoo.kernels.numba import moc as nmoc
+    from blockzoo.kernels.numba.moc import moc_attention
+    monkeypatch.setattr(nmoc, "BLOCK_M", block_m)
+    monkeypatch.setattr(nmoc, "BLOCK_N", block_n)
+    g = torch.Generator().manual_seed(10)
+    shapes = ((2, 300, 4, 24), (2, 300, 2, 24), (2, 300, 2, 24))
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes)
+    params = dict(boundaries=(0, 50, 51, 140, 200, 290), top_k=2, prefix=7)
+    do = torch.randn(2, 300, 4, 24, generator=g, dtype=torch.float64)
+    with poisoned():
+        got = torch.autograd.grad(moc_attention(q, k, v, **params), (q, k, v), do)
+    want = torch.autograd.grad(moc_reference(q, k, v, **params), (q, k, v), do)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles):
+    from blockzoo.kernels.triton import moc as tmoc
+    if INTERP:
+        monkeypatch.setitem(tmoc.BLOCKS, "interp", (*tiles, 4, 1))
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 70, 4, 16, generator=g).to(dev).requires_grad_()
+    k = torch.randn(1, 70, 2, 16, generator=g).to(dev).requires_grad_()
+    v = torch.randn(1, 70, 2, 16, generator=g).to(dev).requires_grad_()
+    params = dict(boundaries=(0, 5, 20, 21, 40, 64), top_k=2, prefix=3)
+    with poisoned():
+        o = tmoc.moc_attention(q, k, v, **params)
+        do = torch.randn(o.shape, generator=g).to(dev)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = moc_reference(qd, kd, vd, **params)
+    want = torch.autograd.grad(ref, (qd, kd, vd), do.double())
+    torch.testing.assert_close(o.double(), ref, rtol=0, atol=2e-6)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_triton_custom_op_opcheck():
+    from blockzoo.kernels.triton import moc as tmoc
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 24, 2, 16, generator=g).to(dev).requires_grad_()
+    k = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
+    v = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
+    sel, bounds, lim, prefix = tmoc._routing_tensors(q, k, dict(chunk_size=8, top_k=1), None)
+    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------------
+# in a model
+# ------------------------------------------------------------------------------------------------
+MOC_SPEC = """
+name: moc-tiny
+model: {d_model: 32, n_heads: 4, n_kv_heads: 2, n_layers: 2, max_seq: 64}
+block:
+  mixer: {type: context.moc, params: {chunk: 8, top_k: 1, prefix: 1, drop_off: 0.1, seed: 3}}
+  normres: {type: normres.rmsnorm}
+  mlp: {type: mlp.swiglu}
+layers:
+  - {at: 0, mixer: {type: attention.dense}}
+"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_model_with_moc_mixer_trains(backend):
+    torch.manual_seed(1)
+    model = blockzoo.build(MOC_SPEC, backend=backend)
+    pattern = torch.randint(0, 256, (1, 8))
+    tokens = pattern.repeat(4, 5)[:, :40]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss = model.loss(tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.25 * first, (first, loss.item())
+    assert {r["backend"] for r in model.backends() if r["component"] == "context.moc"} == {backend}
+    model.eval()
+    with torch.no_grad():
+        a, b = model(tokens), model(tokens)
+    assert torch.equal(a, b)  # eval: drop options off, deterministic
+
+
+def test_eval_model_uses_numba_forward_and_matches_reference():
+    torch.manual_seed(2)
+    spec = MOC_SPEC.replace("drop_off: 0.1, ", "")
+    ref = blockzoo.build(spec, backend="reference", training=False)
+    fast = blockzoo.build(spec, training=False)  # auto: numba for inference on the CPU
+    assert {r["backend"] for r in fast.backends() if r["component"] == "context.moc"} == {"numba"}
+    fast.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
