@@ -232,8 +232,16 @@ def test_add_norm_fwd_bwd(shape, kind, dtype, with_delta, with_w, with_b, gen):
     assert_close("h", h, h_ref, dtype, gen)
     names = [n for n, t in zip(("dx", "ddelta", "dweight", "dbias"), (x, delta, w, b), strict=True)
              if t is not None]
+    # dx = dh + rstd * (...): the norm's backward multiplies rounded terms by rstd, so where rstd
+    # is large (layernorm of width 1: var = 0, rstd = eps^-1/2 ~ 316) the bound is 4 ulp * rstd * |w dy|
+    hd = h_ref.detach().reshape(-1, width)
+    c = hd - hd.mean(-1, keepdim=True) if kind == "layernorm" else hd
+    rstd = float(torch.rsqrt(c.pow(2).mean(-1) + eps).max()) if hd.numel() else 0.0
+    wdy = (dy.double() * (r64[2].detach() if w is not None else 1.0)).abs()
+    ulp = float(torch.finfo(dtype).eps)
+    dx_floor = 4 * ulp * rstd * (float(wdy.max()) if wdy.numel() else 0.0) / TOL[dtype]
     for name, g, r in zip(names, grads, grads_ref, strict=True):
-        assert_close(name, g, r, dtype, gen)
+        assert_close(name, g, r, dtype, gen, floor=max(1e-6, dx_floor) if name in ("dx", "ddelta") else 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
