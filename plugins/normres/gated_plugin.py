@@ -24,7 +24,9 @@ def describe_agu(x, delta=None, weight=None, bias=None, alpha=None, gate=None, g
                                 "gate": gate, "gate_w": gate_w})
 
 
-_OFFSET = {"weight": 1.0, "alpha": 0.5, "gate": 1.0}
+# bias around 1 keeps y = w * tanh(alpha h) + b away from 0, where a single-element output would be
+# judged by the relative error of a cancellation (|w tanh| and |b| both ~1) instead of the op
+_OFFSET = {"weight": 1.0, "bias": 1.0, "alpha": 0.5, "gate": 1.0}
 _SCALE = {"weight": 0.1, "bias": 0.1, "alpha": 0.1, "gate": 1.0, "gate_w": 0.5}
 # N1 has ONE row: there every parameter gradient is a single product, not a sum (see _grads).
 _WIDTHS = ((40, (2, 3)), (63, (5,)), (257, (3, 7)), (1, (1,)), (128, (1, 2, 3)))
