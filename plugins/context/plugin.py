@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 
 from ...registry import Backend, Capabilities, Case, Component, Inputs, hookimpl
+
+# attention-shaped: same [B, T, H, D] description, dtype sets and GQA rule as attention.dense
+from ..attention.plugin import CPU_FLOATS, GPU_DTYPES, _gqa_rule
+from ..attention.plugin import describe_attention as describe_moc
 from .params import MoCParams
 from .reference import chunk_bounds, moc_flops, moc_reference
-
-CPU_FLOATS = (torch.float32, torch.float64)
-GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def describe_moc(q, k, v, params=None) -> Inputs:
-    return Inputs.from_tensors({"q": q, "k": k, "v": v}, head_dim=q.shape[-1])
 
 
 def moc_cases() -> list[Case]:
@@ -71,12 +68,6 @@ def moc_kv_bytes(ctx, params: MoCParams, seq: int) -> float:
     return (2.0 * seq + n_chunks) * ctx.n_kv_heads * ctx.head_dim * elt
 
 
-def _gqa_rule(inputs: Inputs) -> list[str]:
-    shapes = inputs.shape
-    if "q" not in shapes or "k" not in shapes:
-        return []
-    hq, hk = shapes["q"][2], shapes["k"][2]
-    return [] if hq % hk == 0 else [f"query heads {hq} not a multiple of kv heads {hk}"]
 
 
 def _numba(q, k, v, **params):
