@@ -255,6 +255,59 @@ def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("T,chunk,bounds", [(63, 8, None), (64, 8, None), (5, 8, None), (70, 1, (0, 5, 20, 21, 40, 64)),
+                                           (45, 1, (7, 30, 31))])
+def test_chunk_descriptors_are_exact_means_and_deterministic(T, chunk, bounds):
+    from blockzoo.plugins.context.reference import chunk_descriptors
+    k = torch.randn(2, T, 3, 8, dtype=torch.float64)
+    b = torch.tensor(chunk_bounds(T, chunk, bounds))
+    d = chunk_descriptors(k, b)
+    want = torch.stack([k[:, b[i]:b[i + 1]].mean(1) for i in range(len(b) - 1)], 1)
+    torch.testing.assert_close(d, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(d, chunk_descriptors(k, b))
+
+
+ROUTE_CASES = [
+    dict(Tq=63, Tk=63, Hq=2, Hk=1, causal=True, chunk_size=8, top_k=3),
+    dict(Tq=40, Tk=40, Hq=2, Hk=2, causal=False, chunk_size=8, top_k=2),
+    dict(Tq=17, Tk=50, Hq=2, Hk=1, causal=True, chunk_size=4, top_k=5),
+    dict(Tq=50, Tk=17, Hq=2, Hk=1, causal=True, chunk_size=4, top_k=1),
+    dict(Tq=45, Tk=45, Hq=1, Hk=1, causal=True, boundaries=(7, 30, 31), top_k=1, prefix=3),
+    dict(Tq=33, Tk=33, Hq=1, Hk=1, causal=True, chunk_size=8, top_k=0),
+    dict(Tq=33, Tk=33, Hq=1, Hk=1, causal=True, chunk_size=2, top_k=99),
+    dict(Tq=70, Tk=70, Hq=2, Hk=1, causal=True, chunk_size=4, top_k=4, ties=True),
+    dict(Tq=30, Tk=30, Hq=1, Hk=1, causal=False, chunk_size=3, top_k=4, ties=True),
+]
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_triton_router_matches_torch_routing(case):
+    """The Triton selection kernel and query-block lists give exactly the torch router's choice
+    (ties included: equal keys make equal chunk means, and the lowest chunk index must win)."""
+    from blockzoo.kernels.triton import moc as tmoc
+    case = dict(case)
+    Tq, Tk, Hq, Hk, ties = case.pop("Tq"), case.pop("Tk"), case.pop("Hq"), case.pop("Hk"), case.pop("ties", False)
+    dev = _dev("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, Tq, Hq, 16, generator=g)
+    k = torch.randn(2, Tk, Hk, 16, generator=g)
+    if ties:   # a few distinct key rows repeated: many chunks share the same mean
+        k = k[:, :2].repeat(1, (Tk + 1) // 2, 1, 1)[:, :Tk].contiguous()
+    q, k = q.to(dev), k.to(dev)
+    with poisoned():
+        sel, bounds, lim, prefix = tmoc.moc_route(q, k, **case)
+        want = moc_routing(q, k, **case)
+        assert torch.equal(sel.bool().cpu(), want.sel.cpu()), f"seed {seed}"
+        assert torch.equal(bounds.long().cpu(), want.bounds.cpu()) and torch.equal(lim.long().cpu(), want.lim.cpu())
+        bm = 16
+        ql, qc = tmoc._query_block_lists(sel, bm)
+        wl, wc, _, _ = tmoc.moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, 16)
+        assert torch.equal(qc.cpu(), wc.cpu()), f"seed {seed}"
+        assert torch.equal(ql.cpu(), wl.cpu()), f"seed {seed}"
+
+
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
 def test_triton_custom_op_opcheck():
     from blockzoo.kernels.triton import moc as tmoc

@@ -54,7 +54,7 @@ from .attention import (
     attn_fwd_inner,
 )
 
-__all__ = ["moc_attention", "moc_attention_fwd", "moc_block_lists", "BLOCKS"]
+__all__ = ["moc_attention", "moc_attention_fwd", "moc_block_lists", "moc_route", "BLOCKS"]
 
 
 def _blocks(block_d: int) -> tuple[int, int, int, int]:
@@ -75,6 +75,61 @@ BLOCKS: dict = {}
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _moc_select_kernel(S, Own, Lim, Sel, Tq, C, TOPK, CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Routing selection for BLOCK_R query rows of one (batch, head): candidates (causal: chunks
+    before the own chunk; otherwise every chunk but the own one), top-k by TOPK rounds of row
+    max (lowest chunk index among equal scores, as the reference's stable order), own chunk
+    added. S: fp32 scores [B, Hq, Tq, C]; Sel: uint8, same layout."""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < Tq
+    m2 = rmask[:, None] & (cols < C)[None, :]
+    offs = bh.to(tl.int64) * Tq * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    s = tl.load(S + offs, mask=m2, other=float("-inf"))
+    own = tl.load(Own + rows, mask=rmask, other=-1)
+    if CAUSAL:
+        lim = tl.load(Lim + rows, mask=rmask, other=0)
+        cand = (cols[None, :] < own[:, None]) & (lim > 0)[:, None]
+    else:
+        cand = cols[None, :] != own[:, None]
+    s = tl.where(cand & m2, s, float("-inf"))
+    sel = (cols[None, :] == own[:, None]) & (own >= 0)[:, None]
+    for _ in range(0, TOPK):
+        mx = tl.max(s, axis=1)
+        idx = tl.min(tl.where(s == mx[:, None], cols[None, :], BLOCK_C), axis=1)
+        pick = (cols[None, :] == idx[:, None]) & (mx > float("-inf"))[:, None]
+        sel = sel | pick
+        s = tl.where(pick, float("-inf"), s)
+    tl.store(Sel + offs, sel.to(tl.uint8), mask=m2)
+
+
+@triton.jit
+def _moc_qlist_kernel(Sel, QList, QCount, Tq, C, NQB, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Per (query block, head, batch): the chunks selected by any row of the block, ascending,
+    then the others ascending (QList [B, Hq, NQB, C]); their count in QCount [B, Hq, NQB]."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    base = bh.to(tl.int64) * Tq * C
+    blk = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for r0 in range(0, BLOCK_M, SUB):
+        rows = qb * BLOCK_M + r0 + tl.arange(0, SUB)
+        m2 = (rows < Tq)[:, None] & cmask[None, :]
+        x = tl.load(Sel + base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m2, other=0)
+        blk = tl.maximum(blk, tl.max(x.to(tl.int32), axis=0))
+    cnt = tl.sum(blk, axis=0)
+    pos = tl.where(blk > 0, tl.cumsum(blk, axis=0) - 1, cnt + tl.cumsum(1 - blk, axis=0) - 1)
+    out = (bh.to(tl.int64) * NQB + qb)
+    tl.store(QList + out * C + pos, cols, mask=cmask)
+    tl.store(QCount + out, cnt)
+
 
 @triton.jit
 def _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C):
@@ -254,24 +309,41 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
 
 def moc_block_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int, group: int,
                     block_m: int, block_n: int):
-    """Block lists for the kernels (see the module docstring).
+    """Block lists for the kernels, in torch (see the module docstring; the forward builds the
+    query-side lists with :func:`_moc_qlist_kernel` instead, which gives the same lists).
 
     Returns ``qlist`` int32 [B, Hq, NQB, C] (ascending chunk ids, first ``qcount`` valid),
     ``qcount`` int32 [B, Hq, NQB], ``klist`` int32 [B, Hk, NKB, NQB] (query block ids) and
     ``kmeta`` int32 [B, Hk, NKB, 3] = (count, first chunk, last chunk + 1) per key block.
     """
     B, Hq, Tq, C = sel.shape
-    dev = sel.device
-    tk = int(bounds[-1])
-    nqb = triton.cdiv(max(Tq, 1), block_m)
-    nkb = triton.cdiv(max(tk, 1), block_n)
-    pad = nqb * block_m - Tq
-    selp = torch.nn.functional.pad(sel, (0, 0, 0, pad)) if pad else sel
-    blk = (selp.view(B, Hq, nqb, block_m, C) != 0).any(3)                    # [B, Hq, NQB, C]
-    ci = torch.arange(C, device=dev, dtype=torch.int32)
+    blk = _union_blocks(sel, block_m)
+    ci = torch.arange(C, device=sel.device, dtype=torch.int32)
     key = torch.where(blk, ci, ci + C)                                  # selected first, ascending
     qlist = torch.sort(key, dim=-1).values.to(torch.int32) % C
     qcount = blk.sum(-1).to(torch.int32)
+    return (qlist.contiguous(), qcount.contiguous(),
+            *_key_block_lists(blk, bounds, lim, prefix, group, block_m, block_n))
+
+
+def _union_blocks(sel: torch.Tensor, block_m: int) -> torch.Tensor:
+    """bool [B, Hq, NQB, C]: chunk c selected by some row of query block qb."""
+    B, Hq, Tq, C = sel.shape
+    nqb = triton.cdiv(max(Tq, 1), block_m)
+    pad = nqb * block_m - Tq
+    selp = torch.nn.functional.pad(sel, (0, 0, 0, pad)) if pad else sel
+    return (selp.view(B, Hq, nqb, block_m, C) != 0).any(3)
+
+
+def _key_block_lists(blk: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int, group: int,
+                     block_m: int, block_n: int):
+    """(klist, kmeta) of :func:`moc_block_lists` from the query-block unions ``blk``."""
+    B, Hq, nqb, C = blk.shape
+    dev = blk.device
+    tk = int(bounds[-1])
+    Tq = lim.numel()
+    nkb = triton.cdiv(max(tk, 1), block_n)
+    pad = nqb * block_m - Tq
     # chunk range [c_first, c_last] touching each key block
     kstart = torch.arange(nkb, device=dev) * block_n
     kend = torch.clamp(kstart + block_n, max=tk) - 1
@@ -293,14 +365,35 @@ def moc_block_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, 
     kcount = need.sum(-1).to(torch.int32)
     kmeta = torch.stack([kcount, c_first.to(torch.int32).expand_as(kcount),
                          (c_last + 1).to(torch.int32).expand_as(kcount)], -1).contiguous()
-    return qlist.contiguous(), qcount.contiguous(), klist, kmeta
+    return klist, kmeta
 
 
-def _prep(q, k, v, sel, bounds, lim, prefix):
+def _query_block_lists(sel: torch.Tensor, block_m: int):
+    """(qlist, qcount) of :func:`moc_block_lists` with one small Triton kernel."""
+    B, Hq, Tq, C = sel.shape
+    nqb = triton.cdiv(max(Tq, 1), block_m)
+    qlist = _alloc((B, Hq, nqb, C), torch.int32, sel.device)
+    qcount = _alloc((B, Hq, nqb), torch.int32, sel.device)
+    bc = triton.next_power_of_2(C)
+    sub = max(1, min(block_m, 4096 // bc))
+    _moc_qlist_kernel[(nqb, Hq, B)](sel, qlist, qcount, Tq, C, nqb, BLOCK_M=block_m, SUB=sub, BLOCK_C=bc,
+                                    num_warps=4)
+    return qlist, qcount
+
+
+def _prep(q, k, v, sel, bounds, lim, prefix, backward: bool = False):
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
     BD = _block_d(D)
     bm, bn, warps, stages = _blocks(BD)
-    lists = moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, bn)
+    C = sel.shape[-1]
+    if C == 0 or Tq == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
+        lists = moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, bn)
+    else:
+        lists = _query_block_lists(sel, bm)
+        if backward:
+            lists = (*lists, *_key_block_lists(_union_blocks(sel, bm), bounds, lim, prefix, Hq // Hk, bm, bn))
+        else:
+            lists = (*lists, None, None)
     return B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, lists
 
 
@@ -330,7 +423,7 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     do = do.to(q.dtype)
     B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, (qlist, qcount, klist, kmeta) = _prep(
-        q, k, v, sel, bounds, lim, prefix)
+        q, k, v, sel, bounds, lim, prefix, backward=True)
     dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
     dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
     dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
@@ -419,15 +512,49 @@ def _define_ops():
 _fwd_op, _bwd_op = _define_ops()
 
 
+#: chunk counts above this (next power of two) route with the torch selection instead of
+#: :func:`_moc_select_kernel` (one program holds a row tile x all chunks in registers)
+SELECT_MAX_C = 8192
+_ROUTE_KEYS = ("causal", "chunk_size", "top_k", "prefix", "boundaries", "drop_off", "drop_in", "seed")
+
+
+def moc_route(q: torch.Tensor, k: torch.Tensor, causal: bool = True, chunk_size: int = 64, top_k: int = 4,
+              prefix: int = 0, boundaries=None, drop_off: float = 0.0, drop_in: float = 0.0, seed: int = 0):
+    """The router on the GPU: chunk means and scores (torch: a segment sum and one matmul), then
+    :func:`_moc_select_kernel` for the candidates, top-k and own chunk. Returns
+    ``(sel uint8 [B, Hq, Tq, C], bounds int32 [C + 1], lim int32 [Tq], prefix)``, the same
+    selection as ``plugins.context.reference.moc_routing``. The training options (drop-off /
+    drop-in, drawn from a seeded CPU generator so every backend sees the same draws) take the
+    torch path, as do more than SELECT_MAX_C chunks."""
+    from ...plugins.context.reference import chunk_scores, moc_routing, routing_geometry
+    B, Tq, Hq, _ = q.shape
+    bounds, lim, own = routing_geometry(Tq, k.shape[1], causal, chunk_size, boundaries, q.device)
+    C = bounds.numel() - 1
+    if drop_off > 0 or drop_in > 0 or C == 0 or Tq == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
+        r = moc_routing(q, k, causal, chunk_size, top_k, prefix, boundaries, drop_off, drop_in, seed)
+        return _as_kernel_tensors(r)
+    scores = chunk_scores(q, k, bounds).float()
+    sel = _alloc(scores.shape, torch.uint8, q.device)
+    bc = triton.next_power_of_2(C)
+    br = max(1, min(64, 8192 // bc, triton.next_power_of_2(Tq)))
+    lim32, own32 = lim.to(torch.int32), own.to(torch.int32)
+    _moc_select_kernel[(triton.cdiv(Tq, br), Hq, B)](
+        scores, own32, lim32, sel, Tq, C, min(int(top_k), C), CAUSAL=bool(causal), BLOCK_R=br, BLOCK_C=bc,
+        num_warps=4)
+    return sel, bounds.to(torch.int32), lim32, int(prefix)
+
+
+def _as_kernel_tensors(routing):
+    sel = routing.sel.to(dtype=torch.uint8).contiguous()
+    return sel, routing.bounds.to(torch.int32).contiguous(), routing.lim.to(torch.int32).contiguous(), \
+        int(routing.prefix)
+
+
 def _routing_tensors(q, k, params, routing):
-    from ...plugins.context.reference import moc_routing
     if routing is None:
-        keys = ("causal", "chunk_size", "top_k", "prefix", "boundaries", "drop_off", "drop_in", "seed")
-        routing = moc_routing(q, k, **{n: params[n] for n in keys if n in params})
-    sel = routing.sel.to(device=q.device, dtype=torch.uint8).contiguous()
-    bounds = routing.bounds.to(device=q.device, dtype=torch.int32).contiguous()
-    lim = routing.lim.to(device=q.device, dtype=torch.int32).contiguous()
-    return sel, bounds, lim, int(routing.prefix)
+        return moc_route(q, k, **{n: params[n] for n in _ROUTE_KEYS if n in params})
+    sel, bounds, lim, prefix = _as_kernel_tensors(routing)
+    return sel.to(q.device), bounds.to(q.device), lim.to(q.device), prefix
 
 
 def moc_attention_fwd(q, k, v, scale=None, routing=None, **params):

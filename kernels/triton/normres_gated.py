@@ -42,7 +42,8 @@ FWD_TILE = 4096          # elements per forward program
 BWD_TILE = 2048          # elements per backward row tile (5 fp32 accumulators of this size)
 MAX_BLOCK_N = 1024       # column block
 BWD_PROGRAMS_PER_SM = 4
-LOG2E = 1.4426950408889634
+BWD_STAGES = 1           # software-pipelining depth of the persistent row-tile loop
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -273,7 +274,7 @@ def _bwd(dy, dh, hx, delta, weight, alpha, gate, gate_w, mode: int, need: list[b
             HAS_DH=dh is not None, HAS_W=weight is not None, MODE=mode,
             HAS_GW=gate_w is not None, ADD_D=mode == 0 and delta is not None, NEED_DW=need[0], NEED_DB=need[1], NEED_DA=need[2],
             NEED_DG=need[3], NEED_DGW=need[4], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-            num_stages=1)
+            num_stages=BWD_STAGES)
     grads = []
     for i, p in enumerate(parts):
         if p is None:

@@ -106,15 +106,52 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def chunk_descriptors(k: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Mean key of each chunk: [B, C, Hk, D] in fp32 (fp64 for fp64 inputs)."""
+    """Mean key of each chunk: [B, C, Hk, D] in fp32 (fp64 for fp64 inputs).
+
+    Deterministic on every device (no atomics: the routing is a discrete function of these
+    means, so a run-to-run wobble in the last bit would flip near-tied choices): equal chunks
+    are one reshape + sum, other boundaries one ``segment_reduce``."""
     kf = k.detach().to(_acc_dtype(k.dtype))
-    c = bounds.numel() - 1
-    # segment sums with one index_add (deterministic on the CPU)
-    chunk_of = torch.bucketize(torch.arange(kf.shape[1], device=kf.device), bounds[1:].to(kf.device), right=True)
-    sums = torch.zeros((kf.shape[0], c, *kf.shape[2:]), dtype=kf.dtype, device=kf.device)
-    sums.index_add_(1, chunk_of, kf)
-    lens = (bounds[1:] - bounds[:-1]).to(device=kf.device, dtype=kf.dtype)
-    return sums / lens[None, :, None, None]
+    b, t = kf.shape[:2]
+    lens = (bounds[1:] - bounds[:-1]).to(kf.device)
+    c = lens.numel()
+    size = int(lens[0]) if c else 0
+    if c and bool((lens[:-1] == size).all()) and int(lens[-1]) <= size:
+        full = c - 1 if int(lens[-1]) < size else c
+        parts = [kf[:, :full * size].reshape(b, full, size, *kf.shape[2:]).sum(2)]
+        if full < c:
+            parts.append(kf[:, full * size:].sum(1, keepdim=True))
+        sums = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    else:
+        sums = torch.segment_reduce(kf, "sum", lengths=lens.expand(b, c).contiguous(), axis=1)
+    return sums / lens.to(kf.dtype)[None, :, None, None]
+
+
+@torch.no_grad()
+def routing_geometry(tq: int, tk: int, causal: bool, chunk_size: int, boundaries, device):
+    """Chunk bounds and per-row facts that do not depend on the data: ``bounds`` [C + 1],
+    ``lim`` [Tq] (exclusive key limit) and ``own`` [Tq] (own chunk, -1 for a row without keys)."""
+    if boundaries is not None and hasattr(boundaries, "tolist"):
+        boundaries = boundaries.tolist()
+    bounds = torch.tensor(chunk_bounds(tk, chunk_size, boundaries), dtype=torch.long, device=device)
+    pos = torch.arange(tq, device=device) + (tk - tq)
+    if causal:
+        lim = torch.clamp(pos + 1, 0, tk)
+    else:
+        lim = torch.full((tq,), tk, dtype=torch.long, device=device)
+    inside = (pos >= 0) & (pos < tk)
+    own = torch.where(inside, torch.bucketize(pos.clamp(0, max(tk - 1, 0)), bounds[1:], right=True),
+                      torch.full_like(pos, -1))
+    if causal:
+        own = torch.where(lim > 0, own, torch.full_like(own, -1))
+    return bounds, lim, own
+
+
+@torch.no_grad()
+def chunk_scores(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Router scores ``q_i . desc_c`` per head: fp32 (fp64 for fp64 inputs) [B, Hq, Tq, C]."""
+    desc = expand_kv(chunk_descriptors(k, bounds), q.shape[2])           # [B, C, Hq, D]
+    return torch.einsum("bthd,bchd->bhtc", q.detach().to(desc.dtype), desc).contiguous()
 
 
 @torch.no_grad()
@@ -125,20 +162,8 @@ def moc_routing(q: torch.Tensor, k: torch.Tensor, causal: bool = True, chunk_siz
     b, tq, hq, d = q.shape
     tk = k.shape[1]
     dev = q.device
-    if boundaries is not None and hasattr(boundaries, "tolist"):
-        boundaries = boundaries.tolist()
-    bounds = torch.tensor(chunk_bounds(tk, chunk_size, boundaries), dtype=torch.long, device=dev)
+    bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, dev)
     c = bounds.numel() - 1
-    pos = torch.arange(tq, device=dev) + (tk - tq)
-    if causal:
-        lim = torch.clamp(pos + 1, 0, tk)
-    else:
-        lim = torch.full((tq,), tk, dtype=torch.long, device=dev)
-    inside = (pos >= 0) & (pos < tk)
-    own = torch.where(inside, torch.bucketize(pos.clamp(0, max(tk - 1, 0)), bounds[1:], right=True),
-                      torch.full_like(pos, -1))
-    if causal:
-        own = torch.where(lim > 0, own, torch.full_like(own, -1))
     if c == 0 or tq == 0:
         sel = torch.zeros((b, hq, tq, max(c, 0)), dtype=torch.bool, device=dev)
         return MoCRouting(bounds, own, sel, lim, int(prefix), bool(causal))
@@ -148,10 +173,7 @@ def moc_routing(q: torch.Tensor, k: torch.Tensor, causal: bool = True, chunk_siz
         cand = (ci[None, :] < own[:, None]) & (lim[:, None] > 0)
     else:
         cand = ci[None, :] != own[:, None]
-    desc = chunk_descriptors(k, bounds)                                  # [B, C, Hk, D]
-    desc = expand_kv(desc, hq)                                           # [B, C, Hq, D]
-    qf = q.detach().to(desc.dtype)
-    scores = torch.einsum("bthd,bchd->bhtc", qf, desc).contiguous()     # [B, Hq, Tq, C]
+    scores = chunk_scores(q, k, bounds)                                  # [B, Hq, Tq, C]
     scores.masked_fill_(~cand, float("-inf"))
     kk = min(int(top_k), c)
     if kk > 0:
