@@ -24,12 +24,12 @@ from .context import BuildContext, Context
 from .spec import BlockSpec, ComponentRef, ModelSpec, load_spec
 
 
-def _make(ref: ComponentRef, ctx: BuildContext, slot: str) -> nn.Module:
+def _make(ref: ComponentRef, ctx: BuildContext, slot: str, role: str = "") -> nn.Module:
     comp = get_registry().component(ref.type)
     if comp.module is None:
         raise TypeError(f"component {ref.type!r} has no module factory; it can only be used as an op")
     backend = ref.backend or ctx.backend
-    local = BuildContext(**{**ctx.__dict__, "backend": backend})
+    local = BuildContext(**{**ctx.__dict__, "backend": backend, "role": role})
     module = comp.module(local, comp.params(**ref.params))
     module.component_id = ref.type
     return module
@@ -38,9 +38,9 @@ def _make(ref: ComponentRef, ctx: BuildContext, slot: str) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, ctx: BuildContext, spec: BlockSpec) -> None:
         super().__init__()
-        self.norm1 = _make(spec.normres, ctx, "normres")
+        self.norm1 = _make(spec.normres, ctx, "normres", role="mixer")
         self.mixer = _make(spec.mixer, ctx, "mixer")
-        self.norm2 = _make(spec.normres, ctx, "normres")
+        self.norm2 = _make(spec.normres, ctx, "normres", role="mlp")
         self.mlp = _make(spec.mlp, ctx, "mlp")
 
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, context: Context):
@@ -68,7 +68,7 @@ class DecoderLM(nn.Module):
                 rope_base=m.rope_base)
             blocks.append(Block(ctx, spec.layer_block(i)))
         self.blocks = nn.ModuleList(blocks)
-        self.final_norm = _make(spec.layer_block(m.n_layers - 1).normres, ctx, "normres")
+        self.final_norm = _make(spec.layer_block(m.n_layers - 1).normres, ctx, "normres", role="final")
         self.head = nn.Linear(m.d_model, m.vocab, bias=False)
         if m.tie_embeddings:
             self.head.weight = self.embed.weight

@@ -25,6 +25,9 @@ class BuildContext:
     training: bool = True
     rope: bool = True
     rope_base: float = 10000.0
+    #: where a normres module sits: "mixer" (before the sequence mixer), "mlp" (before the
+    #: MLP) or "final" (before the head); "" for other slots
+    role: str = ""
 
     @property
     def head_dim(self) -> int:

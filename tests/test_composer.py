@@ -81,3 +81,22 @@ def test_tiny_model_learns_a_repeating_pattern(backend):
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.25 * first, (first, loss.item())
+
+
+def test_dyt_agu_alpha_init_per_position():
+    """alpha_init_mixer / _mlp / _final set the learned alpha of the norm before the mixer, before
+    the MLP and before the head; unset positions keep alpha_init."""
+    spec = """
+name: alpha-positions
+model: {d_model: 32, n_heads: 4, n_layers: 2, max_seq: 64, backend: reference}
+block:
+  mixer: {type: attention.dense}
+  normres: {type: %s, params: {alpha_init: 3.0, alpha_init_mixer: 20.0, alpha_init_final: 1.5}}
+  mlp: {type: mlp.swiglu}
+"""
+    for comp in ("normres.dyt", "normres.agu"):
+        model = blockzoo.build(spec % comp)
+        alphas = {n: p.item() for n, p in model.named_parameters() if n.endswith("alpha")}
+        assert alphas == {"blocks.0.norm1.alpha": 20.0, "blocks.0.norm2.alpha": 3.0,
+                          "blocks.1.norm1.alpha": 20.0, "blocks.1.norm2.alpha": 3.0,
+                          "final_norm.alpha": 1.5}, (comp, alphas)

@@ -39,7 +39,8 @@ class GatedDyT(nn.Module):
     dyt: h_new = h + delta, normed = w * tanh(alpha * h_new) + b (``position: post``: the
     normed output is also the stream). agu: h_new = g * h + (1 - g) * delta (variant gate_dyt)
     or h + g * delta (scale_dyt) with g = sigmoid(gate [+ gate_w * h]) per channel, then the
-    same squash. alpha is one learned scalar per module.
+    same squash. alpha is one learned scalar per module, initialised per position
+    (``alpha_init_mixer`` / ``alpha_init_mlp`` / ``alpha_init_final``, else ``alpha_init``).
     """
 
     def __init__(self, ctx: BuildContext, component_id: str, params, gated: bool) -> None:
@@ -48,7 +49,7 @@ class GatedDyT(nn.Module):
         d = ctx.d_model
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
-        self.alpha = nn.Parameter(torch.full((1,), float(params.alpha_init)))
+        self.alpha = nn.Parameter(torch.full((1,), params.alpha_for(ctx.role)))
         self.gate = nn.Parameter(torch.full((d,), float(params.gate_init))) if gated else None
         self.gate_w = nn.Parameter(torch.zeros(d)) if gated and params.gate == "input" else None
         self.op = BoundOp(component_id, params, ctx.backend)

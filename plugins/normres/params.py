@@ -16,7 +16,21 @@ class RMSNormParams(LayerNormParams):
     eps: float = Field(1e-6, gt=0, description="added to the mean square")
 
 
-class DyTParams(BaseModel):
+class _PerPositionAlpha(BaseModel):
+    """alpha's initial value per position in the block (the DyT paper tunes the norm before
+    attention apart from the others in LLMs); unset ones use ``alpha_init``."""
+    alpha_init_mixer: float | None = Field(
+        None, gt=0, description="alpha_init of the norm before the sequence mixer (attention)")
+    alpha_init_mlp: float | None = Field(None, gt=0, description="alpha_init of the norm before the MLP")
+    alpha_init_final: float | None = Field(None, gt=0, description="alpha_init of the final norm")
+
+    def alpha_for(self, role: str) -> float:
+        """Initial alpha of a module at ``role`` ("mixer", "mlp", "final"; anything else: alpha_init)."""
+        value = getattr(self, f"alpha_init_{role}", None) if role else None
+        return float(self.alpha_init if value is None else value)
+
+
+class DyTParams(_PerPositionAlpha):
     """normres.dyt (Zhu et al., CVPR 2025): y = w * tanh(alpha * h) + b, h = x + delta."""
     model_config = ConfigDict(extra="forbid")
     alpha_init: float = Field(0.5, gt=0, description="initial value of the learned scalar alpha "
@@ -25,7 +39,7 @@ class DyTParams(BaseModel):
         "pre", description="pre-norm (x + F(dyt(x))) or post-norm (dyt(x + F(x)))")
 
 
-class AGUParams(BaseModel):
+class AGUParams(_PerPositionAlpha):
     """normres.agu (our definition, see docs/components/agu.md): a learned per-channel sigmoid
     gate replaces the residual add, a DyT squash replaces the norm; one elementwise pass."""
     model_config = ConfigDict(extra="forbid")
