@@ -61,6 +61,8 @@ def _blocks(block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M query rows, BLOCK_N key step, num_warps, num_stages); untuned (no GPU yet)."""
     if _interpreting():
         return BLOCKS.get("interp", (16, 16, 4, 1))
+    if "cuda" in BLOCKS:   # tuning scripts (bench/moc_tune.py) set this
+        return BLOCKS["cuda"]
     if block_d <= 64:
         return (64, 64, 4, 3)
     if block_d <= 128:
@@ -68,7 +70,8 @@ def _blocks(block_d: int) -> tuple[int, int, int, int]:
     return (32, 32, 4, 1)
 
 
-#: tests may set BLOCKS["interp"] = (BM, BN, warps, stages) to exercise other tilings
+#: tests may set BLOCKS["interp"] = (BM, BN, warps, stages) to exercise other tilings, tuning
+#: scripts BLOCKS["cuda"]
 BLOCKS: dict = {}
 
 
