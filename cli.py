@@ -169,6 +169,8 @@ def cmd_bench(args) -> int:
         if r.get("pct_of_copy") is not None:
             rate += f" ({r['pct_of_copy']:.0f}% copy)"
         sp = ", ".join(f"{k} {v:.2f}x" for k, v in (r.get("speedup") or {}).items())
+        if r.get("accuracy"):
+            sp += ("; " if sp else "") + ", ".join(f"{k} {v:.4g}" for k, v in r["accuracy"].items())
         ms = f"{r['ms']:.3f}" if r["ms"] else f"[dim]{(r['error'] or '')[:60]}[/dim]"
         t.add_row(r["component"], r["case"], r["dtype"], r["mode"], r["impl"], ms, rate, sp)
     con.print(t)
@@ -183,13 +185,17 @@ def cmd_bench(args) -> int:
 def cmd_sweep(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from .core.executors import make_executor
     from .core.report import render
     from .core.runner import Runner
     from .core.sweep import load_sweep
     sweep = load_sweep(args.sweep, device=args.device)  # raises SpecError before anything is written
+    executor = make_executor(args.executor, workers=args.workers, address=args.address,
+                             cpus=args.cpus_per_trial, gpus=args.gpus_per_trial)
     out = Path(args.out or Path("runs") / sweep.file.name)
     con = _console()
-    con.print(f"sweep [bold]{sweep.file.name}[/bold]: {len(sweep.trials)} trials -> {out}")
+    con.print(f"sweep [bold]{sweep.file.name}[/bold]: {len(sweep.trials)} trials -> {out}"
+              + (f" (executor {executor.name})" if executor.name != "local" else ""))
     tally = {"ok": 0, "skipped": 0, "failed": 0, "already_done": 0}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("[green]{task.fields[ok]} done[/green] [yellow]{task.fields[skipped]} skipped[/yellow] "
@@ -207,7 +213,7 @@ def cmd_sweep(args) -> int:
             if kind == "failed":
                 first = (result.get("reason") or "").strip().splitlines()
                 bar.console.print(f"[red]failed[/red] {trial.label}: {first[0] if first else ''}")
-        counts = Runner(sweep, out, workers=args.workers, on_event=on_event).run()
+        counts = Runner(sweep, out, workers=args.workers, on_event=on_event, executor=executor).run()
     ran = counts["ok"] + counts["failed"] + counts["skipped"]
     if ran == 0:
         con.print(f"nothing to do: all {counts['already_done']} trials are already in {out}")
@@ -269,7 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sweep", nargs="?", help="sweep YAML (omit for the bundled default sweep)")
     s.add_argument("--out", help="output folder (default runs/<sweep name>); rerunning resumes")
     s.add_argument("--device", help="run every trial on this device (cpu, cuda)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes (trials in parallel)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes (trials in parallel) of the local executor; with --executor ray, "
+                        "Ray's free resources decide")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where trials run: worker processes here (default) or one Ray task per trial")
+    s.add_argument("--address", help="Ray cluster address (--executor ray): auto, HOST:PORT or ray://HOST:PORT; "
+                                     "default $RAY_ADDRESS, else a Ray started here")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each Ray task asks for (default 1)")
+    s.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs each Ray task asks for: 1 = one trial per GPU, 0.5 = two per GPU (default 0)")
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("report", help="re-render report.md, report.html and pareto.png of a sweep folder")

@@ -121,6 +121,9 @@ def run_bench(components=None, backends=None, device: str = "cpu", dtypes=None, 
                 ms = median_ms(_runner(fn, tensors, kwargs, mode), device)
                 this_cost = {"bytes": 2 * math.prod(shapes["x"])} if name == "copy" else cost
                 rows.append(_row(comp.id, case, dtype, mode, name, kind, ms, this_cost, elt))
+                if comp.accuracy is not None and mode == "fwd" and kind == "backend":
+                    with torch.no_grad():
+                        rows[-1]["accuracy"] = comp.accuracy(fn, tensors, kwargs)
             except Exception as exc:  # noqa: BLE001 - one failing impl must not end the bench
                 rows.append(_row(comp.id, case, dtype, mode, name, kind, None, cost, elt,
                                  error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import get_registry
-from .context import BuildContext, Context
-from .spec import BlockSpec, ComponentRef, ModelSpec, load_spec
+from .context import BuildContext, Context, DepthStream
+from .spec import BlockSpec, ComponentRef, DepthSpec, ModelSpec, load_spec
 
 
 def _make(ref: ComponentRef, ctx: BuildContext, slot: str, role: str = "") -> nn.Module:
@@ -36,17 +36,36 @@ def _make(ref: ComponentRef, ctx: BuildContext, slot: str, role: str = "") -> nn
 
 
 class Block(nn.Module):
-    def __init__(self, ctx: BuildContext, spec: BlockSpec) -> None:
+    """Pre-norm (above) or, with ``post_norm``, ``h = norm1(h + mixer(h)); h = norm2(h + mlp(h))``.
+    ``mlp_writer``: append a depth K,V from the MLP input to the depth stream (depth.moda)."""
+
+    def __init__(self, ctx: BuildContext, spec: BlockSpec, post_norm: bool = False,
+                 mlp_writer: bool = False) -> None:
         super().__init__()
         self.norm1 = _make(spec.normres, ctx, "normres", role="mixer")
         self.mixer = _make(spec.mixer, ctx, "mixer")
         self.norm2 = _make(spec.normres, ctx, "normres", role="mlp")
         self.mlp = _make(spec.mlp, ctx, "mlp")
+        self.post_norm = post_norm
+        self.depth_writer = None
+        if mlp_writer:
+            from ..plugins.depth.module import DepthWriter
+            self.depth_writer = DepthWriter(ctx)
+
+    def _write_depth(self, n: torch.Tensor, context: Context) -> None:
+        if self.depth_writer is not None and "depth_kv" in context.state:
+            self.depth_writer(n, context)
 
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, context: Context):
+        if self.post_norm:
+            h, _ = self.norm1(h, self.mixer(h, context))
+            self._write_depth(h, context)
+            h, _ = self.norm2(h, self.mlp(h, context))
+            return h, None
         n, h = self.norm1(h, pending)
         a = self.mixer(n, context)
         n, h = self.norm2(h, a)
+        self._write_depth(n, context)
         return h, self.mlp(n, context)
 
 
@@ -66,8 +85,12 @@ class DecoderLM(nn.Module):
                 max_seq=m.max_seq, layer=i, n_layers=m.n_layers, backend=m.backend,
                 device=torch.device(device).type, dtype=dtype, training=training, rope=m.rope,
                 rope_base=m.rope_base)
-            blocks.append(Block(ctx, spec.layer_block(i)))
+            blocks.append(Block(ctx, spec.layer_block(i), post_norm=m.norm_position == "post",
+                                mlp_writer=spec.depth is not None and spec.depth.mlp_writers))
         self.blocks = nn.ModuleList(blocks)
+        # depth KV stream: when a mixer reads it (depth.moda) or the spec configures it
+        reads = any(getattr(b.mixer, "reads_depth", False) for b in blocks)
+        self.depth = spec.depth or (DepthSpec() if reads else None)
         self.final_norm = _make(spec.layer_block(m.n_layers - 1).normres, ctx, "normres", role="final")
         self.head = nn.Linear(m.d_model, m.vocab, bias=False)
         if m.tie_embeddings:
@@ -77,6 +100,8 @@ class DecoderLM(nn.Module):
         context = context or Context()
         if context.positions is None:
             context.positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if self.depth is not None:
+            context.state["depth_kv"] = DepthStream(self.depth.attention_writers, self.depth.mlp_writers)
         h = self.embed(tokens)
         pending = None
         for i, block in enumerate(self.blocks):
@@ -122,5 +147,8 @@ def build(spec: Any, *, device: str | None = None, dtype: str | torch.dtype | No
     dev = spec.model.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"spec {spec.name!r} asks for device {dev!r} but no CUDA device is available")
+    if spec.model.kind == "flow":  # kind: flow -> core/flow_model.py (FlowModel or AIFModel)
+        from .flow_model import build_flow
+        return build_flow(spec, dev, torch_dtype, training).to(device=dev, dtype=torch_dtype)
     model = DecoderLM(spec, dev, torch_dtype, training)
     return model.to(device=dev, dtype=torch_dtype)

@@ -47,3 +47,38 @@ class Context:
     state: dict[str, Any] = field(default_factory=dict)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     layer: int = 0
+
+
+@dataclass
+class DepthStream:
+    """MoDA's depth KV stream (``Context.state["depth_kv"]``), fresh for every forward pass.
+
+    Writers append one K,V pair per token, each [B, T, Hk, D]: every attention layer (if
+    ``attention_writers``) after its own attention, and the block's MLP writer (if
+    ``mlp_writers``) from light projections of the MLP input. A ``depth.moda`` layer reads all
+    slots written so far as token-major [B, T*S, Hk, D] (slot order = write order).
+    """
+
+    attention_writers: bool = True
+    mlp_writers: bool = False
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def slots(self) -> int:
+        return len(self.keys)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys.append(k)
+        self.values.append(v)
+
+    def read(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(depth_k, depth_v) [B, T*S, Hk, D]; S = 0 gives empty tensors shaped after ``like``
+        (a [B, T, Hk, D] key tensor)."""
+        b, t, hk, d = like.shape
+        if not self.keys:
+            e = like.new_empty((b, 0, hk, d))
+            return e, e
+        dk = torch.stack(self.keys, dim=2).reshape(b, t * len(self.keys), hk, d)
+        dv = torch.stack(self.values, dim=2).reshape(b, t * len(self.values), hk, d)
+        return dk, dv

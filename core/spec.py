@@ -60,7 +60,7 @@ class ComponentRef(Strict):
 
 
 class ModelConfig(Strict):
-    kind: Literal["decoder"] = "decoder"
+    kind: Literal["decoder", "flow"] = Field("decoder", description="decoder LM, or a flow (needs a 'flow' section)")
     vocab: int = Field(256, ge=2, description="vocabulary size (256 = bytes)")
     d_model: int = Field(128, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -73,6 +73,17 @@ class ModelConfig(Strict):
     rope: bool = True
     rope_base: float = Field(10000.0, gt=0)
     tie_embeddings: bool = True
+    norm_position: Literal["pre", "post"] = Field(
+        "pre", description="pre: norm before each sublayer (residual stream unnormalised); post: "
+                           "h = norm(h + sublayer(h)) (found better with depth.moda)")
+
+
+class DepthSpec(Strict):
+    """The depth KV stream read by ``depth.moda`` layers (``Context.state["depth_kv"]``)."""
+
+    attention_writers: bool = Field(True, description="every attention layer appends its K,V per token")
+    mlp_writers: bool = Field(False, description="every MLP sublayer appends a K,V from light projections "
+                                                 "of its input")
 
 
 class BlockSpec(Strict):
@@ -95,6 +106,13 @@ class WorkloadSpec(Strict):
     seed: int = 0
 
 
+class FlowSpec(Strict):
+    dim: int = Field(64, ge=1, description="data dimensions D (inputs are [B, D])")
+    base: Literal["normal"] = Field("normal", description="base distribution of the latent z")
+    repeat: int = Field(1, ge=1, description="apply the layers list this many times (fresh parameters each)")
+    layers: list[ComponentRef] = Field(min_length=1, description="flow.* components, data side first")
+
+
 class ModelSpec(Strict):
     name: str = "unnamed"
     description: str = ""
@@ -102,6 +120,9 @@ class ModelSpec(Strict):
     block: BlockSpec = Field(default_factory=BlockSpec)
     layers: list[LayerOverride] = Field(default_factory=list)
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    flow: FlowSpec | None = Field(None, description="model.kind: flow only: the flow layers")
+    depth: DepthSpec | None = Field(None, description="depth KV stream options (default when a layer uses "
+                                                      "depth.moda: attention writers on, MLP writers off)")
 
     @model_validator(mode="after")
     def _default_seq(self) -> ModelSpec:
@@ -135,11 +156,26 @@ class ModelSpec(Strict):
             comp = reg.components.get(ref["type"])
             if comp is not None:
                 ref["params"] = comp.params(**ref["params"]).model_dump(mode="json")
+        if data.get("flow") is None:
+            data.pop("flow", None)  # decoder specs: canonical form (and hash) as before flows existed
+        for ref in (data.get("flow") or {}).get("layers", []):
+            fill(ref)
         for slot in ("mixer", "normres", "mlp"):
             fill(data["block"][slot])
             for ov in data["layers"]:
                 fill(ov.get(slot))
+        # depth options came later: left out at their defaults so existing specs keep their hash
+        if data.get("depth") is None:
+            data.pop("depth", None)
+        if data["model"].get("norm_position") == "pre":
+            data["model"].pop("norm_position")
         return data
+
+    def depth_slots(self, layer: int) -> int:
+        """Depth slots a ``depth.moda`` layer at ``layer`` reads (cost model): one per earlier
+        layer and writer kind (every earlier mixer counted as an attention writer)."""
+        d = self.depth or DepthSpec()
+        return layer * (int(d.attention_writers) + int(d.mlp_writers))
 
     def canonical_json(self) -> str:
         return json.dumps(self.expanded(), sort_keys=True, separators=(",", ":"))
@@ -219,6 +255,8 @@ def _component_issues(spec: ModelSpec, src: YamlSource | None) -> list[SpecIssue
                                                    for s in ("mixer", "normres", "mlp")]
     for i, ov in enumerate(spec.layers):
         refs += [(("layers", i, s), s, getattr(ov, s)) for s in ("mixer", "normres", "mlp") if getattr(ov, s)]
+    if spec.model.kind == "flow" and spec.flow is not None:
+        refs = [(("flow", "layers", i), "flow", ref) for i, ref in enumerate(spec.flow.layers)]
 
     def at(path, key=False):
         return src.where(path, key=key) if src else None
@@ -272,6 +310,11 @@ def _cross_issues(spec: ModelSpec, src: YamlSource | None) -> list[SpecIssue]:
         for j in [ov.at] if isinstance(ov.at, int) else ov.at:
             if not -m.n_layers <= j < m.n_layers:
                 add(("layers", i, "at"), f"layer index {j} out of range for n_layers={m.n_layers}")
+    from .flow_model import flow_issues
+    issues.extend(flow_issues(spec, src))
+    if spec.depth is not None and not (spec.depth.attention_writers or spec.depth.mlp_writers):
+        add(("depth",), "depth: attention_writers and mlp_writers are both false, so depth.moda layers "
+                        "would read no depth slots; turn one on or remove the depth section")
     if spec.workload.seq > m.max_seq:
         add(("workload", "seq"), f"workload seq {spec.workload.seq} exceeds model.max_seq {m.max_seq}")
     return issues
@@ -321,8 +364,9 @@ def json_schema() -> dict[str, Any]:
     schema = ModelSpec.model_json_schema()
     reg = get_registry()
     variants = []
+    defs = schema.setdefault("$defs", {})
     for cid, comp in sorted(reg.components.items()):
-        p = comp.params.model_json_schema()
+        p = _params_schema(cid, comp.params, defs)
         variants.append({
             "type": "object", "additionalProperties": False, "required": ["type"],
             "properties": {"type": {"const": cid, "description": comp.doc},
@@ -330,5 +374,29 @@ def json_schema() -> dict[str, Any]:
                            "backend": {"type": ["string", "null"],
                                        "enum": [None, "auto", *sorted(reg.backends.get(cid, {}))]}},
         })
-    schema.setdefault("$defs", {})["ComponentRef"] = {"oneOf": variants, "title": "ComponentRef"}
+    defs["ComponentRef"] = {"oneOf": variants, "title": "ComponentRef"}
     return schema
+
+
+def _params_schema(cid: str, model: type[BaseModel], defs: dict[str, Any]) -> dict[str, Any]:
+    """A params model's schema under field names (what expanded specs hold), its aliases accepted
+    too, and its own ``$defs`` moved to the root under ``<cid>.<name>`` (refs are root-relative)."""
+    p = model.model_json_schema(by_alias=False)
+    local = p.pop("$defs", {})
+    prefix = f"{cid}."
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (f"#/$defs/{prefix}{v.rsplit('/', 1)[-1]}" if k == "$ref" and isinstance(v, str)
+                        and v.startswith("#/$defs/") else rewrite(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+    for name, sub in local.items():
+        defs[prefix + name] = rewrite(sub)
+    p = rewrite(p)
+    props = p.get("properties", {})
+    for name, field in model.model_fields.items():
+        if field.alias and field.alias != name and name in props:
+            props[field.alias] = {**props[name], "description": f"alias of {name!r}"}
+    return p

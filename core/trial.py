@@ -37,7 +37,8 @@ def attention_cost(spec: ModelSpec, seq: int) -> dict[str, float]:
         params = comp.params(**ref.params)
         shapes = (("q", (1, seq, ctx.n_heads, ctx.head_dim)), ("k", (1, seq, ctx.n_kv_heads, ctx.head_dim)),
                   ("v", (1, seq, ctx.n_kv_heads, ctx.head_dim)))
-        inputs = Inputs(device="cpu", dtype=ctx.dtype, head_dim=ctx.head_dim, shapes=shapes)
+        inputs = Inputs(device="cpu", dtype=ctx.dtype, head_dim=ctx.head_dim, shapes=shapes,
+                        extras=(("depth_slots", spec.depth_slots(i)),))  # read by depth.moda
         d = dense.flops(inputs, dense.params(causal=True))
         dense_flops += d
         flops += comp.flops(inputs, params) if comp.flops else d
@@ -83,6 +84,9 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         except BackendUnavailable as exc:
             return {"status": "skipped", "reason": str(exc), "metrics": {}, "backends": "",
                     "compute_s": time.perf_counter() - t0}
+        if spec.model.kind == "flow":  # flows: their own measurements (core/flow_model.py)
+            from .flow_model import run_flow_trial
+            return run_flow_trial(spec, model, job, t0)
         backends = sorted({f"{r['component']}:{r['backend']}" for r in model.backends()})
         dev = spec.model.device
         wl = spec.workload

@@ -30,6 +30,9 @@ BUILTIN_PLUGINS = (
     "blockzoo.plugins.normres.plugin",
     "blockzoo.plugins.mlp.plugin",
     "blockzoo.plugins.context.plugin",
+    "blockzoo.plugins.precision.plugin",
+    "blockzoo.plugins.flow.plugin",
+    "blockzoo.plugins.depth.plugin",
     "blockzoo.core.tasks",
 )
 

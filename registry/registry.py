@@ -60,6 +60,13 @@ class Component:
     eager); cost: ``(shapes, params, mode) -> {"flops": ..} or {"bytes": ..}`` for rates.
     kv_bytes: ``(BuildContext, params, seq) -> bytes`` a mixer keeps for decoding one sequence
     of ``seq`` tokens (default for mixers: the dense cache, 2 * seq * kv_heads * head_dim).
+    tolerance: optional ``(dtype, kind, backend, device) -> Tolerance | None`` overriding the
+    conformance tolerance table for this component (None: the table). For components whose
+    reference emulates a rounding (quantised ops), where the table's bounds for smooth ops do
+    not apply; the component's docs must justify the values.
+    accuracy: optional ``(fn, tensors, kwargs) -> {metric: value}`` for approximate ops:
+    ``blockzoo bench`` calls it for each backend's forward and reports the metrics (e.g. cosine
+    similarity, relative L1, RMSE vs fp32 attention) beside the times.
     """
 
     id: str
@@ -74,6 +81,8 @@ class Component:
     baselines: Callable[[str], dict[str, Callable[..., Any]]] | None = None
     cost: Callable[[dict[str, tuple[int, ...]], Any, str], dict[str, float]] | None = None
     kv_bytes: Callable[[Any, Any, int], float] | None = None
+    tolerance: Callable[..., Any] | None = None
+    accuracy: Callable[..., dict[str, float]] | None = None
     doc: str = ""
     source: str = ""
     owner: str = ""

@@ -4,7 +4,9 @@ the conformance check that every backend of every component must pass (also for 
 from .compare import CloseReport, assert_close, compare
 from .conformance import ConformanceCase, check, matrix
 from .inputs import make_inputs
+from .pytest_plugin import conformance_tests
+from .spec_check import spec_round_trip
 from .tolerances import Tolerance, tolerance
 
 __all__ = ["CloseReport", "ConformanceCase", "Tolerance", "assert_close", "check", "compare",
-           "make_inputs", "matrix", "tolerance"]
+           "conformance_tests", "make_inputs", "matrix", "spec_round_trip", "tolerance"]

@@ -3,6 +3,8 @@
 Used by the project's generated matrix (``tests/test_matrix.py``) and by plugin authors.
 For each (component, backend, case, dtype): fresh random inputs rounded to ``dtype``; the oracle
 is the component's ``reference`` backend on the same values upcast to fp32 (fp64 for fp64);
+a component may supply its own tolerance (``Component.tolerance``: quantised ops whose reference
+emulates the rounding, so the oracle is the quantised reference, not fp32 attention);
 the backend runs with NaN-poisoned output allocation; outputs and the gradients of every input
 (for a random cotangent, also rounded to ``dtype``) are compared with the tolerance table.
 """
@@ -80,6 +82,15 @@ def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def _tolerance(comp, dtype: torch.dtype, kind: str, backend: str, device: str):
+    """The component's own tolerance (quantised ops) where it gives one, else the table."""
+    if comp.tolerance is not None:
+        tol = comp.tolerance(dtype, kind, backend, device)
+        if tol is not None:
+            return tol
+    return tolerance(dtype, kind, backend, device)
+
+
 def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
     """Run one conformance case; raises AssertionError with every report on a mismatch."""
     seed = fresh_seed() if seed is None else seed
@@ -104,7 +115,7 @@ def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         if a.dtype != cc.dtype:
             raise AssertionError(f"output {i} has dtype {a.dtype}, expected {cc.dtype} {where}")
-        reports.append(compare(a, e, tolerance(cc.dtype, "fwd", cc.backend, cc.device), f"out[{i}]"))
+        reports.append(compare(a, e, _tolerance(comp, cc.dtype, "fwd", cc.backend, cc.device), f"out[{i}]"))
 
     grad_names = [k for k, t in inputs.items() if t is not None and t.requires_grad]
     if grad_ok and grad_names:
@@ -121,7 +132,7 @@ def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
                                      f"reference {'None' if w is None else 'a tensor'} {where}")
             if g.dtype != inputs[name].dtype:
                 raise AssertionError(f"grad of {name} has dtype {g.dtype}, expected {inputs[name].dtype} {where}")
-            reports.append(compare(g, w, tolerance(cc.dtype, "grad", cc.backend, cc.device), f"grad[{name}]"))
+            reports.append(compare(g, w, _tolerance(comp, cc.dtype, "grad", cc.backend, cc.device), f"grad[{name}]"))
     bad = [r for r in reports if not r.ok]
     if bad:
         raise AssertionError(f"{len(bad)} of {len(reports)} comparisons failed {where}\n"

@@ -70,6 +70,29 @@ def _load_rows(src, b, t0, h, n, mul, dst):
 
 
 @jitable
+def online_softmax_row(srow, nvis, mrow, lrow, r):
+    """One online-softmax step for query row ``r``: exponentiate the first ``nvis`` scores of
+    ``srow`` in place against the new running max (the rest become 0), update ``mrow[r]`` and
+    ``lrow[r]``, and return the factor that rescales the row's accumulator (0 on its first block).
+    Shared by dense attention and context.moc (kernels/numba/moc.py)."""
+    mold = mrow[r]
+    mnew = max(mold, row_max(srow, nvis))
+    tot = srow.dtype.type(0)
+    for c in range(nvis):
+        p = fexp(srow[c] - mnew)
+        srow[c] = p
+        tot += p
+    srow[nvis:] = 0
+    mrow[r] = mnew
+    if mold == -np.inf:
+        lrow[r] = tot
+        return srow.dtype.type(0)
+    alpha = fexp(mold - mnew)
+    lrow[r] = lrow[r] * alpha + tot
+    return alpha
+
+
+@jitable
 def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
     """One (batch, head, query block): stream the visible key blocks with online softmax."""
     tq, hq, d = q.shape[1], q.shape[2], q.shape[3]
@@ -82,7 +105,6 @@ def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
     jend = tk
     if causal:
         jend = min(tk, i1 + off)  # key blocks past the last row's diagonal are never read
-    zero = q.dtype.type(0)
     one = q.dtype.type(1)
     qblk = np.empty((m, d), q.dtype)
     _load_rows(q, b, i0, h, m, q.dtype.type(scale), qblk)  # softmax scale folded into Q
@@ -109,22 +131,7 @@ def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
                 alpha_row[r] = 1
                 s[r, :] = 0
                 continue
-            mold = mrow[r]
-            mnew = max(mold, row_max(s[r], nvis))
-            tot = zero
-            for c in range(nvis):
-                p = fexp(s[r, c] - mnew)
-                s[r, c] = p
-                tot += p
-            s[r, nvis:] = 0
-            if mold == -np.inf:
-                alpha_row[r] = 0
-                lrow[r] = tot
-            else:
-                alpha = fexp(mold - mnew)
-                alpha_row[r] = alpha
-                lrow[r] = lrow[r] * alpha + tot
-            mrow[r] = mnew
+            alpha_row[r] = online_softmax_row(s[r], nvis, mrow, lrow, r)
         pv = np.dot(s, vb)
         for r in range(m):
             alpha = alpha_row[r]

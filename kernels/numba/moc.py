@@ -35,11 +35,10 @@ from ._common import (
     np_view,
     num_threads,
     prange,
-    row_max,
     task_counter,
     thread_id,
 )
-from .attention import _bwd_post, _load_rows
+from .attention import _bwd_post, _load_rows, online_softmax_row
 
 __all__ = ["moc_attention", "moc_attention_fwd", "moc_attention_bwd", "MoCFunction", "BLOCK_M", "BLOCK_N"]
 
@@ -56,7 +55,6 @@ def _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
     """Online-softmax update of the rows r with act[r] != 0 over keys [ja, jb)."""
     d = qblk.shape[1]
     one = qblk.dtype.type(1)
-    zero = qblk.dtype.type(0)
     for j0 in range(ja, jb, bn):
         n = min(bn, jb - j0)
         nr = 0
@@ -81,22 +79,7 @@ def _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
         for a in range(nr):
             r = idx[a]
             nvis = min(n, lim[i0 + r] - j0)
-            mold = mrow[r]
-            mnew = max(mold, row_max(s[a], nvis))
-            tot = zero
-            for c in range(nvis):
-                p = fexp(s[a, c] - mnew)
-                s[a, c] = p
-                tot += p
-            s[a, nvis:] = 0
-            if mold == -np.inf:
-                alpha_row[a] = 0
-                lrow[r] = tot
-            else:
-                alpha = fexp(mold - mnew)
-                alpha_row[a] = alpha
-                lrow[r] = lrow[r] * alpha + tot
-            mrow[r] = mnew
+            alpha_row[a] = online_softmax_row(s[a], nvis, mrow, lrow, r)
         pv = np.dot(s, vb)
         for a in range(nr):
             r = idx[a]

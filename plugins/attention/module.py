@@ -60,4 +60,7 @@ class AttentionMixer(nn.Module):
                 torch.arange(t, device=x.device)
             q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
         o = self.attn(q, k, v)
+        stream = context.state.get("depth_kv") if context is not None else None
+        if stream is not None and stream.attention_writers:  # depth.moda's depth KV stream
+            stream.append(k, v)
         return self.out(o.reshape(b, t, h * hd))

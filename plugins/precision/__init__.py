@@ -1,0 +1,1 @@
+"""precision.* components: quantised attention (``precision.int8``, ``precision.qaas``)."""

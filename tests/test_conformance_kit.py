@@ -1,0 +1,91 @@
+"""The conformance kit as a plugin author uses it: a two-line test file, run by pytest in a
+fresh process, against a plugin installed through a ``blockzoo`` entry point (a dist-info on
+PYTHONPATH). The kit passes what is right and fails what is wrong."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+PLUGIN = '''
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from blockzoo.kernels import empty_like
+from blockzoo.registry import Backend, Capabilities, Case, Component, Inputs, hookimpl
+
+class P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(2.0, description="gain")
+
+def describe(x, params=None):
+    return Inputs.from_tensors({"x": x})
+
+def cases():
+    return [Case("n5", {"x": (3, 5)}), Case("a3", {"x": (2, 7)}, {"alpha": 3.0})]
+
+def unwritten(x, alpha=2.0):
+    out = empty_like(x)
+    out[:, :-1] = (x * alpha)[:, :-1]   # forgets the last column
+    return out
+
+@hookimpl
+def blockzoo_register_components(registry):
+    registry.add_component(Component(id="kit.scale", slot="mlp", params=P, describe=describe, cases=cases))
+
+@hookimpl
+def blockzoo_register_backends(registry):
+    registry.add_backend(Backend("kit.scale", "reference", lambda x, alpha=2.0: x * alpha))
+    registry.add_backend(Backend("kit.scale", "good", lambda x, alpha=2.0: (x.double() * alpha).to(x.dtype),
+                                 Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64)), priority=3))
+    registry.add_backend(Backend("kit.scale", "wrong", lambda x, alpha=2.0: x * alpha * 1.01,
+                                 Capabilities(devices=("cpu",), dtypes=(torch.float32,)), priority=5))
+    registry.add_backend(Backend("kit.scale", "unwritten", unwritten,
+                                 Capabilities(devices=("cpu",), dtypes=(torch.float32,), grad=False), priority=1))
+    registry.add_backend(Backend("kit.scale", "never", lambda x, alpha=2.0: x * alpha,
+                                 Capabilities(devices=("cpu",), dtypes=(torch.int8,)), priority=2))
+'''
+
+TWO_LINES = '''from blockzoo.testing import conformance_tests
+TestConformance = conformance_tests("kit.scale")
+'''
+
+
+def test_two_line_file_passes_the_right_and_fails_the_wrong(tmp_path):
+    info = tmp_path / "kit_plugin-0.2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-plugin\nVersion: 0.2.0\n")
+    (info / "entry_points.txt").write_text("[blockzoo]\nkit = kit_plugin\n")
+    (tmp_path / "kit_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    (tmp_path / "test_kit.py").write_text(TWO_LINES)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "BLOCKZOO_TEST_DTYPES": "float32,float64", "BLOCKZOO_PLUGINS_STRICT": "1"}
+    env.pop("BLOCKZOO_TEST_BACKENDS", None)
+    env.pop("BLOCKZOO_TEST_COMPONENTS", None)
+    out = subprocess.run([sys.executable, "-m", "pytest", "test_kit.py", "-q", "-rfp", "-p", "no:cacheprovider",
+                          "-p", "no:randomly", "--blockzoo-seed=7"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    failed = set(re.findall(r"FAILED test_kit.py::TestConformance::(\S+)", text))
+    assert out.returncode == 1, text
+    assert failed == {
+        "test_backend_matches_reference[kit.scale-wrong-n5-float32]",
+        "test_backend_matches_reference[kit.scale-wrong-a3-float32]",
+        "test_backend_matches_reference[kit.scale-unwritten-n5-float32]",
+        "test_backend_matches_reference[kit.scale-unwritten-a3-float32]",
+        "test_every_backend_is_checked",
+    }, text
+    passed = set(re.findall(r"PASSED test_kit.py::TestConformance::(\S+)", text))
+    assert passed == {
+        "test_registered",
+        "test_backend_matches_reference[kit.scale-reference-n5-float32]",
+        "test_backend_matches_reference[kit.scale-reference-a3-float32]",
+        "test_backend_matches_reference[kit.scale-good-n5-float32]",
+        "test_backend_matches_reference[kit.scale-good-a3-float32]",
+        "test_backend_matches_reference[kit.scale-good-n5-float64]",
+        "test_backend_matches_reference[kit.scale-good-a3-float64]",
+        "test_spec_round_trip[kit.scale-defaults]",
+        "test_spec_round_trip[kit.scale-a3]",
+    }, text
+    assert "kit.scale:never: no case and dtype it can run here" in text
+    assert "seed=7" in text  # --blockzoo-seed pins the seed printed for replay
