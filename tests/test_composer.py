@@ -7,6 +7,7 @@ import torch
 import blockzoo
 from blockzoo.core.context import Context
 from blockzoo.registry import BackendUnavailable
+from blockzoo.testing.training import assert_model_learns
 
 TINY = """
 name: t
@@ -70,17 +71,7 @@ def test_context_positions_are_used():
 def test_tiny_model_learns_a_repeating_pattern(backend):
     torch.manual_seed(1)
     model = blockzoo.build(TINY, backend=backend)
-    pattern = torch.randint(0, 256, (1, 8))
-    tokens = pattern.repeat(4, 4)[:, :32]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(40):
-        loss = model.loss(tokens)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first if first is not None else loss.item()
-    assert loss.item() < 0.25 * first, (first, loss.item())
+    assert_model_learns(model)
 
 
 def test_dyt_agu_alpha_init_per_position():

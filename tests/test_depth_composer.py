@@ -15,6 +15,7 @@ import torch
 import blockzoo
 from blockzoo.core.context import Context, DepthStream
 from blockzoo.core.spec import SpecError, load_spec
+from blockzoo.testing.training import train_on_pattern
 
 ROOT = Path(__file__).parent.parent
 
@@ -142,17 +143,7 @@ def test_existing_spec_hashes_unchanged_by_depth_options():
 
 
 def _train(model, steps=40):
-    pattern = torch.randint(0, 256, (1, 8))
-    tokens = pattern.repeat(4, 5)[:, :40]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = loss = None
-    for _ in range(steps):
-        loss = model.loss(tokens)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first if first is not None else loss.item()
-    return first, loss.item()
+    return train_on_pattern(model, steps=steps, length=40)
 
 
 @pytest.mark.parametrize("backend,variant", [("reference", "pre"), ("numba", "post+mlp_writers")])

@@ -21,6 +21,7 @@ import blockzoo
 from blockzoo.kernels._alloc import poisoned
 from blockzoo.plugins.normres.reference import gated_dyt_reference
 from blockzoo.testing.tolerances import tolerance
+from blockzoo.testing.training import assert_model_learns
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else ("cpu" if INTERPRET else None)
@@ -232,17 +233,7 @@ def test_tiny_model_learns_a_repeating_pattern(normres, factor):
     model = blockzoo.build(SPEC.replace("NORMRES", normres))
     assert {r["backend"] for r in model.backends() if r["slot"].startswith("norm")} == \
         ({"numba"} if HAVE_NUMBA else {"reference"})
-    pattern = torch.randint(0, 256, (1, 8))
-    tokens = pattern.repeat(4, 4)[:, :32]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(40):
-        loss = model.loss(tokens)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first if first is not None else loss.item()
-    assert loss.item() < factor * first, (first, loss.item())
+    assert_model_learns(model, factor)
     # the first block's norm1 gets no delta (nothing to gate): its gate has no gradient
     unused = {n for n, p in model.named_parameters() if p.grad is None}
     assert unused <= {"blocks.0.norm1.gate", "blocks.0.norm1.gate_w"}, unused

@@ -43,8 +43,10 @@ def attention_bench_cases(device: str) -> list[Case]:
 
 def _sdpa(backend_name: str | None):
     """SDPA as a benchmark baseline, fed in its native [B, H, T, D] contiguous layout: ``prepare``
-    converts the inputs once, outside the timed region, so the baseline pays no transposes."""
-    def fn(q, k, v, causal=True, scale=None):
+    converts the inputs once, outside the timed region, so the baseline pays no transposes.
+    Attention-shaped components (moc, precision, depth) use it as their dense baseline: ``prepare``
+    keeps only q, k, v and ``fn`` ignores their other parameters (chunk_size, tau, depth_k, ...)."""
+    def fn(q, k, v, causal=True, scale=None, **_other):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         gqa = q.shape[1] != k.shape[1]
         if backend_name is None:
@@ -56,7 +58,7 @@ def _sdpa(backend_name: str | None):
 
     def prepare(tensors):
         return {n: t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad)
-                for n, t in tensors.items()}
+                for n, t in tensors.items() if n in ("q", "k", "v")}
     fn.prepare = prepare
     return fn
 

@@ -7,7 +7,7 @@ import torch
 from ...registry import Backend, Capabilities, Case, Component, Inputs, hookimpl
 
 # attention-shaped: same [B, T, H, D] description, dtype sets and GQA rule as attention.dense
-from ..attention.plugin import CPU_FLOATS, GPU_DTYPES, _gqa_rule
+from ..attention.plugin import CPU_FLOATS, GPU_DTYPES, _gqa_rule, attention_baselines
 from ..attention.plugin import describe_attention as describe_moc
 from .params import MoCParams
 from .reference import chunk_bounds, moc_flops, moc_reference
@@ -90,7 +90,7 @@ def blockzoo_register_components(registry) -> None:
     registry.add_component(Component(
         id="context.moc", slot="mixer", params=MoCParams,
         describe=describe_moc, module=moc_module, cases=moc_cases, flops=_flops,
-        bench_cases=moc_bench_cases, cost=moc_cost, kv_bytes=moc_kv_bytes,
+        bench_cases=moc_bench_cases, baselines=attention_baselines, cost=moc_cost, kv_bytes=moc_kv_bytes,
         doc="Mixture of Contexts: per-query top-k chunk routing on mean-key descriptors, own chunk "
             "(causal) and prefix always kept, one softmax over the union; q/k/v [B, T, H, D], GQA.",
         source="Mixture of Contexts for Long Video Generation, arXiv 2508.21058 (ByteDance Seed + Stanford)"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...registry import Backend, Capabilities, Case, Component, Inputs, hookimpl
-from ..attention.plugin import CPU_FLOATS, GPU_DTYPES, _gqa_rule
+from ..attention.plugin import CPU_FLOATS, GPU_DTYPES, _gqa_rule, _sdpa
 from .params import MoDAParams, MoDParams
 from .reference import mod_flops, mod_k, mod_reference, moda_flops, moda_reference
 
@@ -66,29 +66,11 @@ def moda_bench_cases(device: str) -> list[Case]:
     return [c(512, 64, 8, hq=8, hk=1), c(1024, 64, 16, hq=8, hk=1)]
 
 
-def _sdpa_seq(backend_name: str | None):
-    """Baseline: SDPA on the SEQUENCE part alone (the depth slots ignored), native layout."""
-    def fn(q, k, v, depth_k=None, depth_v=None, causal=True, scale=None):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        gqa = q.shape[1] != k.shape[1]
-        if backend_name is None:
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                                                    enable_gqa=gqa)
-        with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                                                    enable_gqa=gqa)
-
-    def prepare(tensors):
-        return {n: t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad)
-                for n, t in tensors.items() if n in ("q", "k", "v")}
-    fn.prepare = prepare
-    return fn
-
-
 def moda_baselines(device: str) -> dict:
+    """SDPA on the SEQUENCE part alone (the depth slots ignored), native layout."""
     if device == "cuda":
-        return {"sdpa-flash-seq": _sdpa_seq("FLASH_ATTENTION")}
-    return {"sdpa-cpu-seq": _sdpa_seq(None)}
+        return {"sdpa-flash-seq": _sdpa("FLASH_ATTENTION")}
+    return {"sdpa-cpu-seq": _sdpa(None)}
 
 
 def moda_cost(shapes, params, mode: str) -> dict:

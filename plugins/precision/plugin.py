@@ -61,17 +61,6 @@ def bench_cases(qaas: bool):
     return cases
 
 
-def _baselines(device: str) -> dict:
-    """SDPA baselines, ignoring the quantisation-only parameters."""
-    out = {}
-    for name, fn in attention_baselines(device).items():
-        def base(q, k, v, tau=None, gamma=None, causal=True, scale=None, _fn=fn, **_quant):
-            return _fn(q, k, v, causal=causal, scale=scale)
-        base.prepare = lambda tensors, _fn=fn: _fn.prepare({n: tensors[n] for n in ("q", "k", "v")})
-        out[name] = base
-    return out
-
-
 def _flops(inputs: Inputs, params) -> float:
     from ..attention.reference import attention_flops
     b, tq, hq, d = inputs.shape["q"]
@@ -170,7 +159,7 @@ def blockzoo_register_components(registry) -> None:
     registry.add_component(Component(
         id="precision.int8", slot="mixer", params=Int8AttentionParams,
         describe=describe_int8, module=_int8_module, cases=int8_cases, flops=_flops,
-        bench_cases=bench_cases(False), baselines=_baselines, cost=attention_cost,
+        bench_cases=bench_cases(False), baselines=attention_baselines, cost=attention_cost,
         tolerance=quantised_tolerance, accuracy=accuracy_report, kv_bytes=quantised_kv_bytes,
         doc="SageAttention-style quantised attention: key smoothing, per-block INT8 Q/K (softmax scale "
             "in Q), fp32 online softmax, FP8 P and per-channel FP8 V (or fp16 PV); straight-through "
@@ -180,7 +169,7 @@ def blockzoo_register_components(registry) -> None:
         id="precision.qaas", slot="mixer", params=QaasParams,
         describe=describe_qaas, module=_qaas_module, cases=qaas_cases, flops=_flops,
         op_params=("causal", "scale", "q_block", "k_block", "binary", "temperature"),
-        bench_cases=bench_cases(True), baselines=_baselines, cost=attention_cost,
+        bench_cases=bench_cases(True), baselines=attention_baselines, cost=attention_cost,
         tolerance=qaas_tolerance, accuracy=accuracy_report, kv_bytes=quantised_kv_bytes,
         doc="Quantized Attention with Adaptive Scaling (our definition): per-tile FP8 Q/K, fp32 online "
             "softmax, binarised P (learned threshold fraction tau per head) with mass-preserving tile "
