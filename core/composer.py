@@ -119,6 +119,28 @@ class DecoderLM(nn.Module):
             loss = loss + aux
         return loss
 
+    # -- decoding with a KV cache (core/cache.py) ----------------------------------------------
+    def make_cache(self, policy: Any = "spec"):
+        """An empty KV cache; policy "spec" (the spec's ``kv:``), None (full cache) or a token.* id."""
+        from .cache import make_cache
+        return make_cache(self, policy)
+
+    def prefill(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Prompt [B, T] -> logits [B, T, V], filling ``cache``."""
+        from .cache import prefill
+        return prefill(self, tokens, cache)
+
+    def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """New tokens [B, t] after the cached ones -> logits [B, t, V]."""
+        from .cache import step
+        return step(self, tokens, cache)
+
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, policy: Any = "spec",
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt [B, T] -> [B, T + max_new_tokens] (greedy at temperature 0)."""
+        from .cache import generate
+        return generate(self, tokens, max_new_tokens, policy, temperature, generator)
+
     def backends(self) -> list[dict[str, str]]:
         """Per layer, the backend each component resolved to at build time."""
         rows = []

@@ -123,6 +123,8 @@ class ModelSpec(Strict):
     flow: FlowSpec | None = Field(None, description="model.kind: flow only: the flow layers")
     depth: DepthSpec | None = Field(None, description="depth KV stream options (default when a layer uses "
                                                       "depth.moda: attention writers on, MLP writers off)")
+    kv: ComponentRef | None = Field(None, description="KV-cache policy for decoding (a token.* component, slot "
+                                                      "'kv'); default: the full cache")
 
     @model_validator(mode="after")
     def _default_seq(self) -> ModelSpec:
@@ -167,6 +169,10 @@ class ModelSpec(Strict):
         # depth options came later: left out at their defaults so existing specs keep their hash
         if data.get("depth") is None:
             data.pop("depth", None)
+        if data.get("kv") is None:  # likewise the kv policy section
+            data.pop("kv", None)
+        else:
+            fill(data["kv"])
         if data["model"].get("norm_position") == "pre":
             data["model"].pop("norm_position")
         return data
@@ -257,6 +263,8 @@ def _component_issues(spec: ModelSpec, src: YamlSource | None) -> list[SpecIssue
         refs += [(("layers", i, s), s, getattr(ov, s)) for s in ("mixer", "normres", "mlp") if getattr(ov, s)]
     if spec.model.kind == "flow" and spec.flow is not None:
         refs = [(("flow", "layers", i), "flow", ref) for i, ref in enumerate(spec.flow.layers)]
+    if spec.kv is not None:
+        refs.append((("kv",), "kv", spec.kv))
 
     def at(path, key=False):
         return src.where(path, key=key) if src else None
@@ -286,7 +294,7 @@ def _component_issues(spec: ModelSpec, src: YamlSource | None) -> list[SpecIssue
                     e.message = f"unknown key {key!r} for {ref.type}: {suggest(key, tuple(comp.params.model_fields))}"
                 sub.append(e)
             issues.extend(sub)
-        backend = ref.backend or spec.model.backend
+        backend = ref.backend or (spec.model.backend if slot != "kv" else "reference")
         if backend != "auto" and backend not in reg.backends.get(ref.type, {}):
             where_path = path + ("backend",) if ref.backend else ("model", "backend")
             issues.append(SpecIssue(at(where_path), ".".join(map(str, where_path)),
@@ -315,8 +323,41 @@ def _cross_issues(spec: ModelSpec, src: YamlSource | None) -> list[SpecIssue]:
     if spec.depth is not None and not (spec.depth.attention_writers or spec.depth.mlp_writers):
         add(("depth",), "depth: attention_writers and mlp_writers are both false, so depth.moda layers "
                         "would read no depth slots; turn one on or remove the depth section")
+    issues.extend(_kv_issues(spec, src))
     if spec.workload.seq > m.max_seq:
         add(("workload", "seq"), f"workload seq {spec.workload.seq} exceeds model.max_seq {m.max_seq}")
+    return issues
+
+
+def _kv_issues(spec: ModelSpec, src: YamlSource | None) -> list[SpecIssue]:
+    """Rules for the ``kv:`` policy: decoding over the kept subset is dense attention, so every
+    layer's mixer must be attention.dense (other mixers decode with the full cache only); a
+    policy that needs attention probabilities must run on a backend that materialises them."""
+    if spec.kv is None or spec.model.kind == "flow":
+        return []
+    from ..registry import get_registry
+    reg = get_registry()
+    issues = []
+
+    def add(path, msg):
+        issues.append(SpecIssue(src.where(path) if src else None, ".".join(map(str, path)), msg))
+    for i in range(spec.model.n_layers):
+        mixer = spec.layer_block(i).mixer.type
+        if mixer != "attention.dense":
+            add(("kv", "type"), f"KV-cache policy {spec.kv.type} needs attention.dense mixers (decoding over "
+                                f"the kept subset is dense attention), but layer {i} uses {mixer}; remove "
+                                "the kv section to decode that mixer with the full cache")
+            break
+    comp = reg.components.get(spec.kv.type)
+    name = spec.kv.backend or "reference"
+    if name == "auto" and reg.backends.get(spec.kv.type):
+        name = max(reg.backends[spec.kv.type].values(), key=lambda b: b.priority).name
+    backend = reg.backends.get(spec.kv.type, {}).get(name)
+    needs = getattr(getattr(comp.module, "policy_class", None), "needs_attention", False) if comp else False
+    if needs and backend is not None and not getattr(backend, "materialises_attention", False):
+        add(("kv", "backend") if spec.kv.backend else ("kv", "type"),
+            f"{spec.kv.type} scores tokens from attention probabilities, but its backend {name!r} never "
+            f"materialises them; use a backend that does (reference)")
     return issues
 
 

@@ -13,8 +13,10 @@ and reports metrics (higher-is-better or lower-is-better is in the metric's name
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sysconfig
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,46 @@ class TrainConfig(BaseModel):
     eval_batches: int = Field(4, ge=1)
 
 
+#: trained weights of the last few trainings in this process, keyed by (spec without its ``kv:``
+#: policy, task config, device, initial weights): the trials of a sweep over KV-cache policies
+#: train the same full-cache model, so a worker trains it once and evaluates each policy on it
+_TRAINED: OrderedDict[str, tuple[dict[str, torch.Tensor], float]] = OrderedDict()
+_TRAINED_MAX = 4
+
+
+def _train_key(model: torch.nn.Module, cfg: TrainConfig, device: str) -> str | None:
+    spec = getattr(model, "spec", None)
+    if spec is None or not hasattr(spec, "kv"):
+        return None
+    h = hashlib.sha256()
+    h.update(spec.model_copy(update={"kv": None}).canonical_json().encode())
+    h.update(f"{type(cfg).__name__}{cfg.model_dump_json()}{device}".encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _train(model: torch.nn.Module, sample: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
            cfg: TrainConfig, device: str) -> float:
-    """AdamW on ``loss(logits, targets)`` with targets == -100 ignored. Returns the last loss."""
+    """AdamW on ``loss(logits, targets)`` with targets == -100 ignored. Returns the last loss.
+    A model whose spec differs from a recent training only in its ``kv:`` policy (same config,
+    same initial weights) gets that training's weights instead of training again."""
+    key = _train_key(model, cfg, device)
+    if key is not None and key in _TRAINED:
+        state, last = _TRAINED[key]
+        model.load_state_dict(state)
+        _TRAINED.move_to_end(key)
+        return last
+    last = _train_steps(model, sample, cfg, device)
+    if key is not None:
+        _TRAINED[key] = ({k: t.detach().clone() for k, t in model.state_dict().items()}, last)
+        while len(_TRAINED) > _TRAINED_MAX:
+            _TRAINED.popitem(last=False)
+    return last
+
+
+def _train_steps(model, sample, cfg: TrainConfig, device: str) -> float:
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -56,6 +95,28 @@ def _train(model: torch.nn.Module, sample: Callable[[torch.Generator], tuple[tor
         opt.step()
         sched.step()
     return float(loss.detach())
+
+
+def _eval_logits(model: torch.nn.Module, x: torch.Tensor, prefill_len: int, rels: list[float]) -> torch.Tensor:
+    """Evaluation logits: the parallel forward, or, when the model's spec has a ``kv:`` policy,
+    teacher-forced decoding under that policy's cache (prefill ``x[:, :prefill_len]`` with the full
+    attention, then one step per token; the model was trained with the full cache). Appends the
+    KV tokens held relative to the full cache (mean over steps) to ``rels``."""
+    if getattr(getattr(model, "spec", None), "kv", None) is None:
+        return model(x)
+    from .cache import decode_logits
+    logits, rel = decode_logits(model, x, max(1, prefill_len))
+    rels.append(rel)
+    return logits
+
+
+def _first_target(y: torch.Tensor) -> int:
+    """First position with a target in any row: the prompt before it is prefilled."""
+    return int((y != -100).any(0).nonzero()[0])
+
+
+def _kv_metric(name: str, rels: list[float]) -> dict[str, float]:
+    return {f"{name}_kv_rel_bytes": sum(rels) / len(rels)} if rels else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,15 +155,16 @@ def run_mqar(make_model: Callable[[], torch.nn.Module], vocab: int, config: dict
     last = _train(model, lambda g: mqar_batch(g, cfg.batch, cfg.seq, cfg.kv_pairs, vocab), cfg, device)
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     correct = total = 0
+    rels: list[float] = []
     model.eval()
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
             x, y = mqar_batch(gen, cfg.batch, cfg.seq, cfg.kv_pairs, vocab)
-            pred = model(x.to(device)).argmax(-1).cpu()
+            pred = _eval_logits(model, x.to(device), _first_target(y), rels).argmax(-1).cpu()
             mask = y != -100
             correct += int((pred[mask] == y[mask]).sum())
             total += int(mask.sum())
-    return {"mqar_accuracy": correct / total, "mqar_train_loss": last}
+    return {"mqar_accuracy": correct / total, "mqar_train_loss": last, **_kv_metric("mqar", rels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,14 +205,16 @@ def run_bytes_lm(make_model, vocab: int, config: dict, device: str) -> dict[str,
     # fixed, evenly spaced held-out windows
     starts = torch.linspace(0, len(held) - cfg.seq - 2, cfg.eval_windows).long()
     nll = count = 0.0
+    rels: list[float] = []
     model.eval()
     with torch.no_grad():
         for chunk in starts.split(cfg.batch):
             w = torch.stack([held[s:s + cfg.seq + 1] for s in chunk]).to(device)
-            logits = model(w[:, :-1]).float()
+            # under a kv policy: the first eighth prefilled, the rest decoded token by token
+            logits = _eval_logits(model, w[:, :-1], cfg.seq // 8, rels).float()
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
             count += w[:, 1:].numel()
-    return {"bytes_lm_bpb": nll / count / math.log(2), "bytes_lm_train_loss": last}
+    return {"bytes_lm_bpb": nll / count / math.log(2), "bytes_lm_train_loss": last, **_kv_metric("bytes_lm", rels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,15 +255,16 @@ def run_passkey(make_model, vocab: int, config: dict, device: str) -> dict[str, 
     last = _train(model, lambda g: passkey_batch(g, cfg.batch, cfg.seq), cfg, device)
     gen = torch.Generator().manual_seed(20_000 + cfg.seed)
     correct = total = 0
+    rels: list[float] = []
     model.eval()
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
             x, y = passkey_batch(gen, cfg.batch, cfg.seq)
-            pred = model(x.to(device)).argmax(-1).cpu()
+            pred = _eval_logits(model, x.to(device), _first_target(y), rels).argmax(-1).cpu()
             mask = y != -100
             correct += int((pred[mask] == y[mask]).sum())
             total += int(mask.sum())
-    return {"passkey_accuracy": correct / total, "passkey_train_loss": last}
+    return {"passkey_accuracy": correct / total, "passkey_train_loss": last, **_kv_metric("passkey", rels)}
 
 
 TASKS: dict[str, tuple[Callable[..., dict[str, float]], type[BaseModel], str]] = {

@@ -45,6 +45,9 @@ def attention_cost(spec: ModelSpec, seq: int) -> dict[str, float]:
         dkv = 2.0 * seq * ctx.n_kv_heads * ctx.head_dim * elt
         dense_kv += dkv
         kv += comp.kv_bytes(ctx, params, seq) if comp.kv_bytes else dkv
+    if spec.kv is not None:  # a token.* policy: the cache it keeps after a seq-token prefill
+        pol = reg.component(spec.kv.type)
+        kv *= pol.params(**spec.kv.params).keep(seq) / seq
     return {"attn_flops": flops, "attn_flops_dense": dense_flops, "rel_attn_flops": flops / dense_flops,
             "kv_bytes": kv, "kv_bytes_dense": dense_kv, "rel_kv_bytes": kv / dense_kv}
 

@@ -33,6 +33,7 @@ BUILTIN_PLUGINS = (
     "blockzoo.plugins.precision.plugin",
     "blockzoo.plugins.flow.plugin",
     "blockzoo.plugins.depth.plugin",
+    "blockzoo.plugins.token.plugin",
     "blockzoo.core.tasks",
 )
 

@@ -59,6 +59,10 @@ class AttentionMixer(nn.Module):
             pos = context.positions if context is not None and context.positions is not None else \
                 torch.arange(t, device=x.device)
             q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        cache = context.state.get("kv_cache") if context is not None else None
+        if cache is not None:  # decoding (core/cache.py): read/append this layer's KV cache
+            o = cache.attend(context.layer, q, k, v, context.positions, self.attn)
+            return self.out(o.reshape(b, t, h * hd))
         o = self.attn(q, k, v)
         stream = context.state.get("depth_kv") if context is not None else None
         if stream is not None and stream.attention_writers:  # depth.moda's depth KV stream

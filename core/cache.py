@@ -1,0 +1,195 @@
+"""KV cache and the decoding driver (prefill + step + generate) over a composed ``DecoderLM``.
+
+The cache holds, per layer, the rotated keys and the values ``[B, Hk, T_kept, D]`` with the
+absolute position of every kept token ``[B, Hk, T_kept]`` (after eviction each kv head keeps its
+own subset, the same count for every head). The attention mixer finds the cache in
+``Context.state["kv_cache"]`` and calls :meth:`KVCache.attend`:
+
+* prefill (empty layer cache): the mixer's own op over the prompt (the parallel forward), then
+  the policy scores the prompt and the shared selector compacts it to the budget;
+* step (new tokens after a non-empty cache): the new keys are appended; with no policy the
+  mixer's own op runs over the full cache (bottom-right causal, so the logits equal the parallel
+  forward's); with a policy, dense attention of the new queries over the kept keys (which
+  materialises the probabilities H2O accumulates), then eviction if the policy evicts on steps.
+
+A policy is a ``token.*`` component (``plugins/token``); ``None`` is the full cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .context import Context
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor | None = None    # [B, Hk, T, D]
+    v: torch.Tensor | None = None    # [B, Hk, T, D]
+    pos: torch.Tensor | None = None  # [B, Hk, T] absolute positions (long)
+    acc: torch.Tensor | None = None  # [B, Hk, T] running scores (H2O)
+    seen: int = 0                    # tokens written to this layer so far
+
+    @property
+    def size(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+@dataclass
+class KVCache:
+    """Per-layer caches plus an optional eviction policy (a ``plugins.token.module.KVPolicy``)."""
+
+    n_layers: int
+    policy: Any = None
+    layers: list[LayerCache] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            self.layers = [LayerCache() for _ in range(self.n_layers)]
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen
+
+    def kept_tokens(self) -> int:
+        """Tokens held, summed over layers (per kv head: every head keeps the same count)."""
+        return sum(lc.size for lc in self.layers)
+
+    def full_tokens(self) -> int:
+        return sum(lc.seen for lc in self.layers)
+
+    # -- called by the attention mixer ---------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, op) -> torch.Tensor:
+        """q [B, t, H, D], k/v [B, t, Hk, D] (RoPE already applied at ``positions`` [t]);
+        ``op`` the mixer's bound attention op. Returns the attention output [B, t, H, D]."""
+        if op.kwargs.get("causal", True) is False:
+            raise ValueError("decoding needs a causal mixer; this layer's op has causal=False")
+        lc = self.layers[layer]
+        b, t, hk, _ = k.shape
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+        pos = positions.to(torch.long).view(1, 1, t).expand(b, hk, t)
+        pol = self.policy
+        if lc.k is None:  # prefill
+            o = op(q, k, v)
+            lc.k, lc.v, lc.pos, lc.seen = kh, vh, pos, t
+            if pol is not None:
+                scores = pol.prefill_scores(q, k, v, pos).float()
+                if pol.accumulates:
+                    lc.acc = scores
+                self._evict(lc, scores)
+            return o
+        lc.k, lc.v = torch.cat([lc.k, kh], 2), torch.cat([lc.v, vh], 2)
+        lc.pos = torch.cat([lc.pos, pos], 2)
+        lc.seen += t
+        if lc.acc is not None:
+            lc.acc = torch.cat([lc.acc, lc.acc.new_zeros(b, hk, t)], 2)
+        if pol is None:
+            return op(q, lc.k.transpose(1, 2), lc.v.transpose(1, 2))
+        from ..plugins.token.reference import decode_attention
+        o, probs = decode_attention(q, lc.k, lc.v, scale=op.kwargs.get("scale"))
+        if pol.evicts_on_step:
+            self._evict(lc, pol.step_scores(lc, probs).float())
+        return o
+
+    def _evict(self, lc: LayerCache, scores: torch.Tensor) -> None:
+        from ..plugins.token.reference import compact, select
+        keep = self.policy.keep(lc.seen)
+        if lc.size <= keep:
+            return
+        p = self.policy.params
+        idx = select(scores, lc.pos, lc.seen, keep, p.sinks, p.recent)
+        if lc.acc is not None:
+            lc.k, lc.v, lc.pos, lc.acc = compact(idx, lc.k, lc.v, lc.pos, lc.acc)
+        else:
+            lc.k, lc.v, lc.pos = compact(idx, lc.k, lc.v, lc.pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+def check_decodable(model) -> None:
+    """Raise with the reason when a model cannot decode with a KV cache."""
+    from ..plugins.attention.module import AttentionMixer
+    if getattr(model, "depth", None) is not None:
+        raise ValueError("decoding with a KV cache does not support the depth KV stream (depth.moda) yet")
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block.mixer, AttentionMixer):
+            raise ValueError(f"layer {i}: mixer {getattr(block.mixer, 'component_id', '?')!r} has no KV-cache "
+                             "decoding path (only attention-shaped mixers built on AttentionMixer decode)")
+
+
+def make_cache(model, policy: Any = "spec") -> KVCache:
+    """An empty cache for ``model``. policy: "spec" (the spec's ``kv:`` section, or the full
+    cache when it has none), None (full cache), a component id, a ComponentRef or a KVPolicy."""
+    check_decodable(model)
+    if isinstance(policy, str) and policy == "spec":
+        policy = model.spec.kv
+    if policy is not None and not hasattr(policy, "prefill_scores"):
+        from ..plugins.token.module import make_policy
+        policy = make_policy(policy)
+    return KVCache(len(model.blocks), policy)
+
+
+def _run(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    t0 = cache.seen
+    ctx = Context(positions=torch.arange(t0, t0 + tokens.shape[1], device=tokens.device),
+                  state={"kv_cache": cache})
+    return model(tokens, ctx)
+
+
+def prefill(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the prompt [B, T] through the model, filling ``cache``; logits [B, T, V]."""
+    if cache.seen:
+        raise ValueError(f"prefill needs an empty cache; this one has seen {cache.seen} tokens (use step)")
+    return _run(model, tokens, cache)
+
+
+def step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed new tokens [B, t] (usually t = 1) after the cached ones; logits [B, t, V]."""
+    if not cache.seen:
+        raise ValueError("step needs a prefilled cache (call prefill first)")
+    if tokens.dim() == 1:
+        tokens = tokens[:, None]
+    return _run(model, tokens, cache)
+
+
+@torch.no_grad()
+def generate(model, tokens: torch.Tensor, max_new_tokens: int, policy: Any = "spec",
+             temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt [B, T] -> [B, T + max_new_tokens]: greedy (temperature 0) or sampled."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    cache = make_cache(model, policy)
+    logits = prefill(model, tokens, cache)[:, -1]
+    out = [tokens]
+    for i in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, -1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
+        else:
+            nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits = step(model, nxt, cache)[:, -1]
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def decode_logits(model, tokens: torch.Tensor, prefill_len: int, policy: Any = "spec"
+                  ) -> tuple[torch.Tensor, float]:
+    """Teacher-forced decoding: prefill ``tokens[:, :prefill_len]``, then one step per remaining
+    token. Returns the logits [B, T, V] (comparable to ``model(tokens)``) and the KV tokens held
+    relative to the full cache, averaged over the decoding steps (1.0 for the full cache)."""
+    t = tokens.shape[1]
+    if not 1 <= prefill_len <= t:
+        raise ValueError(f"prefill_len must be in [1, {t}], got {prefill_len}")
+    cache = make_cache(model, policy)
+    outs = [prefill(model, tokens[:, :prefill_len], cache)]
+    rel = [cache.kept_tokens() / cache.full_tokens()]
+    for i in range(prefill_len, t):
+        outs.append(step(model, tokens[:, i:i + 1], cache))
+        rel.append(cache.kept_tokens() / cache.full_tokens())
+    return torch.cat(outs, 1), sum(rel) / len(rel)

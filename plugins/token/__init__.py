@@ -1,0 +1,1 @@
+"""token.* components: inference-time KV-cache policies (which cached tokens to keep)."""
