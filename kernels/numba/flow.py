@@ -51,13 +51,20 @@ def _coupling_fwd_kernel(x, s, t, keep, clamp, inverse, y, ld):
         si = s[i]
         ti = t[i]
         yi = y[i]
-        for j in range(d):
-            ls, _ = _soft_clamp(si[j], c)
-            ls = zero if keep[j] else ls
-            e = fexp(sgn * ls)
-            v = (xi[j] - ti[j]) * e if inverse else xi[j] * e + ti[j]
-            yi[j] = xi[j] if keep[j] else v
-            acc += ls
+        if inverse:   # the direction is hoisted out of the inner loops so each one vectorises
+            for j in range(d):
+                ls, _ = _soft_clamp(si[j], c)
+                ls = zero if keep[j] else ls
+                v = (xi[j] - ti[j]) * fexp(-ls)
+                yi[j] = xi[j] if keep[j] else v
+                acc += ls
+        else:
+            for j in range(d):
+                ls, _ = _soft_clamp(si[j], c)
+                ls = zero if keep[j] else ls
+                v = xi[j] * fexp(ls) + ti[j]
+                yi[j] = xi[j] if keep[j] else v
+                acc += ls
         ld[i] = sgn * acc
 
 
@@ -68,7 +75,6 @@ def _coupling_bwd_kernel(x, s, t, keep, clamp, inverse, dy, dld, dx, ds, dt):
     c = x.dtype.type(clamp)
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
-    sgn = x.dtype.type(-1) if inverse else x.dtype.type(1)
     for i in prange(n):
         g = dld[i]
         xi = x[i]
@@ -78,20 +84,24 @@ def _coupling_bwd_kernel(x, s, t, keep, clamp, inverse, dy, dld, dx, ds, dt):
         dxi = dx[i]
         dsi = ds[i]
         dti = dt[i]
-        for j in range(d):
-            k = keep[j]
-            ls, th = _soft_clamp(si[j], c)
-            e = fexp(sgn * ls)
-            gy = dyi[j] * e
-            if inverse:
+        if inverse:
+            for j in range(d):
+                k = keep[j]
+                ls, th = _soft_clamp(si[j], c)
+                gy = dyi[j] * fexp(-ls)
                 dls = -gy * (xi[j] - ti[j]) - g          # -dy * x_out - dld
-                dtv = -gy
-            else:
+                dxi[j] = dyi[j] if k else gy
+                dsi[j] = zero if k else dls * (one - th * th)
+                dti[j] = zero if k else -gy
+        else:
+            for j in range(d):
+                k = keep[j]
+                ls, th = _soft_clamp(si[j], c)
+                gy = dyi[j] * fexp(ls)
                 dls = gy * xi[j] + g
-                dtv = dyi[j]
-            dxi[j] = dyi[j] if k else gy
-            dsi[j] = zero if k else dls * (one - th * th)
-            dti[j] = zero if k else dtv
+                dxi[j] = dyi[j] if k else gy
+                dsi[j] = zero if k else dls * (one - th * th)
+                dti[j] = zero if k else dyi[j]
 
 
 @kernel(parallel=True)
