@@ -48,7 +48,9 @@ class AttentionMixer(nn.Module):
             shapes=(("q", (1, 1, ctx.n_heads, hd)), ("k", (1, 1, ctx.n_kv_heads, hd)),
                     ("v", (1, 1, ctx.n_kv_heads, hd))))).name
 
-    def forward(self, x: torch.Tensor, context: Context | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, context: Context | None = None):
+        """x [B, T, d_model] -> q [B, T, H, D], k, v [B, T, Hk, D], RoPE applied at the context's
+        positions (subclasses that change only the attention call reuse this)."""
         b, t, _ = x.shape
         h, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)
@@ -59,6 +61,12 @@ class AttentionMixer(nn.Module):
             pos = context.positions if context is not None and context.positions is not None else \
                 torch.arange(t, device=x.device)
             q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, context: Context | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, hd = self.n_heads, self.head_dim
+        q, k, v = self.project(x, context)
         cache = context.state.get("kv_cache") if context is not None else None
         if cache is not None:  # decoding (core/cache.py): read/append this layer's KV cache
             o = cache.attend(context.layer, q, k, v, context.positions, self.attn)

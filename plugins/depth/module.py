@@ -39,20 +39,13 @@ class MoDAMixer(AttentionMixer):
 
     def forward(self, x: torch.Tensor, context: Context | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        h, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x)
-        q = qkv[..., : h * hd].view(b, t, h, hd)
-        k = qkv[..., h * hd: (h + hk) * hd].view(b, t, hk, hd)
-        v = qkv[..., (h + hk) * hd:].view(b, t, hk, hd)
-        if self.rope:
-            pos = context.positions if context is not None and context.positions is not None else \
-                torch.arange(t, device=x.device)
-            q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        h, hd = self.n_heads, self.head_dim
+        q, k, v = self.project(x, context)
         stream = context.state.get("depth_kv") if context is not None else None
         if stream is not None:
             depth_k, depth_v = stream.read(k)
         else:
-            depth_k = depth_v = k.new_empty((b, 0, hk, hd))
+            depth_k = depth_v = k.new_empty((b, 0, self.n_kv_heads, hd))
         o = self.attn(q, k, v, depth_k, depth_v)
         if stream is not None and stream.attention_writers:
             stream.append(k, v)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...core.context import BuildContext, Context
-from ..attention.module import AttentionMixer, rotary
+from ..attention.module import AttentionMixer
 
 
 class Int8Mixer(AttentionMixer):
@@ -31,15 +31,8 @@ class QaasMixer(AttentionMixer):
 
     def forward(self, x: torch.Tensor, context: Context | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        h, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x)
-        q = qkv[..., : h * hd].view(b, t, h, hd)
-        k = qkv[..., h * hd: (h + hk) * hd].view(b, t, hk, hd)
-        v = qkv[..., (h + hk) * hd:].view(b, t, hk, hd)
-        if self.rope:
-            pos = context.positions if context is not None and context.positions is not None else \
-                torch.arange(t, device=x.device)
-            q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        h, hd = self.n_heads, self.head_dim
+        q, k, v = self.project(x, context)
         tau = torch.sigmoid(self.tau_logit).to(q.dtype)
         o = self.attn(q, k, v, tau, self.gamma.to(q.dtype))
         return self.out(o.reshape(b, t, h * hd))
