@@ -50,6 +50,18 @@ BLOCK_N = 128
 
 
 @jitable
+def _active_rows(act, lim, i0, m, j0, idx):
+    """Rows r < m with act[r] != 0 that see key j0 (lim[i0 + r] > j0) into idx[:nr]; returns nr.
+    The gather step shared by the forward and backward segment loops."""
+    nr = 0
+    for r in range(m):
+        if act[r] != 0 and lim[i0 + r] > j0:
+            idx[nr] = r
+            nr += 1
+    return nr
+
+
+@jitable
 def _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
              qsub_buf, idx, kbuf, vbuf):
     """Online-softmax update of the rows r with act[r] != 0 over keys [ja, jb)."""
@@ -57,11 +69,7 @@ def _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
     one = qblk.dtype.type(1)
     for j0 in range(ja, jb, bn):
         n = min(bn, jb - j0)
-        nr = 0
-        for r in range(m):
-            if act[r] != 0 and lim[i0 + r] > j0:
-                idx[nr] = r
-                nr += 1
+        nr = _active_rows(act, lim, i0, m, j0, idx)
         if nr == 0:
             continue
         qsub = qsub_buf[:nr]
@@ -165,11 +173,7 @@ def _bwd_segment(qblk, doblk, lse, delta, k, v, b, h, g, ja, jb, i0, m, lim, act
     one = qblk.dtype.type(1)
     for j0 in range(ja, jb, bn):
         n = min(bn, jb - j0)
-        nr = 0
-        for r in range(m):
-            if act[r] != 0 and lim[i0 + r] > j0:
-                idx[nr] = r
-                nr += 1
+        nr = _active_rows(act, lim, i0, m, j0, idx)
         if nr == 0:
             continue
         qsub = qsub_buf[:nr]
