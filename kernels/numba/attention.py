@@ -93,6 +93,25 @@ def online_softmax_row(srow, nvis, mrow, lrow, r):
 
 
 @jitable
+def finish_rows(acc, mrow, lrow, o, lse, b, h, i0, m):
+    """Write the m query rows from i0 of an online-softmax block: o = acc / l and
+    lse = max + log l; a row that saw no key gets o = 0, lse = -inf. Shared with context.moc."""
+    d = acc.shape[1]
+    one = acc.dtype.type(1)
+    for r in range(m):
+        i = i0 + r
+        if lrow[r] > 0:
+            inv = one / lrow[r]
+            for c in range(d):
+                o[b, i, h, c] = acc[r, c] * inv
+            lse[b, h, i] = mrow[r] + np.log(lrow[r])
+        else:
+            for c in range(d):
+                o[b, i, h, c] = 0
+            lse[b, h, i] = -np.inf
+
+
+@jitable
 def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
     """One (batch, head, query block): stream the visible key blocks with online softmax."""
     tq, hq, d = q.shape[1], q.shape[2], q.shape[3]
@@ -137,17 +156,7 @@ def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
             alpha = alpha_row[r]
             for c in range(d):
                 acc[r, c] = acc[r, c] * alpha + pv[r, c]
-    for r in range(m):
-        i = i0 + r
-        if lrow[r] > 0:
-            inv = one / lrow[r]
-            for c in range(d):
-                o[b, i, h, c] = acc[r, c] * inv
-            lse[b, h, i] = mrow[r] + np.log(lrow[r])
-        else:
-            for c in range(d):
-                o[b, i, h, c] = 0
-            lse[b, h, i] = -np.inf
+    finish_rows(acc, mrow, lrow, o, lse, b, h, i0, m)
 
 
 @kernel(parallel=True, blas=True)

@@ -38,7 +38,7 @@ from ._common import (
     task_counter,
     thread_id,
 )
-from .attention import _bwd_post, _load_rows, online_softmax_row
+from .attention import _bwd_post, _load_rows, finish_rows, online_softmax_row
 
 __all__ = ["moc_attention", "moc_attention_fwd", "moc_attention_bwd", "MoCFunction", "BLOCK_M", "BLOCK_N"]
 
@@ -135,18 +135,7 @@ def _fwd_task(q, k, v, sel, bounds, lim, prefix, scale, o, lse, bm, bn, b, h, qb
         if anyr:
             _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
                      qsub_buf, idx, kbuf, vbuf)
-    one = q.dtype.type(1)
-    for r in range(m):
-        i = i0 + r
-        if lrow[r] > 0:
-            inv = one / lrow[r]
-            for c in range(d):
-                o[b, i, h, c] = acc[r, c] * inv
-            lse[b, h, i] = mrow[r] + np.log(lrow[r])
-        else:
-            for c in range(d):
-                o[b, i, h, c] = 0
-            lse[b, h, i] = -np.inf
+    finish_rows(acc, mrow, lrow, o, lse, b, h, i0, m)
 
 
 @kernel(parallel=True, blas=True)
