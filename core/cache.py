@@ -13,6 +13,11 @@ own subset, the same count for every head). The attention mixer finds the cache 
   materialises the probabilities H2O accumulates), then eviction if the policy evicts on steps.
 
 A policy is a ``token.*`` component (``plugins/token``); ``None`` is the full cache.
+
+Mixers that are not attention-shaped may decode too: a mixer class with
+``decodes_with_cache = True`` finds the cache in ``Context.state["kv_cache"]`` and manages
+``cache.layers[context.layer]`` itself (k, v, pos, seen for what it holds, so ``kept_tokens``
+counts it; anything else in ``LayerCache.extra``). Eviction policies apply to attention mixers only.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class LayerCache:
     pos: torch.Tensor | None = None  # [B, Hk, T] absolute positions (long)
     acc: torch.Tensor | None = None  # [B, Hk, T] running scores (H2O)
     seen: int = 0                    # tokens written to this layer so far
+    extra: dict = field(default_factory=dict)  # state a mixer that decodes itself keeps here
 
     @property
     def size(self) -> int:
@@ -116,6 +122,8 @@ def check_decodable(model) -> None:
     if getattr(model, "depth", None) is not None:
         raise ValueError("decoding with a KV cache does not support the depth KV stream (depth.moda) yet")
     for i, block in enumerate(model.blocks):
+        if getattr(block.mixer, "decodes_with_cache", False):
+            continue
         if not isinstance(block.mixer, AttentionMixer):
             raise ValueError(f"layer {i}: mixer {getattr(block.mixer, 'component_id', '?')!r} has no KV-cache "
                              "decoding path (only attention-shaped mixers built on AttentionMixer decode)")
