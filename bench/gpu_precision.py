@@ -52,15 +52,26 @@ def correctness(dev: str) -> list[dict]:
                 ("int8/fp16", lambda: P.int8_attention(q, k, v, pv="fp16", **kw),
                  lambda: R.int8_forward(q, k, v, pv="fp16", **kw)),
                 ("qaas/binary", lambda: P.qaas_forward(q, k, v, tau, gam, **kw),
-                 lambda: R.qaas_forward(q, k, v, tau, gam, **kw)),
+                 lambda: R.qaas_forward(q, k, v, tau, gam, keep=rec[-1]["keep"], **kw)),
                 ("qaas/fp8P", lambda: P.qaas_forward(q, k, v, tau, gam, binary=False, **kw),
                  lambda: R.qaas_forward(q, k, v, tau, gam, binary=False, **kw))):
-                rep = compare(got().float(), want().to(torch.bfloat16).float(), tol, name)
-                rows.append({"check": "vs-quantised-reference", "variant": name, "shape": [b, t, h, hk, d],
-                             "blocks": [qb, kb], "causal": causal, "ok": rep.ok, "max_rel": rep.max_rel,
-                             "rms_rel": rep.rms_rel})
-                print(("ok  " if rep.ok else "FAIL") + f" {name:12s} B{b} T{t} H{h}/{hk} D{d} blocks {qb}/{kb} "
-                      f"causal={causal} max_rel={rep.max_rel:.2e} rms_rel={rep.rms_rel:.2e}", flush=True)
+                with P.record_decisions() as rec:  # qaas: its keep decisions feed the reference
+                    out = got().float()
+                rep = compare(out, want().to(torch.bfloat16).float(), tol, name)
+                row = {"check": "vs-quantised-reference", "variant": name, "shape": [b, t, h, hk, d],
+                       "blocks": [qb, kb], "causal": causal, "ok": rep.ok, "max_rel": rep.max_rel,
+                       "rms_rel": rep.rms_rel}
+                extra = ""
+                if name.startswith("qaas"):
+                    dec = R.decision_report(rec[-1], causal, qb, kb, binary=name == "qaas/binary")
+                    dec_ok = (dec["score_err_ratio"] <= 1 and dec["masked_bad"] == 0 and dec["nonfinite_valid"] == 0
+                              and dec.get("own_mismatch", 0) == 0 and dec.get("flips_outside", 0) == 0)
+                    row.update(decisions=dec, ok=rep.ok and dec_ok)
+                    extra = (f" score_err/bound={dec['score_err_ratio']:.3f} flips={dec.get('flips', '-')}/"
+                             f"{dec['n_valid']} outside={dec.get('flips_outside', '-')}")
+                rows.append(row)
+                print(("ok  " if row["ok"] else "FAIL") + f" {name:12s} B{b} T{t} H{h}/{hk} D{d} blocks {qb}/{kb} "
+                      f"causal={causal} max_rel={rep.max_rel:.2e} rms_rel={rep.rms_rel:.2e}{extra}", flush=True)
     return rows
 
 
@@ -106,12 +117,32 @@ def sdpa(q, k, v, causal, backend, prepared=False):
     return o if prepared else o.transpose(1, 2)
 
 
-def bench(dev: str, tune: bool, quick: bool) -> list[dict]:
+def _prepass_int8(q, k, v, qb, kb):
+    """int8's quantisation pre-pass alone (inside every int8 time): K codes + V codes (+ Q codes
+    unless the attention kernel quantises Q itself, ``CFG["fuse_q"]``)."""
+    scale = 1.0 / q.shape[-1] ** 0.5
+    if not P.CFG["fuse_q"]:
+        P.quantise(q, qb, "int8", mult=scale * 1.4426950408889634)
+    P.quantise(k, kb, "int8", mean=R.key_mean(k))
+    P._quant_v(v, "fp8")
+
+
+def _unfused(fn):
+    """Run ``fn`` with int8's separate Q pre-pass (``CFG["fuse_q"] = False``): the old path."""
+    old = P.CFG["fuse_q"]
+    P.CFG["fuse_q"] = False
+    try:
+        return fn()
+    finally:
+        P.CFG["fuse_q"] = old
+
+
+def bench(dev: str, tune: str, quick: bool, variants: str = "") -> list[dict]:
     rows = []
     shapes = [(8, 4096, 16), (4, 8192, 16), (2, 16384, 16)]
     if quick:
         shapes = shapes[:2]
-    cfgs = [(128, 128, 8, 3), (128, 64, 8, 3)]  # int8's default blocks, qaas's default blocks
+    cfgs = [(64, 128, 4, 3), (128, 64, 8, 3)]  # int8's default blocks, qaas's default blocks
     if tune:
         cfgs = [tuple(int(x) for x in c.split("/")) for c in tune.split(",")]
     for (b, t, h) in shapes:
@@ -132,13 +163,20 @@ def bench(dev: str, tune: bool, quick: bool) -> list[dict]:
             for (qb, kb, w, s) in cfgs:
                 P.CFG.update(warps=w, stages=s)
                 tag = f"{qb}/{kb}/w{w}/s{s}"
-                for name, fn in (("int8", lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb, k_block=kb)),
+                for name, fn in (("int8-prepass", lambda: _prepass_int8(q, k, v, qb, kb)),
+                                 ("int8", lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb, k_block=kb)),
+                                 ("int8-unfusedQ", lambda: _unfused(lambda: P.int8_attention(q, k, v, causal=causal,
+                                                                                            q_block=qb, k_block=kb))),
                                  ("int8-pv16", lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb,
                                                                         k_block=kb, pv="fp16")),
                                  ("qaas", lambda: P.qaas_forward(q, k, v, tau, gam, causal=causal, q_block=qb,
                                                                  k_block=kb)),
                                  ("qaas-fp8P", lambda: P.qaas_forward(q, k, v, tau, gam, causal=causal, q_block=qb,
                                                                       k_block=kb, binary=False))):
+                    if variants and name not in variants.split(","):
+                        continue
+                    if name == "int8-prepass" and causal:
+                        continue  # the same work as non-causal
                     try:
                         res[f"{name}@{tag}"] = do_bench(fn, warmup=25, rep=100, return_mode="median")
                     except Exception as e:  # noqa: BLE001
@@ -159,8 +197,10 @@ def bench(dev: str, tune: bool, quick: bool) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", default="", help="comma list of q_block/k_block/warps/stages configs to time "
-                                                 "(default: 128/128/8/3 and 128/64/8/3, the params' default blocks)")
-    ap.add_argument("--quick", action="store_true")
+                                                 "(default: 64/128/4/3 and 128/64/8/3, the params' default blocks)")
+    ap.add_argument("--quick", action="store_true", help="T=4096 and 8192 only")
+    ap.add_argument("--variants", default="", help="comma list of impls to time (default: all of int8-prepass, "
+                                                   "int8, int8-unfusedQ, int8-pv16, qaas, qaas-fp8P)")
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
     dev = "cuda"
@@ -182,7 +222,7 @@ def main() -> None:
         out["accuracy"] = accuracy(dev)
         dump()
         print(f"[{time.time() - t0:.0f}s] accuracy done", flush=True)
-    out["bench"] = bench(dev, args.tune, args.quick)
+    out["bench"] = bench(dev, args.tune, args.quick, args.variants)
     dump()
     print(f"[{time.time() - t0:.0f}s] bench done", flush=True)
     print("\n| T | mask | impl | ms | TFLOP/s | x FA2 | x cuDNN |\n|---|---|---|---|---|---|---|")

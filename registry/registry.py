@@ -64,6 +64,13 @@ class Component:
     conformance tolerance table for this component (None: the table). For components whose
     reference emulates a rounding (quantised ops), where the table's bounds for smooth ops do
     not apply; the component's docs must justify the values.
+    oracle: optional ``(backend, device) -> oracle | None`` for ops with data-dependent discrete
+    decisions (a threshold on a score) that a backend may make differently from the reference
+    where its arithmetic rounds differently (e.g. a low-precision tensor-core dot). The oracle
+    has a context manager ``capture()`` inside which the conformance check runs the backend, and
+    ``reference(**inputs, **params)``, the reference evaluated with the decisions the backend
+    made there; the output must then match it at the normal tolerance. The component must test
+    separately that the backend's decisions differ from the exact ones only within its rounding.
     accuracy: optional ``(fn, tensors, kwargs) -> {metric: value}`` for approximate ops:
     ``blockzoo bench`` calls it for each backend's forward and reports the metrics (e.g. cosine
     similarity, relative L1, RMSE vs fp32 attention) beside the times.
@@ -82,6 +89,7 @@ class Component:
     cost: Callable[[dict[str, tuple[int, ...]], Any, str], dict[str, float]] | None = None
     kv_bytes: Callable[[Any, Any, int], float] | None = None
     tolerance: Callable[..., Any] | None = None
+    oracle: Callable[[str, str], Any] | None = None
     accuracy: Callable[..., dict[str, float]] | None = None
     doc: str = ""
     source: str = ""

@@ -4,7 +4,8 @@ Used by the project's generated matrix (``tests/test_matrix.py``) and by plugin 
 For each (component, backend, case, dtype): fresh random inputs rounded to ``dtype``; the oracle
 is the component's ``reference`` backend on the same values upcast to fp32 (fp64 for fp64);
 a component may supply its own tolerance (``Component.tolerance``: quantised ops whose reference
-emulates the rounding, so the oracle is the quantised reference, not fp32 attention);
+emulates the rounding, so the oracle is the quantised reference, not fp32 attention), and an
+oracle (``Component.oracle``: the reference evaluated with a backend's own discrete decisions);
 the backend runs with NaN-poisoned output allocation; outputs and the gradients of every input
 (for a random cotangent, also rounded to ``dtype``) are compared with the tolerance table.
 """
@@ -40,9 +41,10 @@ class ConformanceCase:
         return f"{self.component}-{self.backend}-{self.case.id}-{str(self.dtype).removeprefix('torch.')}"
 
 
-def _selected(env: str) -> set[str] | None:
+def _selected(env: str) -> list[str] | None:
+    # sorted: the matrix must be collected in the same order in every process (pytest-xdist)
     raw = os.environ.get(env, "").strip()
-    return {s.strip() for s in raw.split(",") if s.strip()} or None
+    return sorted({s.strip() for s in raw.split(",") if s.strip()}) or None
 
 
 def matrix(components=None, backends=None, dtypes=None, device: str | None = None) -> list[ConformanceCase]:
@@ -106,9 +108,15 @@ def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
     acc = torch.promote_types(cc.dtype, torch.float32)
     oracle_inputs = {k: (None if t is None else t.detach().to(acc).requires_grad_(t.requires_grad))
                      for k, t in inputs.items()}
-    expected = _as_tuple(reference.fn(**oracle_inputs, **kwargs))
-    with poisoned():
-        actual = _as_tuple(backend.fn(**inputs, **kwargs))
+    oracle = comp.oracle(cc.backend, cc.device) if comp.oracle is not None else None
+    if oracle is None:
+        expected = _as_tuple(reference.fn(**oracle_inputs, **kwargs))
+        with poisoned():
+            actual = _as_tuple(backend.fn(**inputs, **kwargs))
+    else:  # the reference evaluated with the backend's own discrete decisions (Component.oracle)
+        with poisoned(), oracle.capture():
+            actual = _as_tuple(backend.fn(**inputs, **kwargs))
+        expected = _as_tuple(oracle.reference(**oracle_inputs, **kwargs))
 
     reports = []
     where = f"[{cc.id} seed={seed}; replay with BLOCKZOO_TEST_SEED={seed}]"

@@ -132,14 +132,122 @@ def test_key_smoothing_is_what_makes_int8_accurate_on_outliers():
 
 
 def test_backends_agree_with_the_quantised_reference_on_outliers():
-    """Large outlier inputs (the matrix uses unit normals): every backend vs the emulation."""
+    """Large outlier inputs (the matrix uses unit normals): every backend vs the emulation
+    (Triton qaas: the emulation with the kernel's own keep decisions, as in the matrix)."""
     q, k, v = _inputs("outliers", 2, t=200, d=64)
-    for cid, want in (("precision.int8", R.int8_forward(q, k, v)),
-                      ("precision.qaas", R.qaas_forward(q, k, v, torch.full((4,), 0.25), torch.ones(4)))):
+    tau, gamma = torch.full((4,), 0.25), torch.ones(4)
+    for cid in ("precision.int8", "precision.qaas"):
         for backend in _backends(cid):
-            got = _run(cid, backend, q, k, v)
+            if cid == "precision.qaas" and backend == "triton":
+                from blockzoo.kernels.triton.precision import record_decisions
+                with record_decisions() as rec:
+                    got = _run(cid, backend, q, k, v)
+                want = R.qaas_forward(q, k, v, tau, gamma, keep=rec[0]["keep"].cpu())
+            else:
+                got = _run(cid, backend, q, k, v)
+                want = R.int8_forward(q, k, v) if cid == "precision.int8" else R.qaas_forward(q, k, v, tau, gamma)
             err = (got - want).abs().max() / want.abs().max()
             assert err < 2.0**-4, (cid, backend, float(err))
+
+
+# ---------------------------------------------------------------------------------------------
+# qaas binary decisions: a kernel may decide otherwise than the exact scores only where its
+# FP8 dot's rounding of a score can reach the threshold (reference.decision_report)
+# ---------------------------------------------------------------------------------------------
+def _record_from_reference(q, k, v, tau, causal, q_block, k_block, scale=None):
+    """A record as ``record_decisions`` makes it, built from the reference's exact scores."""
+    c = torch.tensor(R.resolve_scale(q.shape[-1], scale) * R.LOG2E)
+    qc, sq = R.quant_blocks(q.float(), q_block, "fp8")
+    kc, sk = R.quant_blocks(k.float(), k_block, "fp8")
+    sq = sq * c
+    s, _ = R.fp8_dot_scores(qc, sq, kc, sk, q_block, k_block)
+    b, tq, hq, _ = q.shape
+    tk = k.shape[1]
+    valid = R._valid(tq, 0, tk, tk, causal, "cpu")
+    s = torch.where(valid, s.float(), float("-inf"))
+    lt = R.log2_tau(tau)
+    keep = valid & (s >= R._tile_max(s, k_block) + lt[None, :, None, None])
+    return {"scores": s, "keep": keep.to(torch.int8), "codes": (qc, sq, kc, sk), "log2_tau": lt}
+
+
+def _clean(rep: dict, binary: bool = True) -> bool:
+    ok = rep["score_err_ratio"] <= 1 and rep["masked_bad"] == 0 and rep["nonfinite_valid"] == 0
+    return ok and (not binary or (rep["own_mismatch"] == 0 and rep["flips_outside"] == 0))
+
+
+def test_decision_report_detects_wrong_scores_and_decisions():
+    """The checker itself: clean on exact decisions, and it flags a decision taken far from the
+    threshold, a decision inconsistent with the kernel's own scores, and a score error beyond
+    the FP8 dot's bound; the reference evaluated with given decisions follows them."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 70, h, 40, generator=g) for h in (2, 1, 1))
+    tau = torch.tensor([0.3, 0.5])
+    kw = dict(causal=True, q_block=32, k_block=32)
+    rec = _record_from_reference(q, k, v, tau, **kw)
+    rep = R.decision_report(rec, **kw)
+    assert _clean(rep) and rep["flips"] == 0 and rep["kept"] > 0, rep
+    # the reference with its own decisions given is the reference
+    want = R.qaas_forward(q, k, v, tau, torch.ones(2), **kw)
+    assert torch.equal(R.qaas_forward(q, k, v, tau, torch.ones(2), keep=rec["keep"], **kw), want)
+    # flip the decision of the valid entry farthest from its threshold (a kept key's own score)
+    s, keep = rec["scores"], rec["keep"].clone()
+    thr = R._tile_max(s, 32) + R.log2_tau(tau)[None, :, None, None]
+    dist = torch.where(torch.isfinite(s), (s - thr).abs(), -1.0)
+    i = int(dist.flatten().argmax())
+    keep.view(-1)[i] = 1 - keep.view(-1)[i]
+    bad = R.decision_report({**rec, "keep": keep}, **kw)
+    assert bad["flips_outside"] == 1 and bad["own_mismatch"] == 1, bad
+    other = R.qaas_forward(q, k, v, tau, torch.ones(2), keep=keep, **kw)
+    assert not torch.allclose(other, want)
+    # a score moved by 4x its bound
+    _, bnd = R.fp8_dot_scores(*rec["codes"], 32, 32)
+    s2 = s.clone()
+    s2.view(-1)[i] += 4 * float(bnd.view(-1)[i])
+    assert R.decision_report({**rec, "scores": s2}, **kw)["score_err_ratio"] > 3
+
+
+DECISION_CASES = [  # (B, T, Hq, Hk, D, causal, q_block, k_block, tau)
+    (1, 70, 2, 1, 40, True, 32, 32, 0.25),
+    (1, 50, 2, 2, 64, False, 32, 64, 0.5),
+] if DEV == "cpu" else [
+    (2, 300, 4, 2, 128, True, 128, 64, 0.25),
+    (1, 520, 2, 2, 128, False, 128, 64, 0.4),
+    (1, 257, 2, 1, 40, True, 64, 32, 0.25),
+    (1, 384, 2, 2, 64, False, 128, 128, 0.1),
+]
+
+
+@pytest.mark.parametrize("case", DECISION_CASES, ids=[f"B{c[0]}-T{c[1]}-H{c[2]}:{c[3]}-D{c[4]}-"
+                                                      f"{'causal' if c[5] else 'full'}-{c[6]}/{c[7]}-tau{c[8]}"
+                                                      for c in DECISION_CASES])
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+def test_triton_qaas_decisions_flip_only_near_the_threshold(case, kind, capsys):
+    """Compiled (FP8 tensor cores) or interpreted: the kernel's scores are within the FP8 dot's
+    error bound of the exact scores, its decisions are exactly the rule on its own scores, and
+    every decision that differs from the exact one lies within the derived margin."""
+    if not HAVE_TRITON:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    from blockzoo.kernels.triton.precision import qaas_forward, record_decisions
+    b, t, hq, hk, d, causal, qb, kb, tau = case
+    if kind == "outliers":
+        q, k, v = R.outlier_inputs(b, t, hq, hk, d, torch.float32, "cpu", seed=t)
+    else:
+        g = torch.Generator().manual_seed(t)
+        q, k, v = (torch.randn(b, t, h, d, generator=g) for h in (hq, hk, hk))
+    q, k, v = (x.to(DEV, torch.bfloat16) for x in (q, k, v))
+    taus = torch.full((hq,), tau, device=DEV)
+    kw = dict(causal=causal, q_block=qb, k_block=kb)
+    for binary in (True, False):
+        with record_decisions() as rec:
+            recorded = qaas_forward(q, k, v, taus, torch.ones(hq, device=DEV), binary=binary, **kw)
+        # the recording launch computes what the normal launch does (two extra stores only), so
+        # the matrix's check of the recorded output covers the normal one
+        plain = qaas_forward(q, k, v, taus, torch.ones(hq, device=DEV), binary=binary, **kw)
+        assert torch.equal(recorded, plain)
+        rep = R.decision_report(rec[0], binary=binary, **kw)
+        with capsys.disabled():
+            print(f"\n  qaas decisions {DEV} {kind} {case} binary={binary}: {rep}", end="")
+        assert _clean(rep, binary), rep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,3 +327,23 @@ def test_qaas_tau_shape_is_checked(backend):
     q = torch.randn(1, 8, 4, 16)
     with pytest.raises(ValueError, match="tau must be a tensor of shape"):
         blockzoo.op("precision.qaas", backend=backend)(q, q, q, torch.ones(2), torch.ones(4))
+
+
+def test_triton_int8_fused_q_quantisation_equals_the_prepass():
+    """int8's attention kernel quantises its Q block itself (``CFG["fuse_q"]``) with the
+    pre-pass's exact operations: the output is bit for bit that of the separate pre-pass."""
+    if not HAVE_TRITON:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    from blockzoo.kernels.triton import precision as P
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 100, h, 40, generator=g).to(DEV, torch.bfloat16) for h in (4, 2, 2))
+    q[..., 3] *= 30
+    old = P.CFG["fuse_q"]
+    try:
+        outs = []
+        for fuse in (True, False):
+            P.CFG["fuse_q"] = fuse
+            outs.append(P.int8_attention(q, k, v, causal=True, q_block=64, k_block=32, scale=0.3))
+    finally:
+        P.CFG["fuse_q"] = old
+    assert torch.equal(outs[0], outs[1])

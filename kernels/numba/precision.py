@@ -270,7 +270,7 @@ class _Int8Function(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def int8_attention(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 128,
+def int8_attention(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 64,
                    k_block: int = 128, pv: str = "fp8", smooth_k: bool = True) -> torch.Tensor:
     """``precision.int8`` on the CPU: quantised forward; backward = Numba dense attention."""
     return _Int8Function.apply(q, k, v, bool(causal), scale, int(q_block), int(k_block), pv, bool(smooth_k))

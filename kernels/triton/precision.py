@@ -6,6 +6,8 @@ Two kernels per call, the quantisation rules being exactly those of
 1. :func:`_quant_kernel`, a small pre-pass, one program per (row block, head, batch): loads a
    [block, D] tile of q or k in fp32 (times the folded softmax scale, minus the key mean for
    smoothed int8 keys), takes max |x|, writes INT8 or FP8 E4M3 codes and the fp32 block scale.
+   (int8's Q skips it by default: the attention kernel quantises its own Q block with the same
+   operations, ``CFG["fuse_q"]``; bit-identical codes.)
    V goes per channel: amax over tokens in torch (one reduction), codes written by
    :func:`_quant_v_kernel` TRANSPOSED ([B, H, D, T]) so the PV dot reads a K-major fp8 operand
    (what Hopper's FP8 wgmma wants).
@@ -39,6 +41,8 @@ Triton backward kernel for it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -58,23 +62,34 @@ from .attention import (
 )
 from .attention import _check as _check_qkv
 
-__all__ = ["int8_attention", "qaas_attention", "quantise", "CFG"]
+__all__ = ["int8_attention", "qaas_attention", "qaas_forward", "quantise", "record_decisions", "CFG"]
 
 INTERP = _interpreting()
 #: (num_warps, num_stages) of the attention kernel; BLOCK_M/BLOCK_N are the params' q_block/k_block.
 #: warps=None: 8 for q_block >= 128, else 4 (H100 measurements in docs/performance.md).
-CFG = {"warps": None, "stages": 3}
+#: fuse_q: int8's attention kernel quantises its Q block itself (no Q pre-pass pass over memory).
+CFG = {"warps": None, "stages": 3, "fuse_q": True}
 
 if INTERP:
     @triton.jit
     def _rint(y):
         return (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 add rounds half to even
+
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b
 else:
     from triton.language.extra import libdevice
 
     @triton.jit
     def _rint(y):
         return libdevice.rint(y)
+
+    @triton.jit
+    def _mul_rn(a, b):
+        # a rounded product that the compiler may not fuse with a following subtraction into
+        # an FMA (one rounding), so ``x * mult - mean`` rounds twice, as in the reference
+        return libdevice.mul_rn(a, b)
 
 
 @triton.jit
@@ -119,15 +134,18 @@ def _quant_kernel(X, MEAN, C, S, s_xb, s_xt, s_xh, s_cb, s_ct, s_ch, s_mb, s_mh,
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     x = _load_tile(X + b * s_xb + h.to(tl.int64) * s_xh, rows, s_xt, offs_d, T, D, True, EVEN_D)
-    x = x.to(tl.float32) * mult
+    x = x.to(tl.float32)
+    x = _mul_rn(x, tl.zeros_like(x) + mult)
     if HAS_MEAN:
         mu = tl.load(MEAN + b * s_mb + h * s_mh + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where((rows[:, None] < T) & (offs_d[None, :] < D), x - mu[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    inv = tl.where(amax > 0, QMAX / tl.where(amax > 0, amax, 1.0), 0.0)
+    # IEEE-rounded divisions (a plain fp32 '/' compiles to an approximate division), so the
+    # scales and codes equal the reference's bit for bit
+    inv = tl.where(amax > 0, tl.math.div_rn(QMAX + tl.zeros_like(amax), tl.where(amax > 0, amax, 1.0)), 0.0)
     codes = _to_code(x * inv, KIND, FP8_NATIVE)
     _store_tile(C + b * s_cb + h.to(tl.int64) * s_ch, codes, rows, s_ct, offs_d, T, D, EVEN_D)
-    tl.store(S + (b * NB + pid) * H + h, amax / QMAX)
+    tl.store(S + (b * NB + pid) * H + h, tl.math.div_rn(amax, QMAX + tl.zeros_like(amax)))
 
 
 @triton.jit
@@ -160,12 +178,13 @@ def _qdot(a, b, INT: tl.constexpr, FP8_NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _qattn_fwd_kernel(QC, KC, VT, SQ, SK, VS, LT, GAMMA, Out,
+def _qattn_fwd_kernel(QC, KC, VT, SQ, SK, VS, LT, GAMMA, Out, DBG_S, DBG_K,
                       s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vh, s_vd, s_ob, s_ot, s_oh,
-                      Hq, Hk, Tq, Tk, NBQ, NBK, GROUP, diag,
+                      Hq, Hk, Tq, Tk, NBQ, NBK, GROUP, diag, q_mult,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, QK_INT: tl.constexpr, PMODE: tl.constexpr,
-                      HAS_GAMMA: tl.constexpr, FP8_NATIVE: tl.constexpr):
+                      HAS_GAMMA: tl.constexpr, FP8_NATIVE: tl.constexpr, DEBUG: tl.constexpr,
+                      Q_RAW: tl.constexpr):
     EVEN_D: tl.constexpr = D == BLOCK_D
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -176,22 +195,35 @@ def _qattn_fwd_kernel(QC, KC, VT, SQ, SK, VS, LT, GAMMA, Out,
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(QC + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
-    sq = tl.load(SQ + (b * NBQ + pid_m) * Hq + h)
+    if Q_RAW:
+        # int8: QC is the raw q; its block of BLOCK_M = q_block rows is quantised here, in
+        # registers, with exactly the pre-pass's operations (:func:`_quant_kernel`, no mean)
+        x = _load_tile(QC + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+        x = x.to(tl.float32)
+        x = _mul_rn(x, tl.zeros_like(x) + q_mult)
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        inv = tl.where(amax > 0, tl.math.div_rn(127.0 + tl.zeros_like(amax), tl.where(amax > 0, amax, 1.0)), 0.0)
+        q = _to_code(x * inv, 0, FP8_NATIVE)
+        sq = tl.math.div_rn(amax, 127.0 + tl.zeros_like(amax))
+    else:
+        q = _load_tile(QC + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+        sq = tl.load(SQ + (b * NBQ + pid_m) * Hq + h)
     k_base = KC + b * s_kb + hk.to(tl.int64) * s_kh
     vt_base = VT + b * s_vb + hk.to(tl.int64) * s_vh
     sk_base = SK + b * NBK * Hk + hk
     lt = tl.load(LT + h)  # log2 tau (binary P); a dummy valid pointer otherwise
+    # DEBUG: this program's rows of the [B, Hq, Tq, Tk] score / keep-decision records
+    dbg_off = ((b * Hq + h) * Tq).to(tl.int64) * Tk
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full, n_end = _fwd_kv_ranges(m0, Tk, diag, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = qattn_fwd_inner(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, s_kt, s_vd, Hk,
                                     offs_m, offs_d, 0, n_full, Tk, diag, lt, D, BLOCK_N, False, CAUSAL, EVEN_D, QK_INT, PMODE,
-                              FP8_NATIVE)
+                                    FP8_NATIVE, DBG_S + dbg_off, DBG_K + dbg_off, Tq, DEBUG)
     acc, m_i, l_i = qattn_fwd_inner(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, s_kt, s_vd, Hk,
                                     offs_m, offs_d, n_full, n_end, Tk, diag, lt, D, BLOCK_N, True, CAUSAL, EVEN_D, QK_INT, PMODE,
-                              FP8_NATIVE)
+                                    FP8_NATIVE, DBG_S + dbg_off, DBG_K + dbg_off, Tq, DEBUG)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     vs = tl.load(VS + (b * Hk + hk) * D + offs_d, mask=offs_d < D, other=0.0)
     o = acc * inv_l[:, None] * vs[None, :]
@@ -206,21 +238,22 @@ def qattn_fwd_inner(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, stride_kn, s
                        offs_m, offs_d, lo, hi, Tk, diag, lt,
                        D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                        EVEN_D: tl.constexpr, QK_INT: tl.constexpr, PMODE: tl.constexpr,
-                       FP8_NATIVE: tl.constexpr):
+                       FP8_NATIVE: tl.constexpr, dbg_s, dbg_k, Tq, DEBUG: tl.constexpr):
     """``attention.attn_fwd_inner`` with quantised tiles over key blocks ``[lo, hi)``.
 
     ``q``: the query codes tile, ``sq`` its scale (softmax scale folded in); the scale of key
     block j is at ``sk_base + j * stride_sk``; ``vt_base``: this (batch, kv head)'s transposed
     V codes. PMODE 0: FP8 P (``exp2(s - m + log2 448)``); 1: fp16 P; 2: binary P with the per-(row, tile)
     mean kept probability (``lt`` = log2 tau). ``l_i`` is the row sum (PMODE 0/1) or the kept
-    mass (2).
+    mass (2). DEBUG: also store the descaled scores (log2 units) at ``dbg_s`` and the keep
+    decisions (PMODE 2) at ``dbg_k``, rows of ``Tk`` (this program's ``[Tq, Tk]`` block).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, m_i, l_i = _qattn_step(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, stride_kn, stride_vd,
                                     stride_sk, offs_m, offs_d, offs_n0, start_n, Tk, diag, lt, D, BLOCK_N,
-                                    MASKED, CAUSAL, EVEN_D, QK_INT, PMODE, FP8_NATIVE)
+                                    MASKED, CAUSAL, EVEN_D, QK_INT, PMODE, FP8_NATIVE, dbg_s, dbg_k, Tq, DEBUG)
     return acc, m_i, l_i
 
 
@@ -228,7 +261,8 @@ def qattn_fwd_inner(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, stride_kn, s
 def _qattn_step(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, stride_kn, stride_vd, stride_sk,
                 offs_m, offs_d, offs_n0, start_n, Tk, diag, lt,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, QK_INT: tl.constexpr, PMODE: tl.constexpr, FP8_NATIVE: tl.constexpr):
+                EVEN_D: tl.constexpr, QK_INT: tl.constexpr, PMODE: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                dbg_s, dbg_k, Tq, DEBUG: tl.constexpr):
     """One key tile of the quantised online softmax (see :func:`qattn_fwd_inner`)."""
     cols = start_n + offs_n0
     k = _load_tile(k_base, cols, stride_kn, offs_d, Tk, D, MASKED, EVEN_D)
@@ -239,6 +273,9 @@ def _qattn_step(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, stride_kn, strid
         if CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
         s = tl.where(valid, s, float("-inf"))
+    if DEBUG:
+        dmask = (offs_m[:, None] < Tq) & (cols[None, :] < Tk)
+        tl.store(dbg_s + offs_m[:, None] * Tk + cols[None, :], s, mask=dmask)
     mt = tl.max(s, 1)
     m_new = tl.maximum(m_i, mt)
     if MASKED:
@@ -264,6 +301,8 @@ def _qattn_step(acc, m_i, l_i, q, sq, k_base, vt_base, sk_base, stride_kn, strid
         keep = s >= (mt + lt)[:, None]
         if MASKED:
             keep = keep & valid
+        if DEBUG:
+            tl.store(dbg_k + offs_m[:, None] * Tk + cols[None, :], keep.to(tl.int8), mask=dmask)
         kp = tl.where(keep, p, 0.0)
         n = tl.sum(keep.to(tl.float32), 1)
         kept = tl.sum(kp, 1)
@@ -349,21 +388,29 @@ def _quant_v(v: torch.Tensor, pv: str):
 
 
 def _launch(qc, kc, vt, sq, sk, vs, lt, gamma, B, Tq, Hq, D, Tk, Hk, causal, q_block, k_block, qk_int, pmode,
-            out_dtype, device):
+            out_dtype, device, record=None, q_mult=None):
     o = _alloc((B, Tq, Hq, D), out_dtype, device)
+    if record is not None:
+        # the kernel's own scores (-inf where masked or never visited) and keep decisions
+        record["scores"] = torch.full((B, Hq, Tq, Tk), float("-inf"), dtype=torch.float32, device=device)
+        record["keep"] = torch.zeros((B, Hq, Tq, Tk), dtype=torch.int8, device=device)
     if o.numel() == 0:
         return o
     if Tk == 0:
         return o.zero_()
     grid = (triton.cdiv(Tq, q_block), Hq, B)
-    dummy = sq
+    dummy = sk
+    dbg_s, dbg_k = (record["scores"], record["keep"]) if record is not None else (dummy, dummy)
     _qattn_fwd_kernel[grid](
         qc, kc, vt, sq, sk, vs, lt if lt is not None else dummy, gamma if gamma is not None else dummy, o,
+        dbg_s, dbg_k,
         qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
         vt.stride(0), vt.stride(1), vt.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        Hq, Hk, Tq, Tk, sq.shape[1], sk.shape[1], Hq // Hk, Tk - Tq,
+        Hq, Hk, Tq, Tk, triton.cdiv(Tq, q_block), sk.shape[1], Hq // Hk, Tk - Tq,
+        1.0 if q_mult is None else float(q_mult),
         D=D, BLOCK_D=_bd(D), BLOCK_M=q_block, BLOCK_N=k_block, CAUSAL=bool(causal), QK_INT=qk_int,
-        PMODE=pmode, HAS_GAMMA=gamma is not None, FP8_NATIVE=not INTERP,
+        PMODE=pmode, HAS_GAMMA=gamma is not None, FP8_NATIVE=not INTERP, DEBUG=record is not None,
+        Q_RAW=q_mult is not None,
         num_warps=4 if INTERP else (CFG["warps"] or (8 if q_block >= 128 else 4)),
         num_stages=1 if INTERP else CFG["stages"])
     return o
@@ -375,11 +422,14 @@ def _int8_fwd_impl(q, k, v, causal: bool, scale: float, q_block: int, k_block: i
     Tk, Hk = k.shape[1], k.shape[2]
     if pv not in ("fp8", "fp16"):
         raise ValueError(f"precision.int8: pv must be 'fp8' or 'fp16'; got {pv!r}")
-    qc, sq = quantise(q, q_block, "int8", mult=scale * LOG2E)
+    if CFG["fuse_q"]:  # the attention kernel quantises its own Q block (no Q pre-pass)
+        qc, sq, q_mult = _unit_last(q), None, scale * LOG2E
+    else:
+        (qc, sq), q_mult = quantise(q, q_block, "int8", mult=scale * LOG2E), None
     kc, sk = quantise(k, k_block, "int8", mean=key_mean(k) if smooth_k and Tk > 0 else None)
     vt, vs = _quant_v(v, pv)
     return _launch(qc, kc, vt, sq, sk, vs.contiguous(), None, None, B, Tq, Hq, D, Tk, Hk, causal, q_block, k_block,
-                   True, 0 if pv == "fp8" else 1, q.dtype, q.device)
+                   True, 0 if pv == "fp8" else 1, q.dtype, q.device, q_mult=q_mult)
 
 
 def _define_ops():
@@ -415,11 +465,32 @@ def _define_ops():
 _int8_op = _define_ops()
 
 
-def int8_attention(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 128,
+def int8_attention(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 64,
                    k_block: int = 128, pv: str = "fp8", smooth_k: bool = True) -> torch.Tensor:
     """``precision.int8``: o [B, Tq, Hq, D] in q's dtype; backward = dense core (straight-through)."""
     scale = 1.0 / (q.shape[-1] ** 0.5) if scale is None else float(scale)
     return _int8_op(q, k, v, bool(causal), scale, int(q_block), int(k_block), str(pv), bool(smooth_k))
+
+
+_RECORDS: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def record_decisions():
+    """Record what every :func:`qaas_forward` launched inside the block computed and decided.
+
+    Yields a list; each qaas forward launch appends a dict: ``scores`` fp32 [B, Hq, Tq, Tk], the
+    kernel's own descaled scores (log2 units; -inf where masked), ``keep`` int8 [B, Hq, Tq, Tk],
+    its binary keep decisions (all 0 unless ``binary``), ``codes`` = (qc, sq, kc, sk), the
+    quantised Q/K and scales it used, and ``log2_tau`` [Hq]. It is the normal launch with two
+    extra stores (constexpr ``DEBUG``), so the decisions are those of the output it returns.
+    For tests: the records are dense O(T^2)."""
+    rec: list[dict] = []
+    _RECORDS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDS.remove(rec)
 
 
 @torch.no_grad()
@@ -437,8 +508,12 @@ def qaas_forward(q, k, v, tau, gamma, causal: bool = True, scale: float | None =
     vt, vs = _quant_v(v, "fp8")
     lt = log2_tau(tau).to(q.device).contiguous()
     g = gamma.detach().float().contiguous()
-    return _launch(qc, kc, vt, sq, sk, vs.contiguous(), lt, g, B, Tq, Hq, D, Tk, Hk, causal, q_block, k_block,
-                   False, 2 if binary else 0, q.dtype, q.device)
+    record = {"codes": (qc, sq, kc, sk), "log2_tau": lt} if _RECORDS else None
+    o = _launch(qc, kc, vt, sq, sk, vs.contiguous(), lt, g, B, Tq, Hq, D, Tk, Hk, causal, q_block, k_block,
+                False, 2 if binary else 0, q.dtype, q.device, record)
+    for rec in _RECORDS:
+        rec.append(record)
+    return o
 
 
 def qaas_attention(q, k, v, tau, gamma, causal: bool = True, scale: float | None = None, q_block: int = 128,

@@ -18,7 +18,7 @@ class Int8AttentionParams(BaseModel):
 
     causal: bool = Field(True, description="causal mask, bottom-right aligned when Tk > Tq")
     scale: float | None = Field(None, gt=0, description="softmax scale; None = 1/sqrt(head_dim)")
-    q_block: int = Field(128, description="query rows per INT8 scale (and the kernel's query tile)")
+    q_block: int = Field(64, description="query rows per INT8 scale (and the kernel's query tile)")
     k_block: int = Field(128, description="key rows per INT8 scale (and the kernel's key tile, the P tile)")
     pv: Literal["fp8", "fp16"] = Field("fp8", description="precision of P and V in the PV product")
     smooth_k: bool = Field(True, description="subtract the per-head key mean over tokens before quantising")

@@ -45,6 +45,7 @@ passes use these same definitions.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -143,7 +144,7 @@ def _valid(tq: int, tk0: int, tk1: int, tk: int, causal: bool, device) -> torch.
 # exact emulation of the kernels' forward (no autograd)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def int8_forward(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 128,
+def int8_forward(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 64,
                  k_block: int = 128, pv: str = "fp8", smooth_k: bool = True) -> torch.Tensor:
     """The int8 kernels' forward, emulated in fp32 torch ops: o fp32 [B, Tq, Hq, D]."""
     check_shapes(q, k, v)
@@ -167,8 +168,11 @@ def int8_forward(q, k, v, causal: bool = True, scale: float | None = None, q_blo
                    None, None).to(torch.float32)
 
 
-def _online(qc, kc, vq, vs, sq_rows, sk, causal, k_block, tk, pmode, log2tau, gamma):
-    """Online softmax over key tiles; pmode 'fp8' / 'fp16' (P rounded) or 'binary' (qaas)."""
+def _online(qc, kc, vq, vs, sq_rows, sk, causal, k_block, tk, pmode, log2tau, gamma, keep_given=None):
+    """Online softmax over key tiles; pmode 'fp8' / 'fp16' (P rounded) or 'binary' (qaas).
+
+    ``keep_given`` [B, Hq, Tq, Tk] (binary only): use these keep decisions instead of
+    ``s >= mt + log2 tau`` (see :func:`qaas_forward`)."""
     b, tq, hq, d = qc.shape
     dev = qc.device
     kx, vx = expand_kv(kc, hq), expand_kv(vq, hq)
@@ -196,7 +200,10 @@ def _online(qc, kc, vq, vs, sq_rows, sk, causal, k_block, tk, pmode, log2tau, ga
         alpha = torch.exp2(m - m_sub)
         vt = vx[:, j0:j1].permute(0, 2, 1, 3)                   # [B, H, n, D]
         if pmode == "binary":
-            keep = valid & (s >= (mt + log2tau[None, :, None])[..., None])
+            if keep_given is None:
+                keep = valid & (s >= (mt + log2tau[None, :, None])[..., None])
+            else:
+                keep = valid & keep_given[..., j0:j1].to(device=dev, dtype=torch.bool)
             kp = torch.where(keep, p, 0.0)
             n = keep.sum(-1).to(torch.float32)
             kept = kp.sum(-1)
@@ -218,19 +225,29 @@ def _online(qc, kc, vq, vs, sq_rows, sk, causal, k_block, tk, pmode, log2tau, ga
 
 @torch.no_grad()
 def qaas_forward(q, k, v, tau, gamma, causal: bool = True, scale: float | None = None, q_block: int = 128,
-                 k_block: int = 64, binary: bool = True) -> torch.Tensor:
-    """The qaas kernels' forward, emulated in fp32 torch ops: o fp32 [B, Tq, Hq, D]."""
+                 k_block: int = 64, binary: bool = True, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The qaas kernels' forward, emulated in fp32 torch ops: o fp32 [B, Tq, Hq, D].
+
+    ``keep`` [B, Hq, Tq, Tk] (bool or 0/1; binary only): evaluate with these keep decisions
+    instead of the reference's own. The conformance check passes a kernel's recorded decisions
+    (``kernels.triton.precision.record_decisions``): a decision is a step of a score, and the
+    GPU's FP8 tensor-core dot rounds scores differently from this exact fp32 sum, so it may
+    decide otherwise where a score lies within that rounding of the threshold;
+    :func:`decision_report` checks that this is the only place it does."""
     check_shapes(q, k, v)
     check_tau_gamma(q, tau, gamma)
     b, tq, hq, d = q.shape
     tk = k.shape[1]
+    if keep is not None and tuple(keep.shape) != (b, hq, tq, tk):
+        raise ValueError(f"precision.qaas: keep must have shape [B, Hq, Tq, Tk] = {(b, hq, tq, tk)}; "
+                         f"got {tuple(keep.shape)}")
     c = torch.tensor(resolve_scale(d, scale) * LOG2E, dtype=torch.float32, device=q.device)
     qc, sq = quant_blocks(q.float(), q_block, "fp8")
     kc, sk = quant_blocks(k.float(), k_block, "fp8")
     sq = sq * c                                                  # descale with the softmax scale folded in
     vq, vs = quant_v_channels(v.float())
     return _online(qc, kc, vq, vs, _row_scales(sq, q_block, tq, hq), sk, causal, k_block, tk,
-                   "binary" if binary else "fp8", log2_tau(tau).to(q.device), gamma.detach())
+                   "binary" if binary else "fp8", log2_tau(tau).to(q.device), gamma.detach(), keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +269,7 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
-def int8_reference(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 128,
+def int8_reference(q, k, v, causal: bool = True, scale: float | None = None, q_block: int = 64,
                    k_block: int = 128, pv: str = "fp8", smooth_k: bool = True) -> torch.Tensor:
     """``precision.int8``: emulated quantised forward; gradient of fp32 dense attention."""
     val = int8_forward(q, k, v, causal, scale, q_block, k_block, pv, smooth_k)
@@ -302,9 +319,12 @@ def qaas_surrogate(q, k, v, tau, gamma, causal: bool = True, scale: float | None
 
 
 def qaas_reference(q, k, v, tau, gamma, causal: bool = True, scale: float | None = None, q_block: int = 128,
-                   k_block: int = 64, binary: bool = True, temperature: float = 1.0) -> torch.Tensor:
-    """``precision.qaas``: emulated quantised forward; straight-through surrogate gradient."""
-    return qaas_apply(qaas_forward, q, k, v, tau, gamma, causal=causal, scale=scale, q_block=q_block,
+                   k_block: int = 64, binary: bool = True, temperature: float = 1.0,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``precision.qaas``: emulated quantised forward; straight-through surrogate gradient.
+    ``keep``: given keep decisions (see :func:`qaas_forward`); they change the forward value only."""
+    fwd = qaas_forward if keep is None else functools.partial(qaas_forward, keep=keep)
+    return qaas_apply(fwd, q, k, v, tau, gamma, causal=causal, scale=scale, q_block=q_block,
                       k_block=k_block, binary=binary, temperature=temperature)
 
 
@@ -327,6 +347,105 @@ def qaas_apply(forward, q, k, v, tau, gamma, **kw) -> torch.Tensor:
     acc = sur.dtype
     o = (u.detach().to(acc) + (sur - sur.detach())) * gamma.to(acc)[None, None, :, None]
     return o.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# a kernel's binary decisions vs the exact ones (qaas on FP8 tensor cores)
+# ----------------------------------------------------------------------------------------------
+#: Model of an FP8 tensor-core dot (Hopper wgmma, k = 32 per instruction): each instruction adds
+#: ``FP8_DOT_GROUP`` exact products and the running accumulator after aligning them to the
+#: largest exponent among them, keeping ``FP8_DOT_BITS`` fraction bits below it (truncated).
+#: DeepSeek-V3's report (arXiv 2412.19437, sec. 3.3.2) measured "around 14 bits" of accumulation
+#: precision for FP8 GEMM on Hopper; 13 fraction bits is that. Each of the G + 1 aligned terms then
+#: loses less than 2^-13 of the group's largest magnitude.
+FP8_DOT_BITS = 13
+FP8_DOT_GROUP = 32
+
+
+@torch.no_grad()
+def fp8_dot_scores(qc, sq, kc, sk, q_block: int, k_block: int, bits: int = FP8_DOT_BITS,
+                   group: int = FP8_DOT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact scores of the quantised Q/K and a bound on a tensor-core dot's error in them.
+
+    qc [B, Tq, Hq, D] / kc [B, Tk, Hk, D]: codes (any dtype holding the FP8 or INT8 values);
+    sq [B, nbq, Hq] (softmax scale folded in) / sk [B, nbk, Hk]: block scales. Returns fp64
+    [B, Hq, Tq, Tk]: ``s = (qc . kc) sq sk`` summed exactly, and the bound: per group of
+    ``group`` channels (in channel order, as the kernel's K loop), ``(group + 1) 2^-bits
+    max(|partial sum before|, max|q| max|k| of the group)``, times ``sq sk``, plus 2^-21 |s| for
+    the fp32 descale (two roundings)."""
+    b, tq, hq, d = qc.shape
+    tk = kc.shape[1]
+    qd = qc.to(torch.float64).permute(0, 2, 1, 3)
+    kd = expand_kv(kc.to(torch.float64), hq).permute(0, 2, 1, 3)
+    scale = (_row_scales(sq.double(), q_block, tq, hq)[..., :, None]
+             * _row_scales(sk.double(), k_block, tk, hq)[..., None, :])
+    partial = torch.zeros(b, hq, tq, tk, dtype=torch.float64, device=qc.device)
+    err = torch.zeros_like(partial)
+    for g0 in range(0, d, group):
+        qg, kg = qd[..., g0:g0 + group], kd[..., g0:g0 + group]
+        mprod = qg.abs().amax(-1)[..., :, None] * kg.abs().amax(-1)[..., None, :]
+        err += (group + 1) * torch.maximum(partial.abs(), mprod)
+        partial += qg @ kg.transpose(-1, -2)
+    s = partial * scale
+    return s, err * 2.0**-bits * scale + 2.0**-21 * s.abs()
+
+
+def _tile_max(x: torch.Tensor, k_block: int) -> torch.Tensor:
+    """Max over each key tile, broadcast back: x [..., Tk] -> [..., Tk]."""
+    tk = x.shape[-1]
+    nbk = -(-tk // k_block)
+    pad = nbk * k_block - tk
+    xp = torch.nn.functional.pad(x, (0, pad), value=-math.inf) if pad else x
+    m = xp.reshape(*x.shape[:-1], nbk, k_block).amax(-1)
+    return m.repeat_interleave(k_block, dim=-1)[..., :tk]
+
+
+@torch.no_grad()
+def decision_report(record: dict, causal: bool, q_block: int, k_block: int, binary: bool = True,
+                    bits: int = FP8_DOT_BITS) -> dict:
+    """Check a qaas kernel's recorded scores and keep decisions (``kernels.triton.precision.
+    record_decisions``) against the exact ones. Returns counts; a correct kernel has
+
+    * ``score_err_ratio`` <= 1: |kernel score - exact score| within :func:`fp8_dot_scores`' bound;
+    * ``masked_bad`` = 0: masked entries are -inf and not kept;
+    * ``own_mismatch`` = 0: its decisions are exactly ``s >= tile max(s) + log2 tau`` (fp32) on
+      its own scores;
+    * ``flips_outside`` = 0: where it decides otherwise than the exact scores do, the exact score
+      lies within ``margin`` of the exact threshold, ``margin`` = the score's bound + the largest
+      bound in its tile (the tile max moves by at most that) + fp32 rounding of the threshold.
+    """
+    s_k = record["scores"]
+    keep_k = record["keep"].to(torch.bool)
+    lt = record["log2_tau"].float()
+    qc, sq, kc, sk = record["codes"]
+    s_e, bnd = fp8_dot_scores(qc, sq, kc, sk, q_block, k_block, bits)
+    b, hq, tq, tk = s_k.shape
+    valid = _valid(tq, 0, tk, tk, causal, s_k.device).expand(b, hq, tq, tk)
+    fin = valid & torch.isfinite(s_k)
+    err = (s_k.double() - s_e).abs()
+    ratio = torch.where(fin, err / bnd.clamp(min=1e-300), 0.0)
+    out = {"n_valid": int(valid.sum()), "nonfinite_valid": int((valid & ~torch.isfinite(s_k)).sum()),
+           "masked_bad": int((~valid & (~torch.isneginf(s_k) | keep_k)).sum()),
+           "score_err_max": float(torch.where(fin, err, 0.0).max()) if s_k.numel() else 0.0,
+           "score_err_ratio": float(ratio.max()) if s_k.numel() else 0.0}
+    if not binary:
+        return out
+    lt_x = lt[None, :, None, None]
+    s_m = torch.where(valid, s_k, -math.inf)
+    thr_k = _tile_max(s_m, k_block) + lt_x                      # fp32, as in the kernel
+    own = valid & (s_k >= thr_k)
+    s_em = torch.where(valid, s_e, -math.inf)
+    thr_e = _tile_max(s_em, k_block) + lt_x.double()
+    keep_e = valid & (s_e >= thr_e)
+    bnd_t = _tile_max(torch.where(valid, bnd, 0.0), k_block)
+    dist = torch.where(valid, (s_e - thr_e).abs(), math.inf)
+    margin = bnd + bnd_t + 2.0**-22 * (thr_e.abs() + s_e.abs()).nan_to_num(0.0, 0.0, 0.0)
+    flips = keep_k != keep_e
+    out.update(own_mismatch=int((own != keep_k).sum()), kept=int(keep_k.sum()), flips=int(flips.sum()),
+               flips_outside=int((flips & ~(dist <= margin)).sum()),
+               flip_dist_max=float(torch.where(flips, dist, 0.0).max()) if flips.any() else 0.0,
+               margin_median=float(torch.where(valid, margin, math.nan).nanmedian()) if valid.any() else 0.0)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
