@@ -22,6 +22,9 @@ hands the op transposed views, ``causal`` from the module (``is_causal``) and ``
 Not supported, with a clear error instead of a silent approximation: padded batches (blockzoo
 attention ops take no padding mask), attention dropout during training, sliding-window layers,
 and caches whose keys are longer than the visible sequence (``StaticCache``).
+
+KV-cache policies (``token.streaming`` / ``token.h2o`` / ``token.snapkv``) through the transformers
+cache API: ``make_cache(policy, model, **params)`` (``compat/hf_cache.py``).
 """
 
 from __future__ import annotations
@@ -165,20 +168,26 @@ def use_blockzoo_attention(model: torch.nn.Module, component_id: str = "attentio
     return name
 
 
-def make_cache(policy: str | None = None, config: Any = None, **params: Any):
-    """A transformers ``Cache`` for ``policy``: ``"dense"`` (or None) keeps every key and value
-    (``DynamicCache``), which every attention-shaped component decodes against.
+def make_cache(policy: Any = None, model: Any = None, backend: str | None = None, **params: Any):
+    """A transformers ``Cache`` for ``model.generate(..., past_key_values=cache)``.
 
-    KV-cache policies (eviction / compression, the ``token.*`` family) are not registered in
-    blockzoo yet; asking for one raises ``NotImplementedError`` rather than silently keeping
-    the dense cache.
+    ``policy``: ``"dense"`` or None keeps every key and value (a ``DynamicCache``; ``model``
+    may be the model, its config, or None). A blockzoo KV-cache policy -- a component id
+    (``"token.streaming"``, ``"token.h2o"``, ``"token.snapkv"``) with its params as keyword
+    arguments (``budget``, ``budget_tokens``, ``sinks``, ``recent``, SnapKV's ``window`` /
+    ``pool``), or a spec's ``kv:`` ComponentRef (or its dict) -- gives a
+    :class:`~blockzoo.compat.hf_cache.PolicyCache` that keeps the tokens the policy selects under
+    its budget; it needs the model itself and makes the model's attention report to the cache
+    (``hf_cache.install``). Policies that score from attention probabilities (H2O, SnapKV) need
+    a model whose attention returns them (``attn_implementation="eager"``); otherwise, or for
+    any other unsupported combination, this raises with the reason. See docs/huggingface.md.
     """
     _transformers()
-    from transformers import DynamicCache
     if policy in DENSE_CACHE_POLICIES:
-        if params:
-            raise ValueError(f"the dense cache takes no params, got {sorted(params)}")
+        from transformers import DynamicCache
+        if params or backend:
+            raise ValueError(f"the dense cache takes no params or backend, got {sorted(params) or backend}")
+        config = getattr(model, "config", model)
         return DynamicCache(config=config) if config is not None else DynamicCache()
-    raise NotImplementedError(
-        f"KV-cache policy {policy!r}: blockzoo has no KV-cache policies yet, so the Hugging Face adapter "
-        "offers only the dense cache (policy='dense', a DynamicCache)")
+    from .hf_cache import make_policy_cache
+    return make_policy_cache(policy, model, backend, **params)

@@ -7,14 +7,14 @@ float64) with the per-row log-det accumulated in one pass over the row.
 
 Coupling: one parallel pass over rows, forward and backward (the backward recomputes
 ``log_s = clamp * tanh(s / clamp)`` and ``exp(+-log_s)`` from the saved inputs rather than
-storing them). Actnorm: forward one pass over rows; backward one pass over contiguous row
+storing them). The mask is a loop layout, not a loaded array (see the layout note by the
+kernels): only the transformed half of each row runs the clamp and the exponentials, with the
+log-det summed in the same loop, and every inner loop vectorises. Actnorm: forward one pass over rows; backward one pass over contiguous row
 chunks (one per thread), each reducing its dloc / dlog_scale partial sums into its own row,
 summed afterwards (no contention).
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -28,53 +28,187 @@ __all__ = ["coupling", "actnorm", "CouplingFunction", "ActNormFunction"]
 # kernels
 # ----------------------------------------------------------------------------------------------
 @jitable
-def _soft_clamp(sv, c):
-    """(log_s, tanh(s / c)) with log_s = c * tanh(s / c); tanh from one fexp of a non-positive
-    argument (no overflow; vectorises, unlike libm tanh)."""
-    u = sv / c
-    e = fexp(-2 * abs(u))
-    th = (1 - e) / (1 + e)
-    th = -th if u < 0 else th
+def _soft_clamp(sv, c, k2, one):
+    """(log_s, tanh(s / c)) with log_s = c * tanh(s / c); tanh from one fexp of the
+    non-positive ``k2 * |s|`` (``k2 = -2 / c``: no overflow; vectorises, unlike libm tanh).
+    Every constant comes in the row's dtype (``one``, ``k2``): a Python int literal would
+    promote float32 arithmetic to float64 and fexp to scalar libm calls."""
+    e = fexp(k2 * abs(sv))
+    th = (one - e) / (one + e)
+    th = -th if sv < 0 else th
     return c * th, th
 
 
-@kernel(parallel=True)
-def _coupling_fwd_kernel(x, s, t, keep, clamp, inverse, y, ld):
-    """Branch-free inner loop (selects, not branches, on the mask) so LLVM vectorises it."""
-    n, d = x.shape
-    c = x.dtype.type(clamp)
-    zero = x.dtype.type(0)
-    sgn = x.dtype.type(-1) if inverse else x.dtype.type(1)
-    for i in prange(n):
-        acc = zero
-        xi = x[i]
-        si = s[i]
-        ti = t[i]
-        yi = y[i]
-        if inverse:   # the direction is hoisted out of the inner loops so each one vectorises
-            for j in range(d):
-                ls, _ = _soft_clamp(si[j], c)
-                ls = zero if keep[j] else ls
-                v = (xi[j] - ti[j]) * fexp(-ls)
-                yi[j] = xi[j] if keep[j] else v
-                acc += ls
+# Layout. The transformed dims are never found by loading a mask: ``half`` is two contiguous
+# column ranges (a copy loop and a transform loop over unit-stride columns), ``alternate`` is a
+# loop over column pairs (2m, 2m+1) with an odd D's last (even) column as a tail. Each row's
+# loops are a helper built by a factory per (direction, parity), so the offsets and the
+# direction are compile-time constants inside it (closure constants): LLVM then sees one
+# stride-2 access group per array and vectorises it (interleaved loads / stores), whether or not
+# it inlines the helper into the row loop. Only the transformed dims run the soft clamp and the
+# exponentials (half the row), and the log-det is summed in the same loop (fused). Measured on
+# the 2-core dev box (one thread, CPU time, 8192 x 64 float32 forward): ~1.3 ms alternate,
+# ~1.6-2.0 ms half, against ~3.7 ms with the layout alone and 5.7 ms for the masked loop with its
+# float64 promotion (int literals), which LLVM compiled to scalar libm exp calls.
+def _fwd_half_fn(inverse: bool, parity: int):
+    @jitable
+    def run(xi, si, ti, yi, d, c, k2, one, acc):
+        h = d // 2
+        k0 = 0 if parity == 0 else h
+        j0 = h if parity == 0 else 0
+        for j in range(k0, k0 + (h if parity == 0 else d - h)):
+            yi[j] = xi[j]
+        for j in range(j0, j0 + (d - h if parity == 0 else h)):
+            ls, _ = _soft_clamp(si[j], c, k2, one)
+            if inverse:
+                yi[j] = (xi[j] - ti[j]) * fexp(-ls)
+            else:
+                yi[j] = xi[j] * fexp(ls) + ti[j]
+            acc += ls
+        return acc
+    return run
+
+
+def _fwd_pairs_fn(inverse: bool, tp: int):
+    kp = 1 - tp  # kept column of each pair
+
+    @jitable
+    def run(xi, si, ti, yi, h, c, k2, one, acc):
+        for m in range(h):
+            a = 2 * m + tp
+            ls, _ = _soft_clamp(si[a], c, k2, one)
+            yi[2 * m + kp] = xi[2 * m + kp]
+            if inverse:
+                yi[a] = (xi[a] - ti[a]) * fexp(-ls)
+            else:
+                yi[a] = xi[a] * fexp(ls) + ti[a]
+            acc += ls
+        return acc
+    return run
+
+
+_FWD_HALF_F0, _FWD_HALF_F1 = _fwd_half_fn(False, 0), _fwd_half_fn(False, 1)
+_FWD_HALF_I0, _FWD_HALF_I1 = _fwd_half_fn(True, 0), _fwd_half_fn(True, 1)
+# [direction][parity]: parity 0 keeps even columns (transforms 2m + 1), parity 1 keeps odd ones
+_FWD_PAIRS_F0, _FWD_PAIRS_F1 = _fwd_pairs_fn(False, 1), _fwd_pairs_fn(False, 0)
+_FWD_PAIRS_I0, _FWD_PAIRS_I1 = _fwd_pairs_fn(True, 1), _fwd_pairs_fn(True, 0)
+
+
+@jitable
+def _fwd_one(xv, sv, tv, c, k2, one, inverse):
+    ls, _ = _soft_clamp(sv, c, k2, one)
+    if inverse:
+        return (xv - tv) * fexp(-ls), ls
+    return xv * fexp(ls) + tv, ls
+
+
+@jitable
+def _fwd_row(xi, si, ti, yi, d, half, parity, c, k2, one, inverse, zero):
+    """One row's transform and log-det sum (before the direction's sign)."""
+    h = d // 2
+    if half:  # parity 0 keeps [0, h) and transforms [h, d); parity 1 the other way round
+        if inverse:
+            if parity == 0:
+                return _FWD_HALF_I0(xi, si, ti, yi, d, c, k2, one, zero)
+            return _FWD_HALF_I1(xi, si, ti, yi, d, c, k2, one, zero)
+        if parity == 0:
+            return _FWD_HALF_F0(xi, si, ti, yi, d, c, k2, one, zero)
+        return _FWD_HALF_F1(xi, si, ti, yi, d, c, k2, one, zero)
+    if inverse:
+        if parity == 0:
+            acc = _FWD_PAIRS_I0(xi, si, ti, yi, h, c, k2, one, zero)
         else:
-            for j in range(d):
-                ls, _ = _soft_clamp(si[j], c)
-                ls = zero if keep[j] else ls
-                v = xi[j] * fexp(ls) + ti[j]
-                yi[j] = xi[j] if keep[j] else v
-                acc += ls
-        ld[i] = sgn * acc
+            acc = _FWD_PAIRS_I1(xi, si, ti, yi, h, c, k2, one, zero)
+    elif parity == 0:
+        acc = _FWD_PAIRS_F0(xi, si, ti, yi, h, c, k2, one, zero)
+    else:
+        acc = _FWD_PAIRS_F1(xi, si, ti, yi, h, c, k2, one, zero)
+    if d > 2 * h:  # odd D: the last column is even, kept for parity 0, transformed for parity 1
+        if parity == 0:
+            yi[d - 1] = xi[d - 1]
+        else:
+            v, ls = _fwd_one(xi[d - 1], si[d - 1], ti[d - 1], c, k2, one, inverse)
+            yi[d - 1] = v
+            acc += ls
+    return acc
 
 
 @kernel(parallel=True)
-def _coupling_bwd_kernel(x, s, t, keep, clamp, inverse, dy, dld, dx, ds, dt):
-    """dy [N, D] and dld [N] (zeros stand in for missing cotangents) -> dx, ds, dt [N, D]."""
+def _coupling_fwd_kernel(x, s, t, half, parity, clamp, inverse, y, ld):
+    """Rows in parallel; see the layout note above. ``half`` / ``parity`` pick the mask."""
     n, d = x.shape
     c = x.dtype.type(clamp)
-    zero = x.dtype.type(0)
+    k2 = x.dtype.type(-2.0 / clamp)
     one = x.dtype.type(1)
+    zero = x.dtype.type(0)
+    for i in prange(n):
+        acc = _fwd_row(x[i], s[i], t[i], y[i], d, half, parity, c, k2, one, inverse, zero)
+        ld[i] = -acc if inverse else acc
+
+
+@jitable
+def _bwd_one(j, xi, si, ti, dyi, g, dxi, dsi, dti, c, k2, one, inverse):
+    """Gradients of one transformed column j (the row's log-det cotangent is ``g``)."""
+    ls, th = _soft_clamp(si[j], c, k2, one)
+    if inverse:
+        gy = dyi[j] * fexp(-ls)
+        dls = -gy * (xi[j] - ti[j]) - g          # -dy * x_out - dld
+        dti[j] = -gy
+    else:
+        gy = dyi[j] * fexp(ls)
+        dls = gy * xi[j] + g
+        dti[j] = dyi[j]
+    dxi[j] = gy
+    dsi[j] = dls * (one - th * th)
+
+
+@jitable
+def _bwd_kept(j, dyi, dxi, dsi, dti):
+    zero = dyi.dtype.type(0)
+    dxi[j] = dyi[j]
+    dsi[j] = zero
+    dti[j] = zero
+
+
+def _bwd_range_fn(inverse: bool):
+    @jitable
+    def run(xi, si, ti, dyi, g, dxi, dsi, dti, j0, j1, c, k2, one):
+        for j in range(j0, j1):
+            _bwd_one(j, xi, si, ti, dyi, g, dxi, dsi, dti, c, k2, one, inverse)
+    return run
+
+
+def _bwd_pairs_fn(inverse: bool, tp: int):
+    kp = 1 - tp
+
+    @jitable
+    def run(xi, si, ti, dyi, g, dxi, dsi, dti, h, c, k2, one):
+        for m in range(h):
+            _bwd_kept(2 * m + kp, dyi, dxi, dsi, dti)
+            _bwd_one(2 * m + tp, xi, si, ti, dyi, g, dxi, dsi, dti, c, k2, one, inverse)
+    return run
+
+
+_BWD_RANGE_F, _BWD_RANGE_I = _bwd_range_fn(False), _bwd_range_fn(True)
+_BWD_PAIRS_F0, _BWD_PAIRS_F1 = _bwd_pairs_fn(False, 1), _bwd_pairs_fn(False, 0)
+_BWD_PAIRS_I0, _BWD_PAIRS_I1 = _bwd_pairs_fn(True, 1), _bwd_pairs_fn(True, 0)
+
+
+@jitable
+def _bwd_kept_range(dyi, dxi, dsi, dti, j0, j1):
+    for j in range(j0, j1):
+        _bwd_kept(j, dyi, dxi, dsi, dti)
+
+
+@kernel(parallel=True)
+def _coupling_bwd_kernel(x, s, t, half, parity, clamp, inverse, dy, dld, dx, ds, dt):
+    """dy [N, D] and dld [N] (zeros stand in for missing cotangents) -> dx, ds, dt [N, D];
+    the same layout as the forward (log_s and exp(+-log_s) recomputed from x, s, t)."""
+    n, d = x.shape
+    c = x.dtype.type(clamp)
+    k2 = x.dtype.type(-2.0 / clamp)
+    one = x.dtype.type(1)
+    h = d // 2
     for i in prange(n):
         g = dld[i]
         xi = x[i]
@@ -84,24 +218,29 @@ def _coupling_bwd_kernel(x, s, t, keep, clamp, inverse, dy, dld, dx, ds, dt):
         dxi = dx[i]
         dsi = ds[i]
         dti = dt[i]
+        if half:
+            j0, j1 = (h, d) if parity == 0 else (0, h)
+            k0, k1 = (0, h) if parity == 0 else (h, d)
+            _bwd_kept_range(dyi, dxi, dsi, dti, k0, k1)
+            if inverse:
+                _BWD_RANGE_I(xi, si, ti, dyi, g, dxi, dsi, dti, j0, j1, c, k2, one)
+            else:
+                _BWD_RANGE_F(xi, si, ti, dyi, g, dxi, dsi, dti, j0, j1, c, k2, one)
+            continue
         if inverse:
-            for j in range(d):
-                k = keep[j]
-                ls, th = _soft_clamp(si[j], c)
-                gy = dyi[j] * fexp(-ls)
-                dls = -gy * (xi[j] - ti[j]) - g          # -dy * x_out - dld
-                dxi[j] = dyi[j] if k else gy
-                dsi[j] = zero if k else dls * (one - th * th)
-                dti[j] = zero if k else -gy
+            if parity == 0:
+                _BWD_PAIRS_I0(xi, si, ti, dyi, g, dxi, dsi, dti, h, c, k2, one)
+            else:
+                _BWD_PAIRS_I1(xi, si, ti, dyi, g, dxi, dsi, dti, h, c, k2, one)
+        elif parity == 0:
+            _BWD_PAIRS_F0(xi, si, ti, dyi, g, dxi, dsi, dti, h, c, k2, one)
         else:
-            for j in range(d):
-                k = keep[j]
-                ls, th = _soft_clamp(si[j], c)
-                gy = dyi[j] * fexp(ls)
-                dls = gy * xi[j] + g
-                dxi[j] = dyi[j] if k else gy
-                dsi[j] = zero if k else dls * (one - th * th)
-                dti[j] = zero if k else dyi[j]
+            _BWD_PAIRS_F1(xi, si, ti, dyi, g, dxi, dsi, dti, h, c, k2, one)
+        if d > 2 * h:
+            if parity == 0:
+                _bwd_kept(d - 1, dyi, dxi, dsi, dti)
+            else:
+                _bwd_one(d - 1, xi, si, ti, dyi, g, dxi, dsi, dti, c, k2, one, inverse)
 
 
 @kernel(parallel=True)
@@ -145,13 +284,16 @@ def _actnorm_bwd_kernel(x, shift, scale, dy, nchunks, dx, dshift_part, dscale_pa
 # ----------------------------------------------------------------------------------------------
 # torch-facing functions
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def _keep(d: int, mask: str, parity) -> np.ndarray:
-    """bool [d], True on pass-through dims (cached: read-only, shared between calls)."""
-    from ...plugins.flow.reference import coupling_mask
-    keep = coupling_mask(d, mask, parity).numpy().astype(np.bool_)
-    keep.setflags(write=False)
-    return keep
+def _layout(mask: str, parity) -> tuple[bool, int]:
+    """(half, parity) for the kernels: the same masks as ``plugins.flow.reference.coupling_mask``
+    (``alternate``: pass-through where column % 2 == parity; ``half``: the first half for
+    parity 0, the second for parity 1)."""
+    if mask not in ("alternate", "half"):
+        raise ValueError(f"flow.coupling: mask must be 'alternate' or 'half', got {mask!r}")
+    p = int(parity or 0)
+    if p not in (0, 1):
+        raise ValueError(f"flow.coupling: parity must be 0, 1 or None, got {parity!r}")
+    return mask == "half", p
 
 
 def _check_2d(op: str, x, **same):
@@ -170,16 +312,16 @@ class CouplingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, t, mask, parity, clamp, inverse):
         n, d = x.shape
-        keep = _keep(d, mask, parity)
+        half, p = _layout(mask, parity)
         y = empty((n, d), x.dtype)
         ld = empty((n,), x.dtype)
         if n and d:
-            _coupling_fwd_kernel(np_view(x), np_view(s), np_view(t), keep, float(clamp), bool(inverse),
+            _coupling_fwd_kernel(np_view(x), np_view(s), np_view(t), half, p, float(clamp), bool(inverse),
                                  y.numpy(), ld.numpy())
         elif n:
             ld.zero_()
         ctx.save_for_backward(x, s, t)
-        ctx.keep, ctx.clamp, ctx.inverse = keep, float(clamp), bool(inverse)
+        ctx.layout, ctx.clamp, ctx.inverse = (half, p), float(clamp), bool(inverse)
         ctx.set_materialize_grads(False)
         return y, ld
 
@@ -191,7 +333,7 @@ class CouplingFunction(torch.autograd.Function):
         n, d = x.shape
         dx, ds, dt = empty((n, d), x.dtype), empty((n, d), x.dtype), empty((n, d), x.dtype)
         if n and d:
-            _coupling_bwd_kernel(np_view(x), np_view(s), np_view(t), ctx.keep, ctx.clamp, ctx.inverse,
+            _coupling_bwd_kernel(np_view(x), np_view(s), np_view(t), *ctx.layout, ctx.clamp, ctx.inverse,
                                  _zeros_or(dy, (n, d), x.dtype), _zeros_or(dld, (n,), x.dtype),
                                  dx.numpy(), ds.numpy(), dt.numpy())
         need = ctx.needs_input_grad
@@ -260,6 +402,8 @@ def coupling(x, s, t, mask: str = "alternate", parity=0, clamp: float = 2.0, inv
     """Affine coupling (see plugins/flow/reference.py). CPU float32 / float64, [B, D]."""
     check_floats("flow.coupling", x=x, s=s, t=t)
     _check_2d("flow.coupling", x, s=s, t=t)
+    if not clamp > 0:
+        raise ValueError(f"flow.coupling: clamp must be > 0, got {clamp!r}")
     return CouplingFunction.apply(x.contiguous(), s.contiguous(), t.contiguous(), mask, parity, clamp, inverse)
 
 
