@@ -233,11 +233,15 @@ def test_numba_backward_poisoned_fp64(monkeypatch, block_m, block_n):
 
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("path", ["query", "key"])
 @pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
-def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles):
+def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles, path):
     from blockzoo.kernels.triton import moc as tmoc
+    monkeypatch.setattr(tmoc, "PATH", path)
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
     if INTERP:
         monkeypatch.setitem(tmoc.BLOCKS, "interp", (*tiles, 4, 1))
+        monkeypatch.setitem(tmoc.KM_BLOCKS, "interp", (*tiles, 4, 1))
     dev = _dev("triton")
     g = torch.Generator().manual_seed(8)
     q = torch.randn(1, 70, 4, 16, generator=g).to(dev).requires_grad_()
@@ -254,6 +258,116 @@ def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles):
     torch.testing.assert_close(o.double(), ref, rtol=0, atol=2e-6)
     for a, b in zip(grads, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
+
+
+KM_CASES = [
+    # (B, Tq, Tk, Hq, Hk, D, params): ragged last chunk + GQA 4:2 + prefix, GQA 4:1 with variable
+    # boundaries (a 1-key chunk), non-causal, Tq < Tk, Tq > Tk (rows without keys), drops on
+    (2, 45, 45, 4, 2, 40, dict(chunk_size=16, top_k=2, prefix=3)),
+    (1, 61, 61, 4, 1, 24, dict(boundaries=(0, 9, 10, 33, 50), top_k=2)),
+    (1, 40, 40, 2, 2, 16, dict(causal=False, chunk_size=8, top_k=2)),
+    (1, 17, 50, 2, 1, 16, dict(chunk_size=8, top_k=3, prefix=4)),
+    (1, 50, 17, 2, 2, 16, dict(chunk_size=4, top_k=1)),
+    (1, 48, 48, 2, 2, 16, dict(chunk_size=8, top_k=2, drop_off=0.3, drop_in=0.3, seed=5)),
+]
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", KM_CASES, ids=lambda c: f"B{c[0]}-Tq{c[1]}-Tk{c[2]}-H{c[3]}:{c[4]}-D{c[5]}-"
+                         + "-".join(f"{k}{v}" for k, v in c[6].items()))
+def test_triton_key_major_matches_reference(monkeypatch, case):
+    """The key-major path (forced): output, lse and every gradient against the fp64 reference."""
+    _check_key_major(monkeypatch, case, "split")
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", KM_CASES[:2], ids=["ragged-gqa4:2-prefix", "bounds-gqa4:1"])
+def test_triton_key_major_atomic_dq(monkeypatch, case):
+    """The key-major backward with dQ added by the dK/dV kernel (fp32 atomics)."""
+    _check_key_major(monkeypatch, case, "atomic")
+
+
+def _check_key_major(monkeypatch, case, bwd):
+    from blockzoo.kernels.triton import moc as tmoc
+    monkeypatch.setattr(tmoc, "PATH", "key")
+    monkeypatch.setattr(tmoc, "KM_BWD", bwd)
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
+    monkeypatch.delenv("BLOCKZOO_MOC_BWD", raising=False)
+    B, Tq, Tk, Hq, Hk, D, params = case
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(Tq * 7 + D)
+    q = torch.randn(B, Tq, Hq, D, generator=g).to(dev).requires_grad_()
+    k = torch.randn(B, Tk, Hk, D, generator=g).to(dev).requires_grad_()
+    v = torch.randn(B, Tk, Hk, D, generator=g).to(dev).requires_grad_()
+    do = torch.randn(B, Tq, Hq, D, generator=g).to(dev)
+    with poisoned():
+        o, lse = tmoc.moc_attention_fwd(q, k, v, **params)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    r = moc_routing(qd, kd, **params)
+    ref = moc_reference(qd, kd, vd, routing=r, **params)
+    want = torch.autograd.grad(ref, (qd, kd, vd), do.cpu().double())
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.repeat_interleave(Hq // Hk, 2)) / D ** 0.5
+    want_lse = s.masked_fill(~r.key_mask(), float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(o.detach().cpu().double(), ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=0, atol=2e-5)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=0, atol=2e-5)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_triton_key_major_lists_are_a_counting_sort():
+    """Per (batch, head, chunk) the rows that selected the chunk, ascending, each with its slot
+    (rank of the chunk among the row's chunks); counts, tiles and per-row totals."""
+    from blockzoo.kernels.triton import moc as tmoc
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(11)
+    sel = (torch.rand(2, 3, 37, 6, generator=g) < 0.4).to(torch.uint8)
+    sel[0, 1] = 0                      # a head with no selection at all
+    sel[1, 2, :, 0] = 1                # a chunk selected by every row
+    bm = 8
+    with poisoned():
+        km, q_tiles = tmoc.key_major_lists(sel.to(dev), bm, torch.ones(4, dtype=torch.int32, device=dev))
+    ent, off, cnt = km.ent.cpu(), km.chunk_off.cpu(), km.cnt.cpu()
+    assert q_tiles == 4 and km.ns == int(sel.sum(-1).max())
+    assert torch.equal(km.nsel.cpu(), sel.sum(-1).int())
+    assert torch.equal(cnt, sel.sum(2).int())
+    tiles = (cnt + bm - 1) // bm
+    assert torch.equal(km.tile_off.cpu()[..., 1:], tiles.cumsum(-1).int()) and km.tiles == int(tiles.sum())
+    for b, h, c in itertools.product(range(2), range(3), range(6)):
+        rows = torch.nonzero(sel[b, h, :, c]).flatten()
+        e = ent[b, h, off[b, h, c]:off[b, h, c] + cnt[b, h, c]].long()
+        assert torch.equal(e // km.ns, rows)
+        slots = sel[b, h, rows, :c].sum(-1).long()
+        assert torch.equal(e % km.ns, slots)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_triton_auto_path_follows_tile_density(monkeypatch):
+    """auto: query-major when a query block's rows choose alike (union ~ each row's choice),
+    key-major when each row chooses on its own (the union covers every chunk)."""
+    from blockzoo.kernels.triton import moc as tmoc
+    monkeypatch.setattr(tmoc, "PATH", "auto")
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
+    dev = _dev("triton")
+    Tq, C, bm = 256, 32, 16
+    g = torch.Generator().manual_seed(12)
+    pick = torch.rand(1, 2, Tq // bm, C, generator=g).argsort(-1)[..., :3]          # 3 chunks per block
+    coherent = torch.zeros(1, 2, Tq // bm, C, dtype=torch.uint8).scatter_(-1, pick, 1)
+    coherent = coherent.repeat_interleave(bm, 2)
+    rpick = torch.rand(1, 2, Tq, C, generator=g).argsort(-1)[..., :3]               # 3 chunks per row
+    random = torch.zeros(1, 2, Tq, C, dtype=torch.uint8).scatter_(-1, rpick, 1)
+    km, ql, qc = tmoc._plan(coherent.to(dev), bm, bm)
+    assert km is None and ql is not None and int(qc.sum()) == 2 * (Tq // bm) * 3
+    km, _, _ = tmoc._plan(random.to(dev), bm, bm)
+    assert km is not None and km.ns == 3
+    monkeypatch.setenv("BLOCKZOO_MOC_PATH", "key")
+    assert tmoc._plan(coherent.to(dev), bm, bm)[0] is not None
+    monkeypatch.setenv("BLOCKZOO_MOC_PATH", "query")
+    assert tmoc._plan(random.to(dev), bm, bm)[0] is None
+    monkeypatch.setenv("BLOCKZOO_MOC_PATH", "sideways")
+    with pytest.raises(ValueError, match="path must be"):
+        tmoc._plan(random.to(dev), bm, bm)
 
 
 @pytest.mark.parametrize("T,chunk,bounds", [(63, 8, None), (64, 8, None), (5, 8, None), (70, 1, (0, 5, 20, 21, 40, 64)),

@@ -23,6 +23,15 @@ The dQ kernel reuses :func:`attention.attn_bwd_dq_inner` the same way; the prepr
 ``attn_bwd_dkdv_inner`` cannot express (its query rows are internal), so :func:`_moc_dkdv_kernel`
 has its own loop (same transposed FA2 form, group heads inside the program: no atomics).
 
+Key-major path (MoBA-style, for routing where neighbouring queries choose differently and the
+per-block unions above cover nearly every chunk): a counting sort lists, per (batch, head, chunk),
+the rows that chose it; :func:`_moc_km_fwd_kernel` attends each tile of gathered rows to one
+chunk and writes a partial (o, lse) per (row, chunk), :func:`_moc_km_combine_kernel` merges them
+per row with the prefix segment. Backward: :func:`_moc_km_dkdv_kernel` (per key block of a chunk,
+over its gathered rows; optional atomic dQ) and :func:`_moc_km_dq_kernel` + combine (per-(row,
+chunk) fp32 partials: deterministic). ``PATH`` / ``BLOCKZOO_MOC_PATH`` = auto | query | key; auto
+compares the two paths' tile counts (:func:`_plan`).
+
 Under ``TRITON_INTERPRET=1`` it runs on CPU tensors (interpreter quirks handled by the core's
 ``_loop_bound`` / ``_dot`` helpers). Custom ops: ``blockzoo::moc_fwd`` / ``blockzoo::moc_bwd``
 with ``register_fake`` and ``register_autograd``.
@@ -31,6 +40,8 @@ with ``register_fake`` and ``register_autograd``.
 from __future__ import annotations
 
 import math
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -54,15 +65,18 @@ from .attention import (
     attn_fwd_inner,
 )
 
-__all__ = ["moc_attention", "moc_attention_fwd", "moc_block_lists", "moc_route", "BLOCKS"]
+__all__ = ["moc_attention", "moc_attention_fwd", "moc_block_lists", "moc_route", "key_major_lists", "BLOCKS",
+           "KM_BLOCKS", "PATH"]
 
 
-def _blocks(block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M query rows, BLOCK_N key step, num_warps, num_stages); untuned (no GPU yet)."""
+def _blocks(block_d: int, esize: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M query rows, BLOCK_N key step, num_warps, num_stages) of the query-major kernels."""
     if _interpreting():
         return BLOCKS.get("interp", (16, 16, 4, 1))
     if "cuda" in BLOCKS:   # tuning scripts (bench/moc_tune.py) set this
         return BLOCKS["cuda"]
+    if esize > 2 and block_d > 64:   # fp32 operands: 64x64 tiles at D=128 overflow shared memory (H100)
+        return (32, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
     if block_d <= 64:
         return (64, 64, 4, 3)
     if block_d <= 128:
@@ -307,6 +321,326 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
 
 
 # ---------------------------------------------------------------------------------------------
+# key-major path (MoBA-style): per (chunk, head) the rows that selected it, partials merged per row
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _moc_kcount_kernel(Sel, ColCnt, NSel, Tq, C, NRB, R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (row block of R rows, head, batch): ColCnt [B, Hq, NRB, C] = rows of the block that
+    selected each chunk; NSel [B, Hq, Tq] = chunks each row selected."""
+    rb = tl.program_id(0)
+    bh = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
+    rows = rb * R + tl.arange(0, R)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < Tq
+    m2 = rmask[:, None] & (cols < C)[None, :]
+    x = tl.load(Sel + bh * Tq * C + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m2, other=0)
+    x = (x != 0).to(tl.int32)
+    tl.store(ColCnt + (bh * NRB + rb) * C + cols, tl.sum(x, axis=0), mask=cols < C)
+    tl.store(NSel + bh * Tq + rows, tl.sum(x, axis=1), mask=rmask)
+
+
+@triton.jit
+def _moc_klist_kernel(Sel, Base, Ent, Tq, C, NRB, NS, R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Counting-sort scatter: for every selected (row i, chunk c) of the block, the entry
+    ``e = i * NS + slot`` (slot = rank of c among row i's chunks) goes to position
+    ``Base[c] + (selecting rows of the block above i)`` of the per-(batch, head) entry array
+    Ent [B, Hq, Tq * NS], whose chunk c segment thus lists its rows in ascending order."""
+    rb = tl.program_id(0)
+    bh = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
+    rows = rb * R + tl.arange(0, R)
+    cols = tl.arange(0, BLOCK_C)
+    m2 = (rows < Tq)[:, None] & (cols < C)[None, :]
+    x = tl.load(Sel + bh * Tq * C + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m2, other=0)
+    x = (x != 0).to(tl.int32)
+    slot = tl.cumsum(x, axis=1) - x
+    above = tl.cumsum(x, axis=0) - x
+    base = tl.load(Base + (bh * NRB + rb) * C + cols, mask=cols < C, other=0)
+    dest = base[None, :] + above
+    tl.store(Ent + bh * Tq * NS + dest, rows[:, None] * NS + slot, mask=m2 & (x != 0))
+
+
+@triton.jit
+def _find_segment(Off, t, NSEG, LOGS: tl.constexpr):
+    """The largest s in [0, NSEG) with Off[s] <= t, for ascending Off with Off[0] = 0 <= t < Off[NSEG]
+    (binary search, LOGS >= ceil(log2(NSEG)) steps)."""
+    lo = t * 0
+    hi = lo + NSEG
+    for _ in tl.static_range(LOGS):
+        mid = (lo + hi) // 2
+        go = tl.load(Off + mid) <= t
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+@triton.jit
+def _km_tile(TileOff, ChunkOff, Cnt, Ent, Lim, Bounds, t, bh, Tq, C, NS, PREFIX,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOGS: tl.constexpr):
+    """Program t of (batch, head) ``bh`` in the key-major work list: its chunk, gathered rows
+    (``Tq`` for padding), their entries, key segment ``[ja, ja + seg)``, each row's causal
+    argument for the core's mask (``lim - 1 - ja``, -1 for padding) and the key ranges: unmasked
+    ``[0, n_full)`` (every row sees every key), masked ``[n_full, hi)``; ``hi = 0`` when ``t``
+    is past the last tile."""
+    toff = TileOff + bh * (C + 1)
+    total = tl.load(toff + C)
+    active = t < total
+    tt = tl.minimum(t, tl.maximum(total - 1, 0))
+    c = _find_segment(toff, tt, C, LOGS)
+    j = tt - tl.load(toff + c)
+    n = tl.load(Cnt + bh * C + c)
+    e0 = tl.load(ChunkOff + bh * C + c)
+    r = j * BLOCK_M + tl.arange(0, BLOCK_M)
+    rvalid = (r < n) & active
+    ent = tl.load(Ent + bh * Tq * NS + e0 + r, mask=rvalid, other=0)
+    rows = tl.where(rvalid, ent // NS, Tq)
+    ja = tl.maximum(tl.load(Bounds + c), PREFIX)
+    jb = tl.load(Bounds + c + 1)
+    seg = tl.maximum(jb - ja, 0)
+    lim = tl.load(Lim + rows, mask=rvalid, other=0)
+    rel = tl.where(rvalid, lim - 1 - ja, -1)
+    min_vis = tl.min(tl.where(rvalid, rel + 1, seg), axis=0)
+    n_full = tl.minimum((tl.maximum(min_vis, 0) // BLOCK_N) * BLOCK_N, (seg // BLOCK_N) * BLOCK_N)
+    hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
+    n_full = tl.where(active, n_full, 0)
+    hi = tl.where(active, hi, 0)
+    ent = tl.where(rvalid, ent, Tq * NS)
+    return rows, ent, rvalid, ja, seg, rel, n_full, hi
+
+
+@triton.jit
+def _moc_km_fwd_kernel(Q, K, V, OP, LP, Ent, TileOff, ChunkOff, Cnt, Lim, Bounds,
+                       s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                       Hq, Tq, GROUP, C, NS, PREFIX, qk_scale,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, LOGS: tl.constexpr):
+    """One tile of gathered rows against one chunk's keys -> the normalised partial output OP
+    [B, Hq, Tq * NS, D] and its log2-sum-exp LP [B, Hq, Tq * NS] at each row's entry."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * Hq + h
+    hk = h // GROUP
+    rows, ent, rvalid, ja, seg, rel, n_full, hi = _km_tile(TileOff, ChunkOff, Cnt, Ent, Lim, Bounds, t, bh, Tq,
+                                                           C, NS, PREFIX, BLOCK_M, BLOCK_N, LOGS)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, rows, s_qt, offs_d, Tq, D, True, EVEN_D)
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh + ja.to(tl.int64) * s_kt
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh + ja.to(tl.int64) * s_vt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, rel, offs_d, 0, n_full,
+                                   qk_scale, seg, 0, D, BLOCK_N, False, True, EVEN_D, False)
+    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, rel, offs_d, n_full, hi,
+                                   qk_scale, seg, 0, D, BLOCK_N, True, True, EVEN_D, False)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    lp = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    part = bh * Tq * NS
+    _store_tile(OP + part * D, o.to(OP.dtype.element_ty), ent.to(tl.int64), D, offs_d, Tq * NS, D, EVEN_D)
+    tl.store(LP + part + ent, lp, mask=rvalid)
+
+
+@triton.jit
+def _moc_km_combine_kernel(Q, K, V, OP, LP, NSel, Lim, Out, LSE,
+                           s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                           Hq, Tq, GROUP, NS, PREFIX, qk_scale,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per query block: merge each row's chunk partials (one softmax over their union) with the
+    prefix segment ``[0, PREFIX)``, computed here query-major; writes O and lse (natural log)."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * Hq + h
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    rmask = offs_m < Tq
+    nsel = tl.load(NSel + bh * Tq + offs_m, mask=rmask, other=0)
+    part = bh * Tq * NS
+    ent = offs_m.to(tl.int64)[:, None] * NS + offs_s[None, :]
+    lp = tl.load(LP + part + ent, mask=rmask[:, None] & (offs_s[None, :] < nsel[:, None]), other=float("-inf"))
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PREFIX > 0:
+        q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+        lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+        acc, m_p, l_p = attn_fwd_inner(acc, m_p, l_p, q, K + b * s_kb + hk.to(tl.int64) * s_kh,
+                                       V + b * s_vb + hk.to(tl.int64) * s_vh, s_kt, s_vt, lim - 1, offs_d,
+                                       0, tl.cdiv(PREFIX, BLOCK_N) * BLOCK_N, qk_scale, PREFIX, 0, D, BLOCK_N,
+                                       True, True, EVEN_D, False)
+    m = tl.maximum(tl.max(lp, axis=1), m_p)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    wp = tl.math.exp2(m_p - m_sub)
+    w = tl.math.exp2(lp - m_sub[:, None])
+    acc = acc * wp[:, None]
+    l_i = l_p * wp + tl.sum(w, axis=1)
+    for s in range(0, _loop_bound(NS)):
+        ws = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), axis=1)
+        o_s = _load_tile(OP + (part + s) * D, offs_m.to(tl.int64) * NS, D, offs_d, Tq * NS, D, True, EVEN_D)
+        o_s = tl.where((s < nsel)[:, None], o_s.to(tl.float32), 0.0)
+        acc += ws[:, None] * o_s
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_sub + tl.math.log2(l_safe)) * 0.6931471805599453)
+    _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
+                Tq, D, EVEN_D)
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=rmask)
+
+
+@triton.jit
+def _moc_km_dq_kernel(Q, K, V, DO, DQP, LSE2, DELTA, Ent, TileOff, ChunkOff, Cnt, Lim, Bounds,
+                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                      Hq, Tq, GROUP, C, NS, PREFIX, qk_scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, LOGS: tl.constexpr):
+    """Key-major dQ: one tile of gathered rows against one chunk's keys -> the (unscaled) partial
+    dQ at each row's entry of DQP [B, Hq, Tq * NS, D]."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * Hq + h
+    hk = h // GROUP
+    rows, ent, rvalid, ja, seg, rel, n_full, hi = _km_tile(TileOff, ChunkOff, Cnt, Ent, Lim, Bounds, t, bh, Tq,
+                                                           C, NS, PREFIX, BLOCK_M, BLOCK_N, LOGS)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, rows, s_qt, offs_d, Tq, D, True, EVEN_D)
+    do = _load_tile(DO + b * s_db + h.to(tl.int64) * s_dh, rows, s_dt, offs_d, Tq, D, True, EVEN_D)
+    lse2 = tl.load(LSE2 + bh * Tq + rows, mask=rvalid, other=float("inf"))
+    delta = tl.load(DELTA + bh * Tq + rows, mask=rvalid, other=0.0)
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh + ja.to(tl.int64) * s_kt
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh + ja.to(tl.int64) * s_vt
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, rel, offs_d, 0, n_full,
+                           qk_scale, seg, 0, D, BLOCK_N, False, True, EVEN_D)
+    dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, rel, offs_d, n_full, hi,
+                           qk_scale, seg, 0, D, BLOCK_N, True, True, EVEN_D)
+    _store_tile(DQP + bh * Tq * NS * D, dq.to(DQP.dtype.element_ty), ent.to(tl.int64), D, offs_d, Tq * NS, D,
+                EVEN_D)
+
+
+@triton.jit
+def _moc_km_dq_combine_kernel(Q, K, V, DO, DQP, DQ, LSE2, DELTA, NSel, Lim,
+                              s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                              s_dqb, s_dqt, s_dqh, Hq, Tq, GROUP, NS, PREFIX, qk_scale, sm_scale,
+                              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    """dQ of a query block: the sum of its rows' chunk partials plus the prefix segment
+    (query-major here), times the softmax scale."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * Hq + h
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_m < Tq
+    nsel = tl.load(NSel + bh * Tq + offs_m, mask=rmask, other=0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if PREFIX > 0:
+        q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+        do = _load_tile(DO + b * s_db + h.to(tl.int64) * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
+        lse2 = tl.load(LSE2 + bh * Tq + offs_m, mask=rmask, other=float("inf"))
+        delta = tl.load(DELTA + bh * Tq + offs_m, mask=rmask, other=0.0)
+        lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+        dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, K + b * s_kb + hk.to(tl.int64) * s_kh,
+                               V + b * s_vb + hk.to(tl.int64) * s_vh, s_kt, s_vt, lim - 1, offs_d,
+                               0, tl.cdiv(PREFIX, BLOCK_N) * BLOCK_N, qk_scale, PREFIX, 0, D, BLOCK_N,
+                               True, True, EVEN_D)
+    part = bh * Tq * NS
+    for s in range(0, _loop_bound(NS)):
+        p = _load_tile(DQP + (part + s) * D, offs_m.to(tl.int64) * NS, D, offs_d, Tq * NS, D, True, EVEN_D)
+        dq += tl.where((s < nsel)[:, None], p.to(tl.float32), 0.0)
+    dq = dq * sm_scale
+    _store_tile(DQ + b * s_dqb + h.to(tl.int64) * s_dqh, dq.to(DQ.dtype.element_ty), offs_m, s_dqt, offs_d,
+                Tq, D, EVEN_D)
+
+
+@triton.jit
+def _moc_km_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, Ent, ChunkOff, Cnt, Lim, Bounds, KbOff,
+                        s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                        s_db, s_dt, s_dh, s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh, s_aqb, s_aqt, s_aqh,
+                        Hq, Tq, Tk, GROUP, C, NS, PREFIX, qk_scale, sm_scale,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, LOGS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Key-major dK/dV: program t takes BLOCK_N keys of one segment (segment c < C: chunk c from
+    ``max(start, PREFIX)``; segment C: the prefix ``[0, PREFIX)``) and loops over the rows that
+    selected the chunk (every row for the prefix) of each head of the GQA group: dK/dV without
+    atomics, no masked-out rows computed. With ATOMIC_DQ it also adds ``scale * dS K`` into the
+    fp32 dQ buffer DQA with relaxed atomics (FlashAttention-2 style; not bitwise deterministic)."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    t = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    total = tl.load(KbOff + C + 1)
+    active = t < total
+    tt = tl.minimum(t, tl.maximum(total - 1, 0))
+    sg = _find_segment(KbOff, tt, C + 1, LOGS)
+    j = tt - tl.load(KbOff + sg)
+    is_pre = sg == C
+    cs = tl.minimum(sg, C - 1)
+    ja = tl.where(is_pre, 0, tl.maximum(tl.load(Bounds + cs), PREFIX))
+    jb = tl.where(is_pre, PREFIX, tl.load(Bounds + cs + 1))
+    jb = tl.where(active, jb, 0)
+    offs_n = ja + j * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < jb
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * s_kb + hk.to(tl.int64) * s_kh, offs_n, s_kt, offs_d, jb, D, True, EVEN_D)
+    v = _load_tile(V + b * s_vb + hk.to(tl.int64) * s_vh, offs_n, s_vt, offs_d, jb, D, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_M)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        n = tl.where(is_pre, Tq, tl.load(Cnt + bh * C + cs))
+        n = tl.where(active, n, 0)
+        e0 = tl.load(ChunkOff + bh * C + cs)
+        q_base = Q + b * s_qb + h.to(tl.int64) * s_qh
+        do_base = DO + b * s_db + h.to(tl.int64) * s_dh
+        for it in range(0, _loop_bound(tl.cdiv(n, BLOCK_M))):
+            r = it * BLOCK_M + offs_r
+            rvalid = r < n
+            ent = tl.load(Ent + bh * Tq * NS + e0 + r, mask=rvalid & (sg != C), other=0)
+            rows = tl.where(is_pre, r, ent // NS)
+            rows = tl.where(rvalid, rows, Tq)
+            q = _load_tile(q_base, rows, s_qt, offs_d, Tq, D, True, EVEN_D)
+            do = _load_tile(do_base, rows, s_dt, offs_d, Tq, D, True, EVEN_D)
+            lse2 = tl.load(LSE2 + bh * Tq + rows, mask=rvalid, other=float("inf"))
+            delta = tl.load(DELTA + bh * Tq + rows, mask=rvalid, other=0.0)
+            lim = tl.load(Lim + rows, mask=rvalid, other=0)
+            valid = nmask[:, None] & (offs_n[:, None] < lim[None, :])
+            qkT = _dot(k, tl.trans(q))
+            pT = tl.where(valid, tl.math.exp2(qkT * qk_scale - lse2[None, :]), 0.0)
+            dv = _dot_acc(pT.to(do.dtype), do, dv)
+            dpT = _dot(v, tl.trans(do))
+            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+            dk = _dot_acc(dsT, q, dk)
+            if ATOMIC_DQ:
+                dq = _dot(tl.trans(dsT), k) * sm_scale
+                a_ptrs = DQA + b * s_aqb + h.to(tl.int64) * s_aqh + rows[:, None] * s_aqt + offs_d[None, :]
+                if EVEN_D:
+                    tl.atomic_add(a_ptrs, dq, mask=rvalid[:, None], sem="relaxed")
+                else:
+                    tl.atomic_add(a_ptrs, dq, mask=rvalid[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    dk = dk * sm_scale
+    _store_tile(DK + b * s_dkb + hk.to(tl.int64) * s_dkh, dk.to(DK.dtype.element_ty), offs_n, s_dkt,
+                offs_d, jb, D, EVEN_D)
+    _store_tile(DV + b * s_dvb + hk.to(tl.int64) * s_dvh, dv.to(DV.dtype.element_ty), offs_n, s_dvt,
+                offs_d, jb, D, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
 
@@ -384,34 +718,214 @@ def _query_block_lists(sel: torch.Tensor, block_m: int):
     return qlist, qcount
 
 
-def _prep(q, k, v, sel, bounds, lim, prefix, backward: bool = False):
-    B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
-    BD = _block_d(D)
-    bm, bn, warps, stages = _blocks(BD)
+#: Execution path: "auto" (default; per call by the tile counts, see :func:`_plan`), "query"
+#: (query-block-major, the union of each block's chunks) or "key" (key-major: per chunk the rows
+#: that selected it). The env var BLOCKZOO_MOC_PATH overrides it (tests, benchmarks).
+PATH = "auto"
+#: auto picks key-major when its tiles x KM_RATIO <= the query-major tiles (both counted as
+#: BLOCK_M rows x one chunk); > 1 charges the partials' write, read and merge (tuned on the H100)
+KM_RATIO = 1.6
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the key-major kernels ("interp" / "cuda" as BLOCKS)
+KM_BLOCKS: dict = {}
+#: key-major dQ: "split" (per-(row, chunk) fp32 partials summed by a combine kernel: deterministic)
+#: or "atomic" (added by the dK/dV kernel with fp32 atomics: 5 instead of 7 matmuls, no partial
+#: buffer, not bitwise deterministic). The env var BLOCKZOO_MOC_BWD overrides it.
+KM_BWD = "split"
+
+
+def _km_blocks(block_d: int, esize: int = 2, kind: str = "fwd") -> tuple[int, int, int, int]:
+    """Tiles of the key-major kernels. H100 sweep (bench/moc_keymajor.py --tune, T = 32768, D = 128,
+    bf16): 128-row tiles are the fastest forward, 64 x 64 the fastest backward by far."""
+    if _interpreting():
+        return KM_BLOCKS.get("interp", BLOCKS.get("interp", (16, 16, 4, 1)))
+    if "cuda" in KM_BLOCKS:
+        return KM_BLOCKS["cuda"]
+    if esize > 2 and block_d > 64:
+        return (32, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if block_d <= 128:
+        return (128, 64, 4, 2) if kind == "fwd" else (64, 64, 4, 2)
+    return (32, 32, 4, 1)
+
+
+def _km_bwd_mode() -> str:
+    m = os.environ.get("BLOCKZOO_MOC_BWD") or KM_BWD
+    if m not in ("split", "atomic"):
+        raise ValueError(f"context.moc triton: key-major backward must be 'split' or 'atomic', got {m!r}")
+    return m
+
+
+def _path() -> str:
+    p = os.environ.get("BLOCKZOO_MOC_PATH") or PATH
+    if p not in ("auto", "query", "key"):
+        raise ValueError(f"context.moc triton: path must be 'auto', 'query' or 'key', got {p!r}")
+    return p
+
+
+class KeyMajorLists(NamedTuple):
+    """Key-major work lists for one selection (see :func:`key_major_lists`)."""
+    ent: torch.Tensor        # int32 [B, Hq, Tq * NS]: per chunk (at chunk_off) its rows' entries i * NS + slot
+    chunk_off: torch.Tensor  # int32 [B, Hq, C]: start of chunk c's rows in ent
+    cnt: torch.Tensor        # int32 [B, Hq, C]: rows that selected chunk c
+    tile_off: torch.Tensor   # int32 [B, Hq, C + 1]: cumulative BLOCK_M-row tiles over the chunks
+    nsel: torch.Tensor       # int32 [B, Hq, Tq]: chunks each row selected
+    ns: int                  # slots per row (max of nsel, >= 1)
+    tiles: int               # total key-major tiles (sum over batch and heads)
+
+
+def key_major_lists(sel: torch.Tensor, block_m: int, qcount: torch.Tensor | None = None,
+                    ratio: float | None = None):
+    """Per-chunk row lists by a counting sort (two small kernels and a few torch cumsums).
+    Returns ``(KeyMajorLists or None, query_major_tiles)``. ``query_major_tiles`` (``qcount.sum()``)
+    comes back in the same host sync as the sizes when ``qcount`` is given, else it is None. With
+    ``ratio`` (auto) the lists are only built, and returned, when ``tiles * block_m * ratio <=
+    query_major_tiles * qm_block_m`` -- the caller passes ``ratio`` already divided by its
+    query-major BLOCK_M, see :func:`_plan`."""
+    B, Hq, Tq, C = sel.shape
+    dev = sel.device
+    bc = triton.next_power_of_2(C)
+    r = max(1, min(128, 8192 // bc, triton.next_power_of_2(Tq)))
+    nrb = triton.cdiv(Tq, r)
+    colcnt = _alloc((B, Hq, nrb, C), torch.int32, dev)
+    nsel = _alloc((B, Hq, Tq), torch.int32, dev)
+    _moc_kcount_kernel[(nrb, Hq, B)](sel, colcnt, nsel, Tq, C, nrb, R=r, BLOCK_C=bc, num_warps=4)
+    cnt = colcnt.sum(2, dtype=torch.int32)
+    tiles = (cnt + (block_m - 1)) // block_m
+    tile_off = torch.nn.functional.pad(tiles.cumsum(-1, dtype=torch.int32), (1, 0)).contiguous()
+    stats = [nsel.amax().long(), tile_off[..., -1].sum()]
+    if qcount is not None:
+        stats.append(qcount.sum())
+    stats = torch.stack(stats).tolist()                         # the one host sync
+    q_tiles = int(stats[2]) if qcount is not None else None
+    if ratio is not None and q_tiles is not None and int(stats[1]) * block_m * ratio > q_tiles:
+        return None, q_tiles
+    ns = max(int(stats[0]), 1)
+    chunk_off = (cnt.cumsum(-1, dtype=torch.int32) - cnt).contiguous()
+    base = (chunk_off[..., None, :] + colcnt.cumsum(2, dtype=torch.int32) - colcnt).contiguous()
+    ent = _alloc((B, Hq, Tq * ns), torch.int32, dev)
+    _moc_klist_kernel[(nrb, Hq, B)](sel, base, ent, Tq, C, nrb, ns, R=r, BLOCK_C=bc, num_warps=4)
+    return KeyMajorLists(ent, chunk_off, cnt.contiguous(), tile_off, nsel, ns, int(stats[1])), q_tiles
+
+
+def _plan(sel, bm_q: int, bm_k: int):
+    """Which path runs: returns ``(km_lists or None, qlist, qcount)``. Auto: key-major when its
+    tiles x KM_RATIO (in BLOCK_M-row units of the query-major kernel) <= the query-major tiles
+    (sum over query blocks of their union of chunks) -- the measured tile density decides; the
+    key-major scatter runs only when it is chosen."""
+    path = _path()
     C = sel.shape[-1]
-    if C == 0 or Tq == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
-        lists = moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, bn)
-    else:
-        lists = _query_block_lists(sel, bm)
-        if backward:
-            lists = (*lists, *_key_block_lists(_union_blocks(sel, bm), bounds, lim, prefix, Hq // Hk, bm, bn))
-        else:
-            lists = (*lists, None, None)
-    return B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, lists
+    if C == 0 or sel.shape[2] == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
+        if path == "key":
+            raise ValueError(f"context.moc triton: the key-major path needs 1..{SELECT_MAX_C} chunks, got {C}")
+        return None, None, None
+    if path == "query":
+        return None, *_query_block_lists(sel, bm_q)
+    if path == "key":
+        return key_major_lists(sel, bm_k)[0], None, None
+    qlist, qcount = _query_block_lists(sel, bm_q)
+    km, _ = key_major_lists(sel, bm_k, qcount, ratio=KM_RATIO / bm_q)
+    return km, qlist, qcount
+
+
+def _logs(n: int) -> int:
+    return max(1, int(n).bit_length())
+
+
+def _fwd_km(q, k, v, sel, bounds, lim, prefix, scale, km: KeyMajorLists):
+    B, Tq, Hq, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    C = sel.shape[-1]
+    BD = _block_d(D)
+    bm, bn, warps, stages = _km_blocks(BD, q.element_size())
+    ns = km.ns
+    pre = min(int(prefix), Tk)
+    op = _alloc((B, Hq, Tq * ns, D), q.dtype, q.device)
+    lp = _alloc((B, Hq, Tq * ns), torch.float32, q.device)
+    qk_scale = float(scale) * LOG2E
+    grid_t = triton.cdiv(Tq * ns, bm) + C
+    _moc_km_fwd_kernel[(grid_t, Hq, B)](
+        q, k, v, op, lp, km.ent, km.tile_off, km.chunk_off, km.cnt, lim, bounds,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        Hq, Tq, Hq // Hk, C, ns, pre, qk_scale,
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, LOGS=_logs(C), num_warps=warps, num_stages=stages)
+    o = _alloc((B, Tq, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq, Tq), torch.float32, q.device)
+    _moc_km_combine_kernel[(triton.cdiv(Tq, bm), Hq, B)](
+        q, k, v, op, lp, km.nsel, lim, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        Hq, Tq, Hq // Hk, ns, pre, qk_scale,
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=triton.next_power_of_2(ns), num_warps=warps,
+        num_stages=stages)
+    return o, lse
+
+
+def _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km: KeyMajorLists):
+    B, Tq, Hq, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    C = sel.shape[-1]
+    G = Hq // Hk
+    BD = _block_d(D)
+    bm, bn, warps, stages = _km_blocks(BD, q.element_size(), "bwd")
+    ns = km.ns
+    pre = min(int(prefix), Tk)
+    qk_scale = float(scale) * LOG2E
+    atomic = _km_bwd_mode() == "atomic"
+    dqa = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device) if atomic else q.new_empty(1, 1, 1, 1)
+    dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    # key blocks per segment: chunk c from max(start, prefix), then the prefix as segment C
+    starts = torch.clamp(bounds[:-1], min=pre)
+    seg_len = torch.clamp(bounds[1:] - starts, min=0)
+    seg_len = torch.cat([seg_len, seg_len.new_full((1,), pre)])
+    kb_off = torch.nn.functional.pad(((seg_len + (bn - 1)) // bn).cumsum(0), (1, 0)).to(torch.int32).contiguous()
+    _moc_km_dkdv_kernel[(triton.cdiv(Tk, bn) + C + 1, Hk, B)](
+        q, k, v, do, dk, dv, dqa, lse2, delta, km.ent, km.chunk_off, km.cnt, lim, bounds, kb_off,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        dqa.stride(0), dqa.stride(1), dqa.stride(2),
+        Hq, Tq, Tk, G, C, ns, pre, qk_scale, float(scale),
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, LOGS=_logs(C + 1), ATOMIC_DQ=atomic, num_warps=warps,
+        num_stages=stages)
+    if atomic:
+        return dqa.to(q.dtype), dk, dv
+    dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
+    dqp = _alloc((B, Hq, Tq * ns, D), torch.float32, q.device)
+    _moc_km_dq_kernel[(triton.cdiv(Tq * ns, bm) + C, Hq, B)](
+        q, k, v, do, dqp, lse2, delta, km.ent, km.tile_off, km.chunk_off, km.cnt, lim, bounds,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        Hq, Tq, G, C, ns, pre, qk_scale,
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, LOGS=_logs(C), num_warps=warps, num_stages=stages)
+    _moc_km_dq_combine_kernel[(triton.cdiv(Tq, bm), Hq, B)](
+        q, k, v, do, dqp, dq, lse2, delta, km.nsel, lim,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), Hq, Tq, G, ns, pre, qk_scale, float(scale),
+        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
 
 
 def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, (qlist, qcount, _, _) = _prep(q, k, v, sel, bounds, lim,
-                                                                                   prefix)
+    B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
+    BD = _block_d(D)
+    bm, bn, warps, stages = _blocks(BD, q.element_size())
+    C = sel.shape[-1]
+    prefix = min(int(prefix), Tk)   # keys past Tk do not exist (the kernels would read past them)
+    if B * Tq * Hq * D == 0 or Tk == 0 or C == 0:
+        o = _alloc((B, Tq, Hq, D), q.dtype, q.device).zero_()
+        return o, _alloc((B, Hq, Tq), torch.float32, q.device).fill_(float("-inf"))
+    _check_i32(q, k, v)
+    km, qlist, qcount = _plan(sel, bm, _km_blocks(BD, q.element_size())[0])
+    if km is not None:
+        return _fwd_km(q, k, v, sel, bounds, lim, prefix, scale, km)
+    if qlist is None:
+        qlist, qcount, _, _ = moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, bn)
     o = _alloc((B, Tq, Hq, D), q.dtype, q.device)
     lse = _alloc((B, Hq, Tq), torch.float32, q.device)
-    C = sel.shape[-1]
-    if o.numel() == 0 or Tk == 0 or C == 0:
-        o.zero_()
-        lse.fill_(float("-inf"))
-        return o, lse
-    _check_i32(q, k, v, o)
+    _check_i32(o)
     nqb = triton.cdiv(Tq, bm)
     _moc_fwd_kernel[(nqb, Hq, B)](
         q, k, v, o, lse, sel, lim, bounds, qlist, qcount,
@@ -425,15 +939,14 @@ def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float):
 def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     do = do.to(q.dtype)
-    B, Tq, Hq, D, Tk, Hk, BD, bm, bn, warps, stages, (qlist, qcount, klist, kmeta) = _prep(
-        q, k, v, sel, bounds, lim, prefix, backward=True)
-    dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
-    dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
-    dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
+    BD = _block_d(D)
+    bm, bn, warps, stages = _blocks(BD, q.element_size())
     C = sel.shape[-1]
-    if dq.numel() == 0 or dk.numel() == 0 or C == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv
+    prefix = min(int(prefix), Tk)
+    if B * Tq * Hq * D == 0 or B * Tk * Hk * D == 0 or C == 0:
+        return (_alloc((B, Tq, Hq, D), q.dtype, q.device).zero_(), _alloc((B, Tk, Hk, D), q.dtype, q.device).zero_(),
+                _alloc((B, Tk, Hk, D), q.dtype, q.device).zero_())
     _check_i32(q, k, v, o, do)
     lse = lse.contiguous().float()
     delta = _alloc((B, Hq, Tq), torch.float32, q.device)
@@ -443,8 +956,18 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
         o, do, lse, delta, delta, lse2,
         o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hq, Tq, D=D, BLOCK_D=BD, BLOCK_M=PRE_M, HAS_DLSE=False, num_warps=4)
-    qk_scale = float(scale) * LOG2E
+    km, qlist, qcount = _plan(sel, bm, _km_blocks(BD, q.element_size(), "bwd")[0])
+    if km is not None:
+        return _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km)
     G = Hq // Hk
+    if qlist is None:
+        qlist, qcount, klist, kmeta = moc_block_lists(sel, bounds, lim, prefix, G, bm, bn)
+    else:
+        klist, kmeta = _key_block_lists(_union_blocks(sel, bm), bounds, lim, prefix, G, bm, bn)
+    dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
+    dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
+    qk_scale = float(scale) * LOG2E
     nqb, nkb = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
     _moc_dkdv_kernel[(nkb, Hk, B)](
         q, k, v, do, dk, dv, lse2, delta, sel, lim, bounds, klist, kmeta,
