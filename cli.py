@@ -1,4 +1,4 @@
-"""The ``blockzoo`` command: info, check, run, bench, sweep, report, schema.
+"""The ``blockzoo`` command: info, check, run, bench, sweep, report, kv, schema.
 
 Errors a user can fix (bad specs, unknown names, unavailable backends) print a clear message and
 exit 2, never a traceback (``BLOCKZOO_DEBUG=1`` shows one for bug reports).
@@ -237,6 +237,48 @@ def cmd_report(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------------
+# kv
+def cmd_kv_distill(args) -> int:
+    """Train token.evict retention gates for a spec's model by distillation on bytes_lm."""
+    import torch
+
+    from .core.composer import build
+    from .core.spec import load_spec
+    from .plugins.token.evict import bytes_lm_sampler, distill
+    from .plugins.token.params import EvictParams
+    spec = load_spec(Path(args.spec))
+    base = spec.kv.params if spec.kv is not None and spec.kv.type == "token.evict" else {}
+    params = EvictParams(**{**base, "budget": args.budget, "gate_path": None})
+    torch.manual_seed(args.seed)
+    model = build(spec)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    if args.train_steps:
+        from .core.tasks import BytesLMConfig, _train_steps
+        windows = bytes_lm_sampler(args.seq + 1, args.batch)
+
+        def sample(g):
+            w = windows(g)[0]
+            return w[:, :-1], w[:, 1:]
+        _train_steps(model, sample, BytesLMConfig(steps=args.train_steps, seq=args.seq, batch=args.batch,
+                                                  seed=args.seed), "cpu")
+    con = _console()
+
+    def log(step, rec):
+        if args.log_every and (step % args.log_every == 0 or step == args.steps - 1):
+            con.print(f"step {step}: kl {rec['kl']:.4f}  penalty {rec['penalty']:.4f}  retention {rec['retention']:.3f}")
+    gates = distill(model, args.steps, params=params, hidden=params.hidden, lr=args.lr or params.distill_lr,
+                    penalty=params.distill_penalty if args.penalty is None else args.penalty,
+                    sample=bytes_lm_sampler(args.seq, args.batch), seed=args.seed, log=log)
+    last = gates.history[-1] if gates.history else {}
+    gates.save(args.out, budget=args.budget, steps=args.steps, spec=spec.name, spec_hash=spec.spec_hash(),
+               weights=args.weights, train_steps=args.train_steps, final=last)
+    con.print(f"wrote {args.out}: token.evict gates for {spec.name} at budget {args.budget} after {args.steps} steps"
+              + (f" (kl {last['kl']:.4f}, soft retention {last['retention']:.3f})" if last else ""))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockzoo", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"blockzoo {_version()}")
@@ -290,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="re-render report.md, report.html and pareto.png of a sweep folder")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("kv", help="KV-cache policy tools (kv distill: train token.evict gates)")
+    kv = s.add_subparsers(dest="kv_command", required=True)
+    s = kv.add_parser("distill", help="train token.evict retention gates by distillation against the dense "
+                                      "model on bytes_lm, with a budget penalty")
+    s.add_argument("spec", help="model spec (its kv: section, if token.evict, gives the other policy params)")
+    s.add_argument("--budget", type=float, default=0.25, help="kept fraction the gates are trained for")
+    s.add_argument("--steps", type=int, default=200, help="distillation steps")
+    s.add_argument("--out", required=True, help="gate file to write (token.evict params.gate_path)")
+    s.add_argument("--weights", help="model state dict (torch.save) to load before distilling")
+    s.add_argument("--train-steps", type=int, default=0, help="first train the model on bytes_lm this many steps")
+    s.add_argument("--seq", type=int, default=128)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--penalty", type=float, help="budget penalty weight (default: the params' distill_penalty)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log-every", type=int, default=0, help="print the losses every N steps")
+    s.set_defaults(fn=cmd_kv_distill)
 
     s = sub.add_parser("schema", help="print the JSON Schema of specs (after plugins load)")
     s.set_defaults(fn=cmd_schema)

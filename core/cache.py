@@ -51,6 +51,9 @@ class KVCache:
     n_layers: int
     policy: Any = None
     layers: list[LayerCache] = field(default_factory=list)
+    #: full-cache steps: None runs the mixer's own op over the whole cache; "triton" / "numba" /
+    #: "reference" runs that backend's decode kernel (plugins/token/backends.py:decode_op)
+    decode_backend: str | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -66,6 +69,11 @@ class KVCache:
 
     def full_tokens(self) -> int:
         return sum(lc.seen for lc in self.layers)
+
+    def kept_fraction(self) -> float:
+        """KV memory held relative to the full cache (token.mixeddim counts kept K/V elements)."""
+        held = getattr(self.policy, "held_tokens", None)
+        return sum(held(lc) if held else lc.size for lc in self.layers) / self.full_tokens()
 
     # -- called by the attention mixer ---------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -83,7 +91,7 @@ class KVCache:
             o = op(q, k, v)
             lc.k, lc.v, lc.pos, lc.seen = kh, vh, pos, t
             if pol is not None:
-                scores = pol.prefill_scores(q, k, v, pos).float()
+                scores = pol.prefill_scores(q, k, v, pos, layer=layer, cache=lc).float()
                 if pol.accumulates:
                     lc.acc = scores
                 self._evict(lc, scores)
@@ -93,20 +101,42 @@ class KVCache:
         lc.seen += t
         if lc.acc is not None:
             lc.acc = torch.cat([lc.acc, lc.acc.new_zeros(b, hk, t)], 2)
-        if pol is None:
+        if pol is None and self.decode_backend is None:
             return op(q, lc.k.transpose(1, 2), lc.v.transpose(1, 2))
-        from ..plugins.token.reference import decode_attention
-        o, probs = decode_attention(q, lc.k, lc.v, scale=op.kwargs.get("scale"))
+        o, probs = self._decode(q, lc, op.kwargs.get("scale"))
+        if pol is None:
+            return o
         if pol.evicts_on_step:
-            self._evict(lc, pol.step_scores(lc, probs).float())
+            self._evict(lc, pol.step_scores(lc, probs, layer=layer).float())
         return o
+
+    def _decode(self, q: torch.Tensor, lc: LayerCache, scale):
+        """Attention of the new queries over the layer's cache and what the policy scores need:
+        the reference's probabilities [B, Hq, Tq, T], or (a kernel backend's ``decode`` op,
+        carried by the policy's scorer) the per-kv-head sums as [B, Hk, 1, T], which
+        ``per_kv_head`` maps to themselves; None when the policy needs no attention."""
+        pol = self.policy
+        if pol is None:
+            from ..plugins.token.backends import decode_op
+            return decode_op(self.decode_backend)(q, lc.k, lc.v, scale, False)
+        dec = getattr(pol.scorer, "decode", None)
+        if dec is None:
+            from ..plugins.token.reference import decode_attention
+            return decode_attention(q, lc.k, lc.v, scale=scale)
+        o, s = dec(q, lc.k, lc.v, scale, pol.needs_attention and pol.evicts_on_step)
+        return o, (None if s is None else s.unsqueeze(2))
 
     def _evict(self, lc: LayerCache, scores: torch.Tensor) -> None:
         from ..plugins.token.reference import compact, select
+        if hasattr(self.policy, "rewrite"):  # policies beyond keep-or-drop (token.mixeddim) rewrite the cache
+            self.policy.rewrite(lc, scores)
+            return
         keep = self.policy.keep(lc.seen)
         if lc.size <= keep:
             return
         p = self.policy.params
+        select = getattr(self.policy.scorer, "select", select)  # a kernel backend's exact fast path
+        compact = getattr(self.policy.scorer, "compact", compact)
         idx = select(scores, lc.pos, lc.seen, keep, p.sinks, p.recent)
         if lc.acc is not None:
             lc.k, lc.v, lc.pos, lc.acc = compact(idx, lc.k, lc.v, lc.pos, lc.acc)
@@ -116,6 +146,8 @@ class KVCache:
 
 # ---------------------------------------------------------------------------------------------
 # driver
+DECODE_BACKENDS = (None, "reference", "triton", "numba")
+
 def check_decodable(model) -> None:
     """Raise with the reason when a model cannot decode with a KV cache."""
     from ..plugins.attention.module import AttentionMixer
@@ -129,16 +161,22 @@ def check_decodable(model) -> None:
                              "decoding path (only attention-shaped mixers built on AttentionMixer decode)")
 
 
-def make_cache(model, policy: Any = "spec") -> KVCache:
+def make_cache(model, policy: Any = "spec", decode_backend: str | None = None) -> KVCache:
     """An empty cache for ``model``. policy: "spec" (the spec's ``kv:`` section, or the full
-    cache when it has none), None (full cache), a component id, a ComponentRef or a KVPolicy."""
+    cache when it has none), None (full cache), a component id, a ComponentRef or a KVPolicy.
+    decode_backend: for full-cache steps, None (the mixer's own op) or "reference" / "triton" /
+    "numba" (that backend's decode kernel; a policy uses its own backend's)."""
+    if decode_backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode_backend must be one of {DECODE_BACKENDS}, got {decode_backend!r}")
     check_decodable(model)
     if isinstance(policy, str) and policy == "spec":
         policy = model.spec.kv
     if policy is not None and not hasattr(policy, "prefill_scores"):
         from ..plugins.token.module import make_policy
         policy = make_policy(policy)
-    return KVCache(len(model.blocks), policy)
+    if policy is not None and hasattr(policy, "bind"):
+        policy.bind(model)  # learned policies (token.evict) load or distil their parts for this model
+    return KVCache(len(model.blocks), policy, decode_backend=decode_backend)
 
 
 def _run(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -196,8 +234,8 @@ def decode_logits(model, tokens: torch.Tensor, prefill_len: int, policy: Any = "
         raise ValueError(f"prefill_len must be in [1, {t}], got {prefill_len}")
     cache = make_cache(model, policy)
     outs = [prefill(model, tokens[:, :prefill_len], cache)]
-    rel = [cache.kept_tokens() / cache.full_tokens()]
+    rel = [cache.kept_fraction()]
     for i in range(prefill_len, t):
         outs.append(step(model, tokens[:, i:i + 1], cache))
-        rel.append(cache.kept_tokens() / cache.full_tokens())
+        rel.append(cache.kept_fraction())
     return torch.cat(outs, 1), sum(rel) / len(rel)

@@ -19,6 +19,38 @@ COLUMNS = [("label", "trial"), ("status", "status"), ("bytes_lm_bpb", "bpb ↓")
            ("params", "params"), ("logits_max_rel_err", "err vs ref"), ("backends", "backends")]
 
 
+# retention table (KV-cache policy sweeps): quality metric, KV memory metric, header
+RETENTION = [("passkey_accuracy", "passkey_kv_rel_bytes", "passkey acc ↑"),
+             ("mqar_accuracy", "mqar_kv_rel_bytes", "mqar acc ↑"),
+             ("bytes_lm_bpb", "bytes_lm_kv_rel_bytes", "bytes_lm bpb ↓")]
+
+
+def _policy_budget(t: dict[str, Any]) -> tuple[str | None, float | None]:
+    """A trial's KV policy and budget from its axis values (``kv`` or ``kv.type``, ``kv.params.budget``)."""
+    axes = t.get("axes") or {}
+    kv = axes.get("kv") if isinstance(axes.get("kv"), dict) else {}
+    params = kv.get("params") or {}
+    budget = axes.get("kv.params.budget", params.get("budget", params.get("budget_tokens")))
+    return axes.get("kv.type", kv.get("type")), budget
+
+
+def retention_table(trials: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows (header first) of policy x budget -> each task's quality and KV memory relative to the
+    full cache (``<task>_kv_rel_bytes``, the mean over decoding steps); empty when no trial
+    evaluated under a KV policy."""
+    ok = [t for t in trials if t.get("status") == "ok" and any(t.get(m) is not None for _, m, _ in RETENTION)]
+    rows = [(p, b, t) for t in ok for p, b in [_policy_budget(t)] if p is not None and b is not None]
+    if not rows:
+        return []
+    tasks = [r for r in RETENTION if any(t.get(r[0]) is not None for _, _, t in rows)]
+    order = {p: i for i, p in enumerate(dict.fromkeys(p for p, _, _ in rows))}
+    out = [["policy", "budget"] + [c for q, _, h in tasks for c in (h, "KV ×full")]]
+    for p, b, t in sorted(rows, key=lambda r: (r[1] == 1.0, order[r[0]], r[1])):
+        name = "full cache" if b == 1.0 else p
+        out.append([name, f"{b:g}"] + [_fmt(k, t.get(k)) for q, m, _ in tasks for k in (q, m)])
+    return out
+
+
 def _fmt(key: str, v: Any) -> str:
     if v is None or v == "":
         return "—"
@@ -96,6 +128,14 @@ def render(out_dir: str | Path) -> dict[str, Path]:
     lines += ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for t in trials:
         lines.append("| " + " | ".join(_fmt(k, t.get(k)).replace("|", "\\|") for k, _ in cols) + " |")
+    retention = retention_table(trials)
+    if retention:
+        lines += ["", "## Retention table", "",
+                  "Quality under each KV-cache policy and budget (kept fraction of the full cache) and the KV "
+                  "memory actually held relative to the full cache (mean over the decoding steps of each task; "
+                  "budget 1.0 is the full cache).", "",
+                  "| " + " | ".join(retention[0]) + " |", "|" + "---|" * len(retention[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in retention[1:]]
     failed = [t for t in trials if t.get("status") in ("failed", "skipped") and t.get("reason")]
     if failed:
         lines += ["", "## Skipped and failed trials", ""]
@@ -123,6 +163,10 @@ def render(out_dir: str | Path) -> dict[str, Path]:
             f"<td title='{html.escape(t.get('reason', '') if k == 'status' else '')}'>{html.escape(_fmt(k, t.get(k)))}</td>"
             for k, _ in cols) + "</tr>")
     h.append("</table>")
+    if retention:
+        h.append("<h2>Retention table</h2><table>" + "".join(
+            "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+            for row, tag in zip(retention, ["th"] + ["td"] * (len(retention) - 1), strict=True)) + "</table>")
     if plot:
         h.append("<p><img src='pareto.png' alt='quality vs cost' style='max-width:100%'></p>")
     (out_dir / "report.html").write_text("\n".join(h))

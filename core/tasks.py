@@ -64,6 +64,7 @@ def _train(model: torch.nn.Module, sample: Callable[[torch.Generator], tuple[tor
     """AdamW on ``loss(logits, targets)`` with targets == -100 ignored. Returns the last loss.
     A model whose spec differs from a recent training only in its ``kv:`` policy (same config,
     same initial weights) gets that training's weights instead of training again."""
+    model.train_sample = sample  # learned KV policies (token.evict) distil on the task's own inputs
     key = _train_key(model, cfg, device)
     if key is not None and key in _TRAINED:
         state, last = _TRAINED[key]

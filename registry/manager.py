@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "blockzoo.plugins.flow.plugin",
     "blockzoo.plugins.depth.plugin",
     "blockzoo.plugins.token.plugin",
+    "blockzoo.plugins.token.backends",
     "blockzoo.plugins.token.temf.plugin",
     "blockzoo.core.tasks",
 )

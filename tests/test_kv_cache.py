@@ -329,8 +329,8 @@ def test_spec_kv_wrong_slot_and_bad_params():
     assert "pool must be odd" in issue.message
     issue = _err(BASE + "kv: {type: token.h2o, params: {budget: 1.5}}\n")
     assert issue.path == "kv.params.budget"
-    issue = _err(BASE + "kv: {type: token.h2o, backend: triton}\n")
-    assert issue.path == "kv.backend" and "has no backend 'triton'" in issue.message
+    issue = _err(BASE + "kv: {type: token.h2o, backend: cutlass}\n")
+    assert issue.path == "kv.backend" and "has no backend 'cutlass'" in issue.message
 
 
 def test_spec_kv_needs_dense_mixers():

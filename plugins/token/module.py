@@ -3,7 +3,13 @@
 Eviction schedule: ``token.streaming`` and ``token.h2o`` evict after prefill and after every
 decoding step whenever the cache holds more than its budget (so it never exceeds it);
 ``token.snapkv`` compresses the prompt once, after prefill, and then appends decoded tokens
-without eviction (as in the SnapKV paper).
+without eviction (as in the SnapKV paper). ``token.evict`` rescores every cached token at every
+eviction (its score depends on the token's age); ``token.mixeddim`` keeps part of a token's
+dimensions and rewrites the cache itself (``rewrite``) instead of the shared keep-or-drop.
+
+The cache calls ``prefill_scores(q, k, v, positions, layer=i, cache=lc)`` after prefill and
+``step_scores(lc, probs, layer=i)`` after a decoding step; ``bind(model)`` once, when a cache is
+made for a model (token.evict loads or distils its gates there).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .reference import per_kv_head
+from .reference import allocate_dims, channel_ranks, compact, dims_mask, per_kv_head, protected_mask
 
 
 class KVPolicy:
@@ -35,42 +41,138 @@ class KVPolicy:
     def keep(self, seen: int) -> int:
         return self.params.keep(seen)
 
-    def prefill_scores(self, q, k, v, positions) -> torch.Tensor:
+    def bind(self, model) -> None:
+        """Called once by ``make_cache`` with the model the cache is for."""
+
+    def held_tokens(self, lc) -> float:
+        """KV memory a layer cache holds, in full tokens per (batch, kv head)."""
+        return float(lc.size)
+
+    def prefill_scores(self, q, k, v, positions, layer: int = 0, cache=None) -> torch.Tensor:
         """[B, Hk, T] scores of the prompt's tokens (q, k, v as the mixer has them, [B, T, H, D])."""
         return self.scorer(q, k, v, **self.op_kwargs)
 
-    def step_scores(self, layer, probs: torch.Tensor | None) -> torch.Tensor:
-        """[B, Hk, T] scores of the cached tokens after a decoding step (``layer`` a LayerCache;
+    def step_scores(self, lc, probs: torch.Tensor | None, layer: int = 0) -> torch.Tensor:
+        """[B, Hk, T] scores of the cached tokens after a decoding step (``lc`` a LayerCache;
         ``probs`` [B, Hq, Tq, T] the step's attention over the cache)."""
         raise NotImplementedError
 
 
 class StreamingPolicy(KVPolicy):
-    def prefill_scores(self, q, k, v, positions):
+    def prefill_scores(self, q, k, v, positions, layer=0, cache=None):
         return self.scorer(q, k, v, positions=positions, **self.op_kwargs)
 
-    def step_scores(self, layer, probs):
-        return layer.pos.to(torch.float32)
+    def step_scores(self, lc, probs, layer=0):
+        return lc.pos.to(torch.float32)
 
 
 class H2OPolicy(KVPolicy):
     needs_attention = True
     accumulates = True
 
-    def step_scores(self, layer, probs):
-        layer.acc = layer.acc + per_kv_head(probs, layer.k.shape[1]).to(layer.acc.dtype)
-        return layer.acc
+    def step_scores(self, lc, probs, layer=0):
+        lc.acc = lc.acc + per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)
+        return lc.acc
 
 
 class SnapKVPolicy(KVPolicy):
     needs_attention = True
     evicts_on_step = False
 
-    def step_scores(self, layer, probs):  # never called: no eviction while decoding
+    def step_scores(self, lc, probs, layer=0):  # never called: no eviction while decoding
         raise RuntimeError("token.snapkv compresses at prefill only")
 
 
-POLICY_CLASSES = {"token.streaming": StreamingPolicy, "token.h2o": H2OPolicy, "token.snapkv": SnapKVPolicy}
+class EvictPolicy(KVPolicy):
+    """Learned retention gate (``plugins/token/evict.py``): score = (now - position) * log(beta)."""
+
+    def __init__(self, component_id, params, scorer) -> None:
+        super().__init__(component_id, params, scorer)
+        self.op_kwargs = {}
+        self.gates = None
+
+    def bind(self, model) -> None:
+        """Gates for ``model`` unless set already (``policy.gates = EvictGates``)."""
+        if self.gates is None:
+            from .evict import gates_for
+            self.gates = gates_for(model, self.params)
+        else:
+            self.gates.check_model(model)
+
+    def _gates(self, layer: int | None):
+        if layer is None:
+            raise ValueError("token.evict needs the layer index (its gates are per layer): the cache must call "
+                             "prefill_scores/step_scores with layer=... (core/cache.py does)")
+        if self.gates is None:
+            raise RuntimeError("token.evict policy has no gates: make the cache with make_cache(model, ...) "
+                               "(it binds the policy to the model) or set policy.gates")
+        return [t.to(torch.float32) for t in self.gates.layer(layer)]
+
+    def prefill_scores(self, q, k, v, positions, layer=None, cache=None):
+        return self.scorer(q, k, v, *self._gates(layer), positions=positions)
+
+    def step_scores(self, lc, probs, layer=None):
+        layer = getattr(lc, "layer_idx", None) if layer is None else layer
+        k, v = lc.k.transpose(1, 2), lc.v.transpose(1, 2)
+        return self.scorer(k[:, -1:], k, v, *self._gates(layer), positions=lc.pos, now=lc.seen - 1)
+
+
+class MixedDimPolicy(KVPolicy):
+    """MixedDimKV-style: every cached token keeps a number of its K/V channels (0 = evicted) so
+    that the cache holds exactly ``keep(seen) * D`` elements per (layer, batch, kv head).
+
+    Token importance: accumulated attention (as H2O). Channel order per (layer, batch, kv head),
+    fixed at prefill (``channel_ranks``). Dropped channels are zeroed in place (the cache stays
+    [B, Hk, T, D]; a packed layout is not implemented), ``lc.extra["dims"]`` holds the kept
+    count of every token, and memory is accounted in elements (``held_tokens``)."""
+
+    needs_attention = True
+    accumulates = True
+
+    def held_tokens(self, lc) -> float:
+        dims = lc.extra.get("dims")
+        if dims is None:
+            return float(lc.size)
+        return float(dims.sum()) / (dims.shape[0] * dims.shape[1] * lc.k.shape[-1])
+
+    def prefill_scores(self, q, k, v, positions, layer=0, cache=None):
+        if cache is None or not hasattr(cache, "extra"):
+            raise ValueError("token.mixeddim rewrites the layer cache (per-token dims): it needs "
+                             "prefill_scores(..., cache=LayerCache) and a cache that calls policy.rewrite "
+                             "(core/cache.py); this cache does not")
+        cache.extra["k_rank"], cache.extra["v_rank"] = channel_ranks(q, k, v)
+        cache.extra["dims"] = torch.full(positions.shape, k.shape[-1], dtype=torch.long, device=k.device)
+        return self.scorer(q, k, v, **self.op_kwargs)
+
+    def step_scores(self, lc, probs, layer=0):
+        dims = lc.extra["dims"]
+        new = lc.size - dims.shape[2]
+        if new:
+            lc.extra["dims"] = torch.cat([dims, dims.new_full((*dims.shape[:2], new), lc.k.shape[-1])], 2)
+        lc.acc = lc.acc + per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)
+        return lc.acc
+
+    def rewrite(self, lc, scores: torch.Tensor) -> None:
+        """Re-allocate the dims of the cached tokens to exactly the budget (when over it), drop
+        the tokens left with none and zero the dropped channels."""
+        d = lc.k.shape[-1]
+        dims = lc.extra["dims"]
+        budget = self.keep(lc.seen) * d
+        if int(dims.sum(-1).max()) <= budget:
+            return
+        p = self.params
+        prot = protected_mask(lc.pos, lc.seen, p.sinks, p.recent)
+        new = allocate_dims(scores, lc.k, lc.v, dims, prot, lc.extra["k_rank"], lc.extra["v_rank"], budget)
+        n = int((new > 0).sum(-1).max())
+        idx = torch.sort(torch.sort((new > 0).float(), dim=-1, descending=True, stable=True).indices[..., :n], dim=-1).values
+        k, v, pos, acc, dims = compact(idx, lc.k, lc.v, lc.pos, lc.acc, new)
+        lc.k = k * dims_mask(dims, lc.extra["k_rank"]).to(k.dtype)
+        lc.v = v * dims_mask(dims, lc.extra["v_rank"]).to(v.dtype)
+        lc.pos, lc.acc, lc.extra["dims"] = pos, acc, dims
+
+
+POLICY_CLASSES = {"token.streaming": StreamingPolicy, "token.h2o": H2OPolicy, "token.snapkv": SnapKVPolicy,
+                  "token.evict": EvictPolicy, "token.mixeddim": MixedDimPolicy}
 
 
 def make_policy(ref, backend: str | None = None) -> KVPolicy:
@@ -81,8 +183,8 @@ def make_policy(ref, backend: str | None = None) -> KVPolicy:
     params = {} if isinstance(ref, str) else ref.params
     name = backend or (None if isinstance(ref, str) else ref.backend) or "reference"
     comp = reg.component(cid)
-    if name == "auto":
-        name = reg.backends_for(cid)[0].name
+    if name == "auto":  # the highest-priority backend that can run here (triton needs CUDA)
+        name = next(b.name for b in reg.backends_for(cid) if not b.capabilities.environment_reasons())
     if comp.slot != "kv" or comp.module is None:
         raise ValueError(f"{cid!r} is not a KV-cache policy (slot {comp.slot!r})")
     return comp.module(comp.params(**params), reg.backend(cid, name).fn, cid)

@@ -46,3 +46,24 @@ class SnapKVParams(KVPolicyParams):
         if self.pool % 2 == 0:
             raise ValueError(f"pool must be odd (a centred max-pool), got {self.pool}")
         return self
+
+
+class EvictParams(KVPolicyParams):
+    """``token.evict``: learned retention gate, score = age * log(beta), top scores under the budget."""
+
+    gate_path: str | None = Field(None, description="gate file from `blockzoo kv distill` (or EvictGates.save); "
+                                                     "default: distil gates for the model on first use")
+    hidden: int = Field(16, ge=1, description="hidden width of each (layer, kv head) gate MLP")
+    distill_steps: int = Field(100, ge=0, description="distillation steps when there is no gate_path "
+                                                       "(on the model's training inputs, else bytes_lm)")
+    distill_batch: int = Field(8, ge=1, description="sequences per distillation step (the first rows of each "
+                                                     "training batch)")
+    distill_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the distillation")
+    distill_penalty: float = Field(0.1, ge=0, description="weight of the budget penalty (soft retention "
+                                                           "above the budget) against the KL to the dense model")
+    distill_seed: int = Field(0, description="seed of the gate init and the distillation batches")
+
+
+class MixedDimParams(KVPolicyParams):
+    """``token.mixeddim``: per-token number of kept K/V dims; ``budget`` is a fraction of the full
+    cache's K/V elements (the same memory as a token policy at that budget)."""

@@ -123,3 +123,152 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     vf = vt.to(p.dtype) if group == 1 else vt.to(p.dtype).repeat_interleave(group, dim=2)
     o = torch.einsum("bhqk,bkhd->bqhd", p, vf)
     return o.to(q.dtype), p
+
+
+# ---------------------------------------------------------------------------------------------
+# token.evict: a learned retention gate (beta in (0, 1) per token), score = age * log(beta)
+def key_pair_norms(k: torch.Tensor) -> torch.Tensor:
+    """[..., D] rotated keys -> [..., D - D // 2]: the norm of every RoPE pair
+    (k[..., i], k[..., i + D // 2]) and |k| of an odd tail channel. RoPE rotates each pair, so
+    these features do not depend on the position the key was written at."""
+    half = k.shape[-1] // 2
+    pairs = torch.sqrt(k[..., :half] ** 2 + k[..., half:2 * half] ** 2 + 1e-12)
+    return torch.cat([pairs, k[..., 2 * half:].abs()], dim=-1)
+
+
+def gate_features(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Gate input per token and kv head: [value, key pair norms], [..., D + D - D // 2]."""
+    return torch.cat([v, key_pair_norms(k)], dim=-1)
+
+
+def gate_feature_dim(head_dim: int) -> int:
+    return head_dim + head_dim - head_dim // 2
+
+
+def evict_logbeta(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor) -> torch.Tensor:
+    """log(beta) [B, Hk, Tk] of the retention gate of one layer: a per-kv-head MLP
+    ``beta = sigmoid(w2 . gelu(W1 f + b1) + b2)`` on the features ``f`` of k, v [B, Tk, Hk, D].
+    w1 [Hk, F, E], b1 [Hk, E], w2 [Hk, E], b2 [Hk]; computed in fp32 (fp64 for fp64)."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    f = gate_features(k.to(acc), v.to(acc))
+    if w1.shape[:2] != (k.shape[2], f.shape[-1]):
+        raise ValueError(f"gate w1 {tuple(w1.shape)} does not fit {k.shape[2]} kv heads x {f.shape[-1]} "
+                         f"features (head dim {k.shape[-1]})")
+    h = F.gelu(torch.einsum("bthf,hfe->bthe", f, w1.to(acc)) + b1.to(acc))
+    logit = torch.einsum("bthe,he->bth", h, w2.to(acc)) + b2.to(acc)
+    return F.logsigmoid(logit).transpose(1, 2)
+
+
+def evict_scores(q, k, v, w1, b1, w2, b2, positions: torch.Tensor | None = None, now: int | None = None,
+                 **_policy) -> torch.Tensor:
+    """token.evict: ``score = age * log(beta)`` (the log of beta^age, TRIM-KV's decayed retention),
+    age = ``now - position`` (default: positions 0..Tk-1 and now = the newest position). Higher =
+    keep. Differentiable in k, v and the gate weights (q only fixes the layout)."""
+    check_shapes(q, k, v)
+    b, tk, hk, _ = k.shape
+    if positions is None:
+        positions = torch.arange(tk, device=k.device).expand(b, hk, tk)
+    now = int(positions.max()) if now is None and positions.numel() else (now or 0)
+    lb = evict_logbeta(k, v, w1, b1, w2, b2)
+    return ((now - positions).to(lb.dtype) * lb).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# token.mixeddim: each kept token keeps a number of K/V dimensions (0 = evicted)
+def mixeddim_scores(q, k, v, **_policy) -> torch.Tensor:
+    """token.mixeddim's token importance: the attention each cached token receives (as H2O; the
+    cache accumulates it over decoding steps). The dims allocation is :func:`allocate_dims`."""
+    return h2o_scores(q, k, v)
+
+
+def channel_ranks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, kv head) rank of every key and value channel, [B, Hk, D] each (0 = kept
+    first). Keys: ThinK-style importance ``||q_c|| * ||k_c||`` over the prompt (query heads of the
+    group summed), averaged over each RoPE pair so the two channels of a pair stay adjacent in
+    the order; values: ``||v_c||``. q [B, Tq, H, D], k, v [B, Tk, Hk, D]."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    b, _, hq, d = q.shape
+    hk = k.shape[2]
+    qn = (q.to(acc) ** 2).sum(1).view(b, hk, hq // hk, d).sum(2).sqrt()      # [B, Hk, D]
+    kn = (k.to(acc) ** 2).sum(1).sqrt()
+    imp = qn * kn
+    half = d // 2
+    if half:
+        pair = 0.5 * (imp[..., :half] + imp[..., half:2 * half])
+        imp = torch.cat([pair, pair, imp[..., 2 * half:]], -1)
+    # base order [0, half, 1, half + 1, ..., tail]: partners adjacent, kept so by the stable sort
+    base = torch.tensor([c for i in range(half) for c in (i, i + half)] + list(range(2 * half, d)),
+                        device=k.device)
+    order = base[torch.sort(imp[..., base], dim=-1, descending=True, stable=True).indices]
+    vorder = torch.sort((v.to(acc) ** 2).sum(1), dim=-1, descending=True, stable=True).indices
+
+    def ranks(o):
+        r = torch.empty_like(o)
+        r.scatter_(-1, o, torch.arange(d, device=o.device).expand_as(o))
+        return r
+    return ranks(order), ranks(vorder)
+
+
+def dims_mask(dims: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """bool [B, Hk, T, D]: channel c of token j is kept iff rank[c] < dims[j]."""
+    return rank[:, :, None, :] < dims[..., None]
+
+
+def _greedy(gain: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """gain [R, T, D] (non-increasing along D, -inf where not allowed); n [R] elements to give.
+    Takes the n largest gains per row (ties: the lower token, then the lower rank) and returns
+    how many each token got [R, T] (a prefix of its ranks, as the gains do not increase)."""
+    r, t, d = gain.shape
+    order = torch.sort(gain.reshape(r, t * d), dim=-1, descending=True, stable=True).indices
+    take = torch.arange(t * d, device=gain.device)[None, :] < n[:, None]
+    chosen = torch.zeros(r, t * d, dtype=torch.bool, device=gain.device)
+    chosen.scatter_(1, order, take)
+    return chosen.view(r, t, d).sum(-1)
+
+
+def allocate_dims(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caps: torch.Tensor,
+                  protected: torch.Tensor, k_rank: torch.Tensor, v_rank: torch.Tensor,
+                  budget: int) -> torch.Tensor:
+    """Kept dims per token [B, Hk, T] (long) with exactly ``budget`` K/V elements per (batch, kv
+    head) row, every row keeping the same number of tokens (the cache stays rectangular).
+
+    scores [B, Hk, T] token importance (>= 0); k, v [B, Hk, T, D] the cached (already reduced)
+    entries; caps [B, Hk, T] dims each token holds now (a token never regains dropped dims);
+    protected [B, Hk, T] bool (kept whole; their caps must be D). The loss of keeping d of a
+    token's dims is ``score * (dropped share of ||k||^2 + dropped share of ||v||^2) / 2``
+    (channels in rank order); the allocation minimises the summed loss greedily (largest
+    marginal gain first). Stage 1 lets it drop tokens entirely; stage 2 gives every row the
+    largest stage-1 token count n, keeping each row's n best tokens with at least one dim.
+    Requires ``budget < caps.sum(-1)`` (the cache holds more than the budget)."""
+    b, hk, t, d = k.shape
+    acc = torch.promote_types(k.dtype, torch.float32)
+    kk = torch.gather(k.to(acc) ** 2, -1, torch.argsort(k_rank, -1)[:, :, None, :].expand(b, hk, t, d))
+    vv = torch.gather(v.to(acc) ** 2, -1, torch.argsort(v_rank, -1)[:, :, None, :].expand(b, hk, t, d))
+    share = 0.5 * (kk / kk.sum(-1, keepdim=True).clamp_min(1e-30) + vv / vv.sum(-1, keepdim=True).clamp_min(1e-30))
+    gain = scores.to(acc).clamp_min(0)[..., None] * share
+    gain = torch.cummin(gain, dim=-1).values  # non-increasing along the ranks
+    ranks = torch.arange(d, device=k.device)
+    allowed = (ranks < caps[..., None]) & ~protected[..., None]
+    gain = gain.masked_fill(~allowed, float("-inf")).view(b * hk, t, d)
+    n_prot = protected.sum(-1).view(-1)
+    rest = budget - n_prot * d
+    if bool((rest < 0).any()):
+        raise ValueError(f"budget of {budget} elements is smaller than the protected tokens' {int(n_prot.max()) * d}")
+    if bool((caps.masked_fill(protected, 0).sum(-1).view(-1) < rest).any()):
+        raise ValueError("allocate_dims: the cache holds fewer elements than the budget")
+    got = _greedy(gain, rest)                                          # stage 1 [R, T]
+    live = got > 0
+    n_live = int(live.sum(-1).max())
+    # stage 2: each row keeps its n_live best tokens (live ones first, then by score) with >= 1 dim
+    pri = torch.where(live, 1.0, 0.0) * 4 + scores.view(b * hk, t).to(acc).clamp_min(0) / \
+        scores.view(b * hk, t).to(acc).clamp_min(0).amax(-1, keepdim=True).clamp_min(1e-30)
+    pri = pri.masked_fill(protected.view(b * hk, t), float("-inf"))
+    pick = torch.zeros_like(live)
+    pick.scatter_(1, torch.sort(pri, dim=-1, descending=True, stable=True).indices[:, :n_live], True)
+    g2 = gain.clone()
+    g2[..., 0] = torch.where(pick, torch.full_like(g2[..., 0], float("inf")), g2[..., 0])
+    g2 = g2.masked_fill(~pick[..., None], float("-inf"))
+    got = _greedy(g2, rest)
+    dims = torch.where(protected.view(b * hk, t), torch.full_like(got, d), got)
+    return dims.view(b, hk, t)

@@ -1,0 +1,399 @@
+"""Decode-time kernels for the KV cache (``core/cache.py``, ``plugins/token``) in Triton.
+
+Public contract::
+
+    o, lse = decode_attention(q, k, v, scale=None, num_splits=None)
+    s = token_scores(q, k, lse, scale=None, per_query_head=False)
+    idx = select_topk(scores, positions, seen, keep, sinks, recent)     # torch ops
+    k2, v2, ... = compact(idx, k, v, ...)                               # Triton gather for [B,Hk,T,D]
+
+Layout: ``q`` is ``[B, Tq, Hq, D]`` (the new queries, as the mixer has them); the cache ``k``,
+``v`` is ``[B, Hk, T, D]`` (any strides with a unit-stride last dim; the new tokens are its last
+``Tq`` entries). GQA: query head ``h`` reads kv head ``h // (Hq // Hk)``. Causality is
+bottom-right (query ``i`` sees key ``j`` iff ``j <= i + T - Tq``), so Tq = 1 sees everything.
+
+decode_attention: split-K ("flash-decoding"). Grid ``(S, Hk, B)``: program ``(s, hk, b)`` holds
+all ``G * Tq`` query rows of kv group ``hk`` (``G = Hq // Hk``; row ``r`` is query head
+``hk * G + r // Tq``, query ``r % Tq``), padded to ``BLOCK_M >= 16`` rows so that the two dots
+are tensor-core MMAs, and streams the keys of split ``s`` (``[s * L, (s + 1) * L)``, ``L`` a
+multiple of ``BLOCK_N``) through the shared online-softmax loop :func:`attention.attn_fwd_inner`
+(K and V are read once per kv head, not once per query head). Interior blocks take the unmasked
+path; only the last block (ragged ``T``) and the last ``Tq - 1`` keys (causal) are masked. Each
+split writes a normalised partial output and its log-sum-exp (fp32, ``[B, Hq, Tq, S, D]`` and
+``[B, Hq, Tq, S]``); a combine kernel (one program per (batch, head, query)) merges them with
+weights ``exp(lse_s - max)``. ``S`` is chosen so that ``B * Hk * S`` fills the GPU (about 4
+programs per SM) with at least 4 key blocks per split; ``num_splits`` overrides it.
+More than :data:`MAX_ROWS` query rows per kv head (a long multi-token step or a prefill) go
+to the shared attention core (``attention.attention_fwd`` on ``[B, T, Hk, D]`` views).
+
+token_scores: ``sum_{i, h in group} exp(s_{h,i,j} - lse_{h,i})`` per kv head and token
+(``[B, Hk, T]`` fp32; ``per_query_head=True``: ``[B, Hq, T]`` summed over queries only, for
+SnapKV's per-head pooling), i.e. the attention each cached token received, given the ``lse``
+of the attention pass, without materialising ``[B, Hq, Tq, T]``. Grid ``(T / BLOCK_N, Ho, B)``:
+a program loads one K block once and loops over the flattened (head, query) rows that can see
+it (rows of queries ``i < j0 - diag`` are skipped), so no atomics. It re-reads K (half the
+bytes of the decode pass).
+
+select_topk (``kernels/select.py``, torch ops, re-exported here): the same kept set as
+``plugins.token.reference.select`` by ``torch.topk`` over unique int64 keys instead of a sort.
+
+compact: a Triton row gather for ``[B, Hk, T, D]`` tensors (one program per block of kept rows,
+the index block read once, rows copied with D-wide vector loads); per-token tensors of other
+ranks (positions, running scores) use ``torch.gather``.
+
+All outputs are allocated through ``kernels._alloc`` (NaN-poisoned in tests). Under
+``TRITON_INTERPRET=1`` everything runs on CPU tensors (slowly).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from .._alloc import empty
+from ..select import FEW_EVICTIONS, _sortable_keys, select_topk  # noqa: F401  (torch ops, re-exported)
+from .attention import LOG2E, _block_d, _dot, _interpreting, _loop_bound, attn_fwd_inner
+
+__all__ = ["decode_attention", "token_scores", "select_topk", "compact", "MAX_ROWS", "DECODE_CFG"]
+
+#: most query rows (GQA group x new queries) one decode program holds; more go to the core.
+MAX_ROWS = 64
+#: most key splits (the combine kernel holds one [splits, D] tile)
+MAX_SPLITS = 128
+#: (BLOCK_N, num_warps, num_stages) of the split kernel per BLOCK_D bucket; see docs/notes/kv_decode.md.
+#: (BLOCK_D bucket, 2- or 4-byte elements) -> (BLOCK_N, num_warps, num_stages) candidates, best
+#: first; the first that fits in shared memory is kept (see docs/notes/kv_decode.md for the sweep).
+DECODE_CFG = {
+    (64, 2): [(64, 4, 3), (32, 4, 2)], (128, 2): [(128, 4, 3), (64, 4, 3)], (256, 2): [(32, 4, 2), (16, 4, 2)],
+    (64, 4): [(64, 4, 3), (32, 4, 2)], (128, 4): [(64, 4, 3), (32, 4, 2)], (256, 4): [(32, 4, 2), (16, 4, 1)],
+}
+_CHOSEN: dict = {}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SM_COUNT: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(Q, K, V, OP, LP,
+                         s_qb, s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                         Hq, Tq, T, GROUP, split_len, S, qk_scale, diag, n_full,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NEG_SCALE: tl.constexpr):
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    sid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // Tq
+    qi = rows - g * Tq
+    h = hk * GROUP + g
+    rmask = rows < GROUP * Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b * s_qb + qi[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = sid * split_len
+    hi = tl.minimum(lo + split_len, T)
+    # keys < n_full (a multiple of BLOCK_N) are inside [0, T) and visible to every query row
+    u_end = tl.maximum(lo, tl.minimum(hi, n_full))
+    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
+                                   lo, u_end, qk_scale, T, diag, D, BLOCK_N,
+                                   False, True, EVEN_D, NEG_SCALE)
+    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
+                                   u_end, hi, qk_scale, T, diag, D, BLOCK_N,
+                                   True, True, EVEN_D, NEG_SCALE)
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units
+    prow = ((b * Hq + h) * Tq + qi) * S + sid  # [BLOCK_M] partial index
+    tl.store(LP + prow, lse2, mask=rmask)
+    o_ptrs = OP + prow[:, None] * D + offs_d[None, :]
+    tl.store(o_ptrs, o, mask=rmask[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _decode_combine_kernel(OP, LP, Out, LSE, s_ob, s_ot, s_oh, Hq, Tq, S,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)  # h * Tq + qi
+    b = tl.program_id(1).to(tl.int64)
+    h = row // Tq
+    qi = row - h * Tq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (b * Hq * Tq + row) * S
+    smask = offs_s < S
+    lse_s = tl.load(LP + base + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)
+    tot = tl.sum(w, 0)
+    o_s = tl.load(OP + (base + offs_s)[:, None] * D + offs_d[None, :],
+                  mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+    o = tl.sum(o_s * w[:, None], 0)
+    tot_safe = tl.where(tot == 0.0, 1.0, tot)
+    o = o / tot_safe
+    lse = tl.where(tot == 0.0, float("-inf"), (m_safe + tl.math.log2(tot_safe)) * 0.6931471805599453)
+    tl.store(Out + b * s_ob + qi * s_ot + h.to(tl.int64) * s_oh + offs_d, o.to(Out.dtype.element_ty),
+             mask=offs_d < D)
+    tl.store(LSE + (b * Hq + h) * Tq + qi, lse)
+
+
+@triton.jit
+def _token_scores_kernel(Q, K, LSE, SC, s_qb, s_qt, s_qh, s_kb, s_kh, s_kt,
+                         Hq, Ho, Tq, T, GROUP, HPO, qk_scale, diag,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Scores of key block ``pid_n`` for output head ``ho`` (query heads ``ho*HPO ..``)."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_n = tl.program_id(0)
+    ho = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    hk = (ho * HPO) // GROUP
+    k_ptrs = K + b * s_kb + hk.to(tl.int64) * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
+    if EVEN_D:
+        kt = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
+    else:
+        kt = tl.load(k_ptrs, mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # queries i < n0 - diag see no key of this block: skip them
+    i_lo = tl.minimum(tl.maximum(n0 - diag, 0), Tq)
+    nq = Tq - i_lo
+    n_rows = HPO * nq
+    r0 = tl.arange(0, BLOCK_M)
+    for start in range(0, _loop_bound(n_rows), BLOCK_M):
+        r = start + r0
+        g = r // tl.maximum(nq, 1)
+        qi = i_lo + r - g * nq
+        h = ho * HPO + g
+        rmask = r < n_rows
+        q_ptrs = Q + b * s_qb + qi[:, None] * s_qt + h[:, None].to(tl.int64) * s_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+        lse = tl.load(LSE + (b * Hq + h) * Tq + qi, mask=rmask, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qk = _dot(kt, tl.trans(q))  # [BLOCK_N, BLOCK_M]
+        p = tl.math.exp2(qk * qk_scale - lse2[None, :])
+        valid = (offs_n[:, None] < T) & rmask[None, :] & (offs_n[:, None] <= qi[None, :] + diag)
+        acc += tl.sum(tl.where(valid, p, 0.0), 1)
+    tl.store(SC + (b * Ho + ho) * T + offs_n, acc, mask=offs_n < T)
+
+
+@triton.jit
+def _gather_rows_kernel(IDX, X, Y, s_ib, s_ih, s_xb, s_xh, s_xt, s_yb, s_yh, s_yt, KEEP,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < KEEP
+    src = tl.load(IDX + b * s_ib + hk * s_ih + rows, mask=rmask, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = rmask[:, None] & (offs_d[None, :] < D)
+    x = tl.load(X + b * s_xb + hk * s_xh + src[:, None] * s_xt + offs_d[None, :], mask=m)
+    tl.store(Y + b * s_yb + hk * s_yh + rows[:, None].to(tl.int64) * s_yt + offs_d[None, :], x, mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# host wrappers
+# ---------------------------------------------------------------------------------------------
+def _check_device(*ts: torch.Tensor) -> None:
+    dev = ts[0].device
+    if any(t.device != dev for t in ts):
+        raise ValueError("all tensors must be on one device")
+    if dev.type != "cuda" and not _interpreting():
+        raise RuntimeError("the Triton KV-decode kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+
+
+def _check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"decode_attention expects q [B, Tq, Hq, D] and the cache k, v [B, Hk, T, D]; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Tq, Hq, D = q.shape
+    if tuple(k.shape) != tuple(v.shape) or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "(k, v must be [B, Hk, T, D] with q's B and D)")
+    Hk, T = k.shape[1], k.shape[2]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"GQA needs Hq % Hk == 0, got Hq={Hq}, Hk={Hk}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must share one dtype of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if D < 1 or D > 256:
+        raise ValueError(f"head dim {D} not supported (1..256)")
+    _check_device(q, k, v)
+    return B, Tq, Hq, D, Hk, T
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if (x.stride(-1) == 1 or x.shape[-1] == 1) else x.contiguous()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def default_splits(B: int, Hk: int, T: int, block_n: int, device: torch.device) -> int:
+    """Splits so that ``B * Hk * S`` is about 4 programs per SM, each split >= 4 key blocks."""
+    n_blocks = triton.cdiv(T, block_n)
+    want = triton.cdiv(4 * _sm_count(device), max(B * Hk, 1))
+    return max(1, min(want, triton.cdiv(n_blocks, 4), 64))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     num_splits: int | None = None, cfg: tuple[int, int, int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the new queries q [B, Tq, Hq, D] over the cache k, v [B, Hk, T, D]
+    (bottom-right causal). Returns o [B, Tq, Hq, D] (q's dtype) and lse [B, Hq, Tq] (fp32,
+    natural log). ``num_splits`` / ``cfg`` = (BLOCK_N, warps, stages) override the defaults."""
+    B, Tq, Hq, D, Hk, T = _check_decode(q, k, v)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    G = Hq // Hk
+    if T < Tq:
+        raise ValueError(f"the cache must hold the {Tq} new tokens (its last entries); it has T={T}")
+    if G * Tq > MAX_ROWS:  # long multi-token step: the shared prefill kernel
+        from .attention import attention_fwd
+        return attention_fwd(q, k.transpose(1, 2), v.transpose(1, 2), True, scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    o = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        lse.fill_(float("-inf"))
+        return o, lse
+    BD = _block_d(D)
+    bucket = 64 if BD <= 64 else (128 if BD <= 128 else 256)
+    key = (bucket, 2 if q.element_size() <= 2 else 4)
+    if _interpreting():
+        cands = [(16, 1, 1)]
+    else:
+        cands = [cfg] if cfg else ([_CHOSEN[key]] if key in _CHOSEN else DECODE_CFG[key])
+    env = os.environ.get("BLOCKZOO_KV_DECODE_SPLITS")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    diag = T - Tq
+    BM = max(16, triton.next_power_of_2(G * Tq))
+
+    def launch(c):
+        bn, warps, stages = c
+        S = min(num_splits or (int(env) if env else default_splits(B, Hk, T, bn, q.device)), MAX_SPLITS)
+        split_len = triton.cdiv(triton.cdiv(T, max(S, 1)), bn) * bn
+        S = triton.cdiv(T, split_len)
+        n_full = (max(diag + 1, 0) // bn) * bn
+        op_ = empty((B, Hq, Tq, S, D), dtype=torch.float32, device=q.device)
+        lp = empty((B, Hq, Tq, S), dtype=torch.float32, device=q.device)
+        _decode_split_kernel[(S, Hk, B)](
+            q, k, v, op_, lp,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            Hq, Tq, T, G, split_len, S, scale * LOG2E, diag, n_full,
+            D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NEG_SCALE=scale < 0,
+            num_warps=warps, num_stages=stages)
+        return op_, lp, S
+
+    err = None
+    for c in cands:  # the first candidate that fits (OutOfResources: shared memory)
+        try:
+            op_, lp, S = launch(c)
+        except OutOfResources as e:
+            err = e
+            continue
+        if not cfg:
+            _CHOSEN[key] = c
+        break
+    else:
+        raise err
+    _decode_combine_kernel[(Hq * Tq, B)](
+        op_, lp, o, lse, o.stride(0), o.stride(1), o.stride(2), Hq, Tq, S,
+        D=D, BLOCK_D=BD, BLOCK_S=max(2, triton.next_power_of_2(S)), num_warps=4 if not _interpreting() else 1)
+    return o, lse
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
+                 per_query_head: bool = False) -> torch.Tensor:
+    """Attention each cached token received: ``[B, Hk, T]`` fp32 summed over the queries and the
+    query heads of its kv group (``per_query_head``: ``[B, Hq, T]``, summed over queries only).
+    q [B, Tq, Hq, D], k [B, Hk, T, D], lse [B, Hq, Tq] (natural log, from the attention pass)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"token_scores expects q [B, Tq, Hq, D] and k [B, Hk, T, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    B, Tq, Hq, D = q.shape
+    Hk, T = k.shape[1], k.shape[2]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"GQA needs Hq % Hk == 0, got Hq={Hq}, Hk={Hk}")
+    if tuple(lse.shape) != (B, Hq, Tq):
+        raise ValueError(f"lse must be [B, Hq, Tq] = {(B, Hq, Tq)}, got {tuple(lse.shape)}")
+    if q.dtype != k.dtype or q.dtype not in _DTYPES:
+        raise TypeError(f"q, k must share one dtype of {_DTYPES}; got {q.dtype}, {k.dtype}")
+    _check_device(q, k, lse)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    G = Hq // Hk
+    HPO = 1 if per_query_head else G
+    Ho = Hq // HPO
+    q, k = _unit_last(q), _unit_last(k)
+    lse = lse.contiguous().float()
+    sc = empty((B, Ho, T), dtype=torch.float32, device=q.device)
+    if sc.numel() == 0:
+        return sc
+    BD = _block_d(D)
+    if _interpreting():
+        BN, BM, warps = 16, 16, 1
+    else:
+        BN = 64 if BD <= 128 else 32
+        BM = 16 if HPO * Tq <= 16 else (32 if HPO * Tq <= 32 else 64)
+        warps = 4
+    _token_scores_kernel[(triton.cdiv(T, BN), Ho, B)](
+        q, k, lse, sc, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        Hq, Ho, Tq, T, G, HPO, scale * LOG2E, T - Tq,
+        D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+    return sc
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and compaction
+# ---------------------------------------------------------------------------------------------
+def compact(idx: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather each [B, Hk, T, ...] tensor along T with idx [B, Hk, keep] (as the reference
+    ``compact``): 4-D [B, Hk, T, D] tensors with the Triton row gather, others with torch."""
+    out = []
+    B, Hk, keep = idx.shape
+    for x in tensors:
+        if x.dim() != 4 or x.device != idx.device or (x.device.type != "cuda" and not _interpreting()):
+            ix = idx.view(*idx.shape, *([1] * (x.dim() - 3))).expand(*idx.shape, *x.shape[3:])
+            out.append(torch.gather(x, 2, ix))
+            continue
+        x = _unit_last(x)
+        D = x.shape[3]
+        y = empty((B, Hk, keep, D), dtype=x.dtype, device=x.device)
+        if y.numel():
+            BD = triton.next_power_of_2(D)
+            BR = 16 if _interpreting() else max(1, min(64, 8192 // (BD * x.element_size())))
+            _gather_rows_kernel[(triton.cdiv(keep, BR), Hk, B)](
+                idx, x, y, idx.stride(0), idx.stride(1), x.stride(0), x.stride(1), x.stride(2),
+                y.stride(0), y.stride(1), y.stride(2), keep, D=D, BLOCK_D=BD, BLOCK_R=BR,
+                num_warps=4 if not _interpreting() else 1)
+        out.append(y)
+    return tuple(out)
+
+
+def protected_mask_for(positions: torch.Tensor, seen: int, sinks: int, recent: int) -> torch.Tensor:
+    """The reference's protected-token mask (re-exported for the benchmark)."""
+    from ...plugins.token.reference import protected_mask
+    return protected_mask(positions, seen, sinks, recent)

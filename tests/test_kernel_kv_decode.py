@@ -1,0 +1,253 @@
+"""KV-cache decode kernels (kernels/{triton,numba}/kv_decode.py) and the token.* kernel backends
+(plugins/token/backends.py).
+
+- decode attention (o and lse) and the token scores (per kv head and per query head) of each
+  backend against the fp32 reference on fresh random inputs: odd T (1, 37, 63), D=40, GQA 4:1,
+  Tq = 1 and 3 (bottom-right causal), split counts that do not divide T, NaN-poisoned outputs;
+- the top-k selector gives exactly the reference selector's kept set (ties, protected tokens,
+  both of its paths); the Triton gather equals the torch gather;
+- decoding a tiny model through ``make_cache`` with a policy on the triton / numba backend keeps
+  the same tokens and generates the same tokens as the reference backend, and full-cache
+  decoding with ``decode_backend`` gives the parallel forward's logits.
+
+Scorer ops against the reference: the generated matrix (tests/test_matrix.py). Triton runs here
+only under TRITON_INTERPRET=1 (or on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from blockzoo.core.cache import make_cache
+from blockzoo.core.composer import build
+from blockzoo.core.spec import ComponentRef
+from blockzoo.kernels._alloc import poisoned
+from blockzoo.plugins.token.backends import KernelPolicyOps, decode_op
+from blockzoo.plugins.token.module import make_policy
+from blockzoo.plugins.token.reference import compact, decode_attention, per_kv_head, select
+from blockzoo.testing.compare import assert_close
+from blockzoo.testing.tolerances import tolerance
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ["numba"] + (["triton"] if INTERP or HAS_CUDA else [])
+DEV = "cuda" if HAS_CUDA and not INTERP else "cpu"
+
+
+def _dev(backend):
+    return DEV if backend == "triton" else "cpu"
+
+
+def _kernels(backend):
+    if backend == "triton":
+        from blockzoo.kernels.triton import kv_decode
+    else:
+        from blockzoo.kernels.numba import kv_decode
+    return kv_decode
+
+
+# (B, Tq, Hq, Hk, T, D, splits)
+SHAPES = [
+    (2, 1, 4, 1, 37, 40, 3),     # GQA 4:1, D=40, 3 splits of a 37-token cache
+    (1, 3, 4, 1, 63, 40, 5),     # Tq=3 (causal tail), 5 splits (uneven)
+    (2, 3, 2, 2, 37, 16, 2),
+    (1, 1, 2, 2, 1, 16, None),   # T=1
+    (1, 2, 8, 2, 63, 32, None),
+]
+
+
+def _dtypes(backend):
+    return [torch.float32, torch.bfloat16] if backend == "triton" else [torch.float32, torch.float64]
+
+
+def _inputs(shape, dtype, device, seed):
+    b, tq, hq, hk, t, d, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, tq, hq, d, generator=g) * 1.5
+    k = torch.randn(b, hk, t, d, generator=g) * 1.5
+    v = torch.randn(b, hk, t, d, generator=g)
+    return [x.to(dtype).to(device) for x in (q, k, v)]
+
+
+def _lse_ref(q, k):
+    b, tq, hq, d = q.shape
+    hk, t = k.shape[1], k.shape[2]
+    kf = k.repeat_interleave(hq // hk, 1)
+    s = torch.einsum("bqhd,bhkd->bhqk", q, kf) / math.sqrt(d)
+    vis = torch.arange(t)[None, :] <= torch.arange(tq)[:, None] + t - tq
+    return torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Tq{}-H{}:{}-T{}-D{}-S{}".format(*s))
+def test_decode_and_scores_match_reference(backend, shape):
+    kern = _kernels(backend)
+    dev = _dev(backend)
+    for i, dtype in enumerate(_dtypes(backend)):
+        q, k, v = _inputs(shape, dtype, dev, seed=hash((shape, i)) % 1000)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        qf, kf, vf = (x.cpu().to(acc) for x in (q, k, v))
+        want_o, p = decode_attention(qf, kf, vf)
+        kw = {"num_splits": shape[-1]} if backend == "triton" else {}
+        with poisoned():
+            o, lse = kern.decode_attention(q, k, v, **kw)
+            sc = kern.token_scores(q, k, lse)
+            sch = kern.token_scores(q, k, lse, per_query_head=True)
+        tol = tolerance(dtype, "fwd", backend, dev)
+        assert o.dtype == dtype and o.shape == q.shape
+        assert_close(o.cpu(), want_o.to(dtype), tol, "o")
+        assert_close(lse.cpu().to(acc), _lse_ref(qf, kf), tolerance(acc, "fwd", backend, dev), "lse")
+        # scores are sums of probabilities computed in fp32 from the (rounded) inputs: fp32 bounds
+        stol = tolerance(acc, "fwd", backend, dev)
+        assert_close(sc.cpu().to(acc), per_kv_head(p, shape[3]), stol, "scores")
+        assert_close(sch.cpu().to(acc), p.sum(2), stol, "per-head scores")
+        # every query row's probabilities sum to 1: per kv head, G * Tq in total
+        torch.testing.assert_close(sc.cpu().double().sum(-1),
+                                   torch.full(sc.shape[:2], float(shape[1] * shape[2] // shape[3]),
+                                              dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_splits_do_not_change_the_result():
+    from blockzoo.kernels.triton.kv_decode import decode_attention as dec
+    q, k, v = _inputs((1, 1, 4, 2, 150, 32, None), torch.float32, DEV, 3)
+    ref = decode_attention(q.cpu(), k.cpu(), v.cpu())[0]
+    for s in (1, 2, 4, 7, 64):  # 64 > the number of key blocks: clipped
+        o, _ = dec(q, k, v, num_splits=s)
+        assert_close(o.cpu(), ref, tolerance(torch.float32, "fwd", "triton", DEV), f"o (splits={s})")
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_large_group_goes_to_the_core_kernel():
+    from blockzoo.kernels.triton.kv_decode import MAX_ROWS
+    from blockzoo.kernels.triton.kv_decode import decode_attention as dec
+    q, k, v = _inputs((1, MAX_ROWS // 2 + 1, 2, 1, 70, 16, None), torch.float32, DEV, 4)
+    o, lse = dec(q, k, v)
+    assert_close(o.cpu(), decode_attention(q.cpu(), k.cpu(), v.cpu())[0],
+                 tolerance(torch.float32, "fwd", "triton", DEV), "o")
+    assert_close(lse.cpu(), _lse_ref(q.cpu(), k.cpu()), tolerance(torch.float32, "fwd", "triton", DEV), "lse")
+
+
+def test_decode_errors_name_the_problem():
+    from blockzoo.kernels.numba.kv_decode import decode_attention as dec
+    q = torch.randn(1, 1, 3, 16)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        dec(q, torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+    with pytest.raises(ValueError, match="disagree"):
+        dec(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8))
+    with pytest.raises(TypeError, match="float32 and torch.float64"):
+        dec(q.bfloat16(), torch.randn(1, 3, 5, 16).bfloat16(), torch.randn(1, 3, 5, 16).bfloat16())
+    with pytest.raises(ValueError, match="decode backend must be"):
+        decode_op("cudnn")
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and compaction
+def test_select_topk_equals_reference_select():
+    from blockzoo.kernels.select import select_topk
+    g = torch.Generator().manual_seed(11)
+    for seen, t, keep, sinks, recent, ties in [(50, 50, 20, 4, 6, False), (90, 30, 25, 2, 5, True),
+                                               (12, 12, 12, 4, 8, False), (200, 200, 199, 4, 8, True),
+                                               (201, 201, 200, 0, 1, False), (64, 64, 16, 4, 8, True),
+                                               (80, 70, 62, 3, 4, True), (80, 70, 61, 3, 4, False)]:
+        scores = torch.randn(3, 2, t, generator=g)
+        if ties:  # many exact ties, +0.0 / -0.0 and infinities
+            scores = torch.randint(-2, 3, (3, 2, t), generator=g).float()
+            scores[0, 0, ::7] = -0.0
+            scores[1, 1, ::5] = float("inf")
+            scores[2, 0, ::3] = float("-inf")
+        pos = torch.stack([torch.cat([torch.arange(sinks), torch.sort(torch.randperm(seen - sinks - recent,
+                           generator=g)[:t - sinks - recent] + sinks).values, torch.arange(seen - recent, seen)])
+                           for _ in range(6)]).view(3, 2, t)
+        want = select(scores, pos, seen, keep, sinks, recent)
+        got = select_topk(scores, pos, seen, keep, sinks, recent)
+        assert torch.equal(got, want), (seen, t, keep)
+    with pytest.raises(ValueError, match="smaller than the 6 protected"):
+        select_topk(torch.zeros(1, 1, 20), torch.arange(20).view(1, 1, 20), 20, 5, 2, 4)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_compact_equals_torch_gather():
+    from blockzoo.kernels.triton.kv_decode import compact as tcompact
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 3, 45, 40, generator=g).to(DEV)
+    v = torch.randn(2, 3, 45, 40, generator=g).bfloat16().to(DEV)
+    pos = torch.arange(45).expand(2, 3, 45).contiguous().to(DEV)
+    idx = torch.sort(torch.stack([torch.randperm(45, generator=g)[:19] for _ in range(6)]).view(2, 3, 19)).values
+    idx = idx.to(DEV)
+    with poisoned():
+        got = tcompact(idx, k, v, pos)
+    for a, b in zip(got, compact(idx, k, v, pos), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding through the cache
+def _model(n_kv_heads=2, seed=0):
+    spec = {"model": {"d_model": 48, "n_heads": 4, "n_kv_heads": n_kv_heads, "n_layers": 2, "max_seq": 128,
+                      "backend": "reference"}, "block": {"mixer": {"type": "attention.dense"}}}
+    torch.manual_seed(seed)
+    m = build(spec, training=False).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.mixer.qkv.weight.mul_(4.0)
+    return m
+
+
+def _greedy(m, x, n_new, cache):
+    with torch.no_grad():
+        logits = m.prefill(x, cache)[:, -1]
+        out = []
+        for i in range(n_new):
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            if i + 1 < n_new:
+                logits = m.step(nxt, cache)[:, -1]
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cid", ["token.streaming", "token.h2o", "token.snapkv"])
+def test_generation_with_kernel_backend_equals_reference(backend, cid):
+    m = _model().to(_dev(backend))
+    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1)).to(_dev(backend))
+    params = {"budget": 0.5, "sinks": 2, "recent": 3}
+    if cid == "token.snapkv":
+        params.update(window=4, pool=3)
+    ref_cache = make_cache(m, make_policy(ComponentRef(type=cid, params=params), "reference"))
+    ker_cache = make_cache(m, make_policy(ComponentRef(type=cid, params=params, backend=backend)))
+    assert isinstance(ker_cache.policy.scorer, KernelPolicyOps)
+    n_new = 6 if backend == "triton" and INTERP else 12
+    want = _greedy(m, x, n_new, ref_cache)
+    got = _greedy(m, x, n_new, ker_cache)
+    assert torch.equal(got, want)
+    for a, b in zip(ker_cache.layers, ref_cache.layers, strict=True):
+        assert torch.equal(a.pos, b.pos)  # the same kept tokens, in the same order
+        torch.testing.assert_close(a.k, b.k)
+        if b.acc is not None:
+            torch.testing.assert_close(a.acc, b.acc, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_full_cache_decode_backend_matches_parallel(backend):
+    m = _model(n_kv_heads=1).to(_dev(backend))
+    x = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(2)).to(_dev(backend))
+    with torch.no_grad():
+        want = m(x)
+        cache = make_cache(m, None, decode_backend=backend)
+        parts = [m.prefill(x[:, :5], cache), m.step(x[:, 5:6], cache), m.step(x[:, 6:9], cache)]
+        parts += [m.step(x[:, i:i + 1], cache) for i in range(9, 14)]
+    torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="decode_backend must be one of"):
+        make_cache(m, None, decode_backend="cuda")
+
+
+def test_policy_auto_backend_runs_here():
+    pol = make_policy("token.h2o", "auto")
+    assert pol.scorer is not None
+    want = "triton" if HAS_CUDA or INTERP else "numba"  # the interpreter lets triton run on the CPU
+    assert getattr(pol.scorer, "kind", None) == want
