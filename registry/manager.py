@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "blockzoo.plugins.token.plugin",
     "blockzoo.plugins.token.backends",
     "blockzoo.plugins.token.temf.plugin",
+    "blockzoo.plugins.token.membank.plugin",
     "blockzoo.core.tasks",
 )
 

@@ -1,0 +1,1 @@
+"""``token.membank``: sliding-window attention plus a learned, fixed-size memory bank."""
