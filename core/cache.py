@@ -29,6 +29,9 @@ import torch
 
 from .context import Context
 
+#: at most this many tokens leaving per (batch, kv head): kernel backends evict in place
+FEW_EVICTIONS = 8
+
 
 @dataclass
 class LayerCache:
@@ -39,9 +42,72 @@ class LayerCache:
     seen: int = 0                    # tokens written to this layer so far
     extra: dict = field(default_factory=dict)  # state a mixer that decodes itself keeps here
 
+    _bufs: dict = field(default_factory=dict, repr=False)  # storage with spare room along T
+
     @property
     def size(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append t new tokens ([B, Hk, t, D], positions [B, Hk, t]; running scores start at 0)
+        in place: the layer's tensors are views of buffers with spare room along T, grown by
+        max(t, 64, T/8) when full, so a decoding step writes its token instead of copying the
+        cache (torch.cat would move all of it every step). A tensor assigned from outside
+        (prefill, compaction, a mixer's own state) starts a new buffer on its next append."""
+        parts = {"k": k, "v": v, "pos": pos}
+        if self.acc is not None:
+            parts["acc"] = self.acc.new_zeros(pos.shape)
+        for name, x in parts.items():
+            setattr(self, name, _append(self._bufs, name, getattr(self, name), x))
+
+    def trim(self, n: int) -> None:
+        """Keep the first n tokens (views; the buffers keep their room)."""
+        for name in ("k", "v", "pos", "acc"):
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x[:, :, :n])
+
+
+def _append(bufs: dict, name: str, cur: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    n, t = cur.shape[2], x.shape[2]
+    buf = bufs.get(name)
+    fits = (buf is not None and buf.shape[2] >= n + t and cur.data_ptr() == buf.data_ptr()
+            and cur.stride() == buf.stride() and buf.dtype == x.dtype)
+    if not fits:
+        cap = n + max(t, 64, n // 8)
+        buf = cur.new_empty(*cur.shape[:2], cap, *cur.shape[3:])
+        buf[:, :, :n] = cur
+        bufs[name] = buf
+    buf[:, :, n:n + t] = x
+    return buf[:, :, :n + t]
+
+
+def fill_holes(lc: LayerCache, drop: torch.Tensor) -> None:
+    """Evict the tokens at ``drop`` [B, Hk, e] (ascending slot indices, e per row) in place:
+    the tokens in the last e slots that stay move into the dropped slots before them, and the
+    cache shrinks by e. O(e) writes instead of a gather of the whole cache; the cache stops being
+    in time order (attention over it does not need the order: the new tokens of a step are
+    always its last entries, and the selector breaks ties by position, not slot)."""
+    n, e = lc.size, drop.shape[-1]
+    base = n - e
+    big = n  # sorts after every slot
+    in_tail = drop >= base
+    dropped_tail = torch.zeros(*drop.shape[:2], e, dtype=torch.bool, device=drop.device)
+    dropped_tail.scatter_(-1, (drop - base).clamp_min(0), in_tail)
+    tail = torch.arange(base, n, device=drop.device).expand_as(drop)
+    movers = torch.sort(torch.where(dropped_tail, big, tail), dim=-1).values
+    holes = torch.sort(torch.where(in_tail, big, drop), dim=-1).values
+    valid = holes < big  # as many holes as movers in every row
+    src = torch.where(valid, movers, n - 1)
+    dst = torch.where(valid, holes, n - 1)  # unused pairs copy slot n-1 onto itself (then trimmed)
+    for name in ("k", "v", "pos", "acc"):
+        x = getattr(lc, name)
+        if x is None:
+            continue
+        shape = (*src.shape, *x.shape[3:])
+        view = (*src.shape, *([1] * (x.dim() - 3)))
+        x.scatter_(2, dst.view(view).expand(shape), torch.gather(x, 2, src.view(view).expand(shape)))
+    lc.trim(base)
 
 
 @dataclass
@@ -89,18 +155,16 @@ class KVCache:
         pol = self.policy
         if lc.k is None:  # prefill
             o = op(q, k, v)
-            lc.k, lc.v, lc.pos, lc.seen = kh, vh, pos, t
+            # own copies: views of the projection would keep q alive and be written by eviction
+            lc.k, lc.v, lc.pos, lc.seen = kh.contiguous(), vh.contiguous(), pos.contiguous(), t
             if pol is not None:
                 scores = pol.prefill_scores(q, k, v, pos, layer=layer, cache=lc).float()
                 if pol.accumulates:
                     lc.acc = scores
                 self._evict(lc, scores)
             return o
-        lc.k, lc.v = torch.cat([lc.k, kh], 2), torch.cat([lc.v, vh], 2)
-        lc.pos = torch.cat([lc.pos, pos], 2)
+        lc.append(kh, vh, pos)
         lc.seen += t
-        if lc.acc is not None:
-            lc.acc = torch.cat([lc.acc, lc.acc.new_zeros(b, hk, t)], 2)
         if pol is None and self.decode_backend is None:
             return op(q, lc.k.transpose(1, 2), lc.v.transpose(1, 2))
         o, probs = self._decode(q, lc, op.kwargs.get("scale"))
@@ -135,6 +199,11 @@ class KVCache:
         if lc.size <= keep:
             return
         p = self.policy.params
+        if getattr(self.policy.scorer, "select", None) is not None and lc.size - keep <= FEW_EVICTIONS:
+            # a kernel backend's decoding step: find the few leaving tokens, fill their slots
+            from ..kernels.select import drop_few
+            fill_holes(lc, drop_few(scores, lc.pos, lc.seen, keep, p.sinks, p.recent))
+            return
         select = getattr(self.policy.scorer, "select", select)  # a kernel backend's exact fast path
         compact = getattr(self.policy.scorer, "compact", compact)
         idx = select(scores, lc.pos, lc.seen, keep, p.sinks, p.recent)

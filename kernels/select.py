@@ -3,9 +3,9 @@ backends of ``plugins/token``): the same kept set as ``plugins.token.reference.s
 a full stable sort.
 
 The fp32 score (protected tokens set to +inf, -0.0 normalised to +0.0) is mapped to its
-order-preserving int32 bit pattern in the high word of an int64 and ``T - 1 - index`` in the
-low word, so the keys are unique and "largest key first" is "highest score first, ties to the
-older token": ``torch.topk`` over them returns exactly the stable sort's prefix. When at most
+order-preserving int32 bit pattern in the high word of an int64 and ``2^31 - 1 - position`` in
+the low word, so the keys are unique and "largest key first" is "highest score first, ties to
+the older token" (by position, so it holds for a cache not kept in time order): ``torch.topk`` over them returns exactly the stable sort's prefix. When at most
 :data:`FEW_EVICTIONS` tokens leave (a decoding step evicts one), it takes the bottom ``T - keep``
 keys and builds the kept index range around them (no boolean indexing, no host sync).
 """
@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_topk", "FEW_EVICTIONS"]
+__all__ = ["select_topk", "drop_few", "FEW_EVICTIONS"]
 
 #: up to this many evicted tokens per (batch, kv head), select_topk skips them in a kept range
 FEW_EVICTIONS = 8
 
 
-def _sortable_keys(scores: torch.Tensor, prot: torch.Tensor) -> torch.Tensor:
-    """Unique int64 keys ordering like (score descending, index ascending) when sorted descending."""
+def _sortable_keys(scores: torch.Tensor, prot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys ordering like (score descending, position ascending) when sorted
+    descending (positions are unique per row and < 2^31)."""
     s = scores.float().masked_fill(prot, float("inf")) + 0.0  # -0.0 -> +0.0 (equal in the sort)
     bits = s.view(torch.int32).to(torch.int64)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float value
-    t = scores.shape[-1]
-    low = (t - 1) - torch.arange(t, device=scores.device, dtype=torch.int64)
+    low = 0x7FFFFFFF - positions.to(torch.int64)
     return ordered * (1 << 32) + low
 
 
-def select_topk(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, sinks: int,
-                recent: int) -> torch.Tensor:
-    """Same contract and same result as ``plugins.token.reference.select`` (kept indices
-    [B, Hk, keep], ascending), by ``torch.topk`` over unique keys instead of a stable sort."""
+def _checked_keys(scores, positions, seen, keep, sinks, recent) -> torch.Tensor:
     from ..plugins.token.reference import protected_mask
     t = scores.shape[-1]
     if keep > t:
@@ -45,7 +42,24 @@ def select_topk(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: 
                          f"recent={recent})")
     if scores.isnan().any():
         raise ValueError("select_topk: NaN scores")
-    keys = _sortable_keys(scores, prot)
+    return _sortable_keys(scores, prot, positions)
+
+
+def drop_few(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, sinks: int,
+             recent: int) -> torch.Tensor:
+    """The complement of ``select_topk``: indices [B, Hk, T - keep] (ascending) of the tokens
+    that leave, by a top-k of the lowest keys (the decoding step's path: one token leaves)."""
+    keys = _checked_keys(scores, positions, seen, keep, sinks, recent)
+    drop = torch.topk(keys, scores.shape[-1] - keep, dim=-1, largest=False, sorted=False).indices
+    return torch.sort(drop, dim=-1).values
+
+
+def select_topk(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, sinks: int,
+                recent: int) -> torch.Tensor:
+    """Same contract and same result as ``plugins.token.reference.select`` (kept indices
+    [B, Hk, keep], ascending), by ``torch.topk`` over unique keys instead of a stable sort."""
+    t = scores.shape[-1]
+    keys = _checked_keys(scores, positions, seen, keep, sinks, recent)
     n_drop = t - keep
     if n_drop == 0:
         return torch.arange(t, device=scores.device).expand(*scores.shape[:-1], t).contiguous()

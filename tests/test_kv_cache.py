@@ -410,3 +410,77 @@ def test_attention_cost_reports_the_policy_cache():
     full = attention_cost(load_spec(_spec()), 100)
     half = attention_cost(load_spec(_spec(kv={"type": "token.snapkv", "params": {"budget": 0.25}})), 100)
     assert full["rel_kv_bytes"] == 1.0 and half["rel_kv_bytes"] == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# cache storage: in-place append and in-place eviction (core/cache.py)
+def _layer(b=2, hk=3, t=40, d=5, seed=0, acc=True):
+    from blockzoo.core.cache import LayerCache
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack([torch.randperm(t, generator=g) for _ in range(b * hk)]).view(b, hk, t)
+    k = pos[..., None].float() + torch.rand(b, hk, t, d, generator=g)  # row carries its position
+    return LayerCache(k=k, v=-k, pos=pos, acc=torch.rand(b, hk, t, generator=g) if acc else None, seen=t)
+
+
+def test_append_writes_in_place_and_equals_concatenation():
+    lc = _layer()
+    k0, v0, p0, a0 = lc.k.clone(), lc.v.clone(), lc.pos.clone(), lc.acc.clone()
+    news = [torch.randn(2, 3, t, 5) for t in (1, 1, 3, 1)]
+    ptrs = set()
+    for i, x in enumerate(news):
+        pos = torch.full((2, 3, x.shape[2]), 100 + i)
+        lc.append(x, 2 * x, pos)
+        ptrs.add(lc.k.data_ptr())
+        k0, v0 = torch.cat([k0, x], 2), torch.cat([v0, 2 * x], 2)
+        p0, a0 = torch.cat([p0, pos], 2), torch.cat([a0, torch.zeros(2, 3, x.shape[2])], 2)
+        assert torch.equal(lc.k, k0) and torch.equal(lc.v, v0) and torch.equal(lc.pos, p0)
+        assert torch.equal(lc.acc, a0)
+    assert len(ptrs) == 1  # one buffer, grown once (from the assigned tensor), then written in place
+    lc.k = lc.k.clone()  # assigned from outside: the next append starts a new buffer, same values
+    lc.append(news[0], news[0], torch.zeros(2, 3, 1, dtype=torch.long))
+    assert torch.equal(lc.k, torch.cat([k0, news[0]], 2))
+
+
+@pytest.mark.parametrize("e", [1, 2, 5, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fill_holes_drops_exactly_the_given_slots(e, seed):
+    from blockzoo.core.cache import fill_holes
+    lc = _layer(seed=seed)
+    n = lc.size
+    g = torch.Generator().manual_seed(100 + seed)
+    # drops anywhere, including inside the last e slots (some rows drop only tail slots)
+    drop = torch.stack([torch.randperm(n, generator=g)[:e] for _ in range(6)]).view(2, 3, e)
+    drop[0, 0] = torch.arange(n - e, n)
+    drop = torch.sort(drop, -1).values
+    before = {(b, h, int(p)): (lc.k[b, h, j].clone(), float(lc.acc[b, h, j]))
+              for b in range(2) for h in range(3) for j, p in enumerate(lc.pos[b, h])}
+    gone = {(b, h, int(lc.pos[b, h, j])) for b in range(2) for h in range(3) for j in drop[b, h]}
+    fill_holes(lc, drop)
+    assert lc.size == n - e and lc.k.shape[2] == lc.v.shape[2] == lc.pos.shape[2] == lc.acc.shape[2] == n - e
+    after = {(b, h, int(p)) for b in range(2) for h in range(3) for p in lc.pos[b, h]}
+    assert after == set(before) - gone
+    for b in range(2):
+        for h in range(3):
+            for j, p in enumerate(lc.pos[b, h]):  # every kept row moved with its position
+                k, a = before[(b, h, int(p))]
+                assert torch.equal(lc.k[b, h, j], k) and torch.equal(lc.v[b, h, j], -k)
+                assert float(lc.acc[b, h, j]) == a
+
+
+def test_selection_ties_go_to_the_older_token_in_any_slot_order():
+    from blockzoo.kernels.select import drop_few, select_topk
+    from blockzoo.plugins.token.reference import select
+    g = torch.Generator().manual_seed(3)
+    t, keep = 30, 21
+    scores = torch.randint(0, 4, (2, 2, t), generator=g).float()  # many ties
+    pos = torch.arange(t).expand(2, 2, t)
+    want = select(scores, pos, t, keep, 2, 3)  # ordered cache
+    perm = torch.stack([torch.randperm(t, generator=g) for _ in range(4)]).view(2, 2, t)
+    s_p, pos_p = scores.gather(-1, perm), pos.gather(-1, perm)  # the same tokens, shuffled slots
+    for fn in (select, select_topk):
+        got = pos_p.gather(-1, fn(s_p, pos_p, t, keep, 2, 3))
+        assert torch.equal(torch.sort(got, -1).values, want)
+    dropped = pos_p.gather(-1, drop_few(s_p, pos_p, t, keep, 2, 3))
+    for b in range(2):
+        for h in range(2):
+            assert set(dropped[b, h].tolist()) == set(range(t)) - set(want[b, h].tolist())

@@ -88,7 +88,7 @@ def select(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, 
 
     scores, positions: [B, Hk, T] (T = tokens now cached). Protected tokens are kept first
     (``keep`` must be at least their count), the rest of the budget goes to the highest scores
-    (ties: the older token). Raises if the budget cannot hold the protected tokens."""
+    (ties: the older token, by position). Raises if the budget cannot hold the protected tokens."""
     t = scores.shape[-1]
     if keep > t:
         raise ValueError(f"keep={keep} exceeds the {t} cached tokens")
@@ -98,9 +98,12 @@ def select(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, 
         raise ValueError(f"keep={keep} is smaller than the {n_prot} protected tokens (sinks={sinks}, "
                          f"recent={recent})")
     s = scores.float().masked_fill(prot, float("inf"))
-    # stable: among equal scores, the lower index (older token) first
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :keep]
-    return torch.sort(order, dim=-1).values
+    # ties: the older token (lower position) first. Visit the tokens in position order, then a
+    # stable sort by score (a cache kept in time order makes by_pos the identity; the kernel
+    # backends' in-place eviction does not keep time order, core/cache.py)
+    by_pos = torch.sort(positions, dim=-1, stable=True).indices
+    order = torch.sort(s.gather(-1, by_pos), dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.sort(by_pos.gather(-1, order), dim=-1).values
 
 
 def compact(idx: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
