@@ -199,6 +199,13 @@ class KVCache:
         if lc.size <= keep:
             return
         p = self.policy.params
+        one = getattr(self.policy.scorer, "evict_one", None)
+        if one is not None and lc.size - keep == 1 and lc.k.device.type == scores.device.type:
+            # a Triton backend's decoding step: one token leaves, one kernel moves the newest into its slot
+            one(scores if scores.stride(-1) == 1 else scores.contiguous(), lc.k, lc.v, lc.pos, lc.acc,
+                lc.seen, p.sinks, p.recent)
+            lc.trim(keep)
+            return
         if getattr(self.policy.scorer, "select", None) is not None and lc.size - keep <= FEW_EVICTIONS:
             # a kernel backend's decoding step: find the few leaving tokens, fill their slots
             from ..kernels.select import drop_few

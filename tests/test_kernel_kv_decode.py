@@ -254,3 +254,35 @@ def test_policy_auto_backend_runs_here():
     assert pol.scorer is not None
     want = "triton" if HAS_CUDA or INTERP else "numba"  # the interpreter lets triton run on the CPU
     assert getattr(pol.scorer, "kind", None) == want
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="Triton kernel: needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("with_acc", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_triton_evict_one_equals_drop_few_and_fill_holes(with_acc, seed):
+    """The one-launch eviction kernel moves the same token into the same slot as the torch path
+    (drop_few + fill_holes): ties (integer scores), protected sinks / recent, shuffled slots, a
+    row whose leaving token is the newest, D=40, a token count that is not a block multiple."""
+    from blockzoo.core.cache import LayerCache, fill_holes
+    from blockzoo.kernels.select import drop_few
+    from blockzoo.kernels.triton.kv_decode import evict_one
+    g = torch.Generator().manual_seed(seed)
+    b, hk, n, d, seen, sinks, recent = 2, 3, 301, 40, 400, 3, 0 if seed == 2 else 5
+    older = torch.stack([torch.randperm(seen - 1, generator=g)[:n - 1] for _ in range(b * hk)]).view(b, hk, n - 1)
+    pos = torch.cat([older, torch.full((b, hk, 1), seen - 1)], -1)  # the newest token, just appended, last
+    scores = torch.randint(0, 5, (b, hk, n), generator=g).float()
+    if seed == 2:  # recent = 0: the newest token may be the one that leaves
+        scores[0, 0, -1] = -1.0
+    k = torch.randn(b, hk, n, d, generator=g)
+    v = torch.randn(b, hk, n, d, generator=g)
+    acc = torch.rand(b, hk, n, generator=g) if with_acc else None
+    want = LayerCache(k=k.clone(), v=v.clone(), pos=pos.clone(), acc=None if acc is None else acc.clone(), seen=seen)
+    fill_holes(want, drop_few(scores, want.pos, seen, n - 1, sinks, recent))
+    dev = _dev("triton")
+    kk, vv, pp = k.to(dev), v.to(dev), pos.to(dev)
+    aa = None if acc is None else acc.to(dev)
+    evict_one(scores.to(dev), kk, vv, pp, aa, seen, sinks, recent)
+    assert torch.equal(pp[..., : n - 1].cpu(), want.pos)
+    assert torch.equal(kk[:, :, : n - 1].cpu(), want.k) and torch.equal(vv[:, :, : n - 1].cpu(), want.v)
+    if with_acc:
+        assert torch.equal(aa[..., : n - 1].cpu(), want.acc)

@@ -37,6 +37,10 @@ bytes of the decode pass).
 select_topk (``kernels/select.py``, torch ops, re-exported here): the same kept set as
 ``plugins.token.reference.select`` by ``torch.topk`` over unique int64 keys instead of a sort.
 
+evict_one: the decoding step's eviction in place, one launch: per (batch, kv head) the leaving
+token (lowest score among the unprotected, ties to the newest) gets the newest token's K, V,
+position and running score (``core/cache.py`` then drops the last slot).
+
 compact: a Triton row gather for ``[B, Hk, T, D]`` tensors (one program per block of kept rows,
 the index block read once, rows copied with D-wide vector loads); per-token tensors of other
 ranks (positions, running scores) use ``torch.gather``.
@@ -59,7 +63,7 @@ from .._alloc import empty
 from ..select import FEW_EVICTIONS, _sortable_keys, select_topk  # noqa: F401  (torch ops, re-exported)
 from .attention import LOG2E, _block_d, _dot, _interpreting, _loop_bound, attn_fwd_inner
 
-__all__ = ["decode_attention", "token_scores", "select_topk", "compact", "MAX_ROWS", "DECODE_CFG"]
+__all__ = ["decode_attention", "token_scores", "select_topk", "compact", "evict_one", "MAX_ROWS", "DECODE_CFG"]
 
 #: most query rows (GQA group x new queries) one decode program holds; more go to the core.
 MAX_ROWS = 64
@@ -206,6 +210,53 @@ def _gather_rows_kernel(IDX, X, Y, s_ib, s_ih, s_xb, s_xh, s_xt, s_yb, s_yh, s_y
     m = rmask[:, None] & (offs_d[None, :] < D)
     x = tl.load(X + b * s_xb + hk * s_xh + src[:, None] * s_xt + offs_d[None, :], mask=m)
     tl.store(Y + b * s_yb + hk * s_yh + rows[:, None].to(tl.int64) * s_yt + offs_d[None, :], x, mask=m)
+
+
+@triton.jit
+def _evict_one_kernel(SC, POS, K, V, ACC, s_sb, s_sh, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                      s_ab, s_ah, Hk, n, seen, sinks, recent,
+                      D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ACC: tl.constexpr):
+    """One (batch, kv head) row: the leaving token is the unprotected one with the lowest score,
+    ties to the newest (the complement of the selector's "highest score, ties to the older");
+    the row's last slot (the newest token) is copied into its slot. The caller drops slot n-1."""
+    row = tl.program_id(0)
+    b = (row // Hk).to(tl.int64)
+    h = (row % Hk).to(tl.int64)
+    sc_row = SC + b * s_sb + h * s_sh
+    pos_row = POS + b * s_pb + h * s_ph
+    best_s = tl.zeros([], dtype=tl.float32) + float("inf")  # loop-carried: typed like the loop's values
+    best_p = tl.zeros([], dtype=tl.int64) - 1
+    best_i = tl.zeros([], dtype=tl.int32) - 1
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        p = tl.load(pos_row + offs, mask=m, other=0).to(tl.int64)
+        sc = tl.load(sc_row + offs, mask=m, other=float("inf")).to(tl.float32)
+        free = m & (p >= sinks) & (p < seen - recent)
+        sc = tl.where(free, sc, float("inf"))
+        bm = tl.min(sc, 0)
+        cand = free & (sc == bm)
+        bp = tl.max(tl.where(cand, p, -1), 0)
+        bi = tl.max(tl.where(cand & (p == bp), offs, -1), 0).to(tl.int32)
+        better = (bp >= 0) & ((bm < best_s) | ((bm == best_s) & (bp > best_p)))
+        best_s = tl.where(better, bm, best_s)
+        best_p = tl.where(better, bp, best_p)
+        best_i = tl.where(better, bi, best_i)
+    last = n - 1
+    move = (best_i >= 0) & (best_i != last)
+    dst = tl.maximum(best_i, 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = (offs_d < D) & move
+    kr = K + b * s_kb + h * s_kh
+    tl.store(kr + dst * s_kt + offs_d, tl.load(kr + last * s_kt + offs_d, mask=md), mask=md)
+    vr = V + b * s_vb + h * s_vh
+    tl.store(vr + dst * s_vt + offs_d, tl.load(vr + last * s_vt + offs_d, mask=md), mask=md)
+    one = tl.arange(0, 2)
+    m1 = (one == 0) & move
+    tl.store(pos_row + dst + one, tl.load(pos_row + last + one, mask=m1), mask=m1)
+    if HAS_ACC:
+        ar = ACC + b * s_ab + h * s_ah
+        tl.store(ar + dst + one, tl.load(ar + last + one, mask=m1), mask=m1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +442,32 @@ def compact(idx: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ..
                 num_warps=4 if not _interpreting() else 1)
         out.append(y)
     return tuple(out)
+
+
+def evict_one(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+              acc: torch.Tensor | None, seen: int, sinks: int, recent: int) -> None:
+    """In place, one kernel launch: per (batch, kv head) of the cache k, v [B, Hk, n, D] (pos,
+    scores, acc [B, Hk, n]), move the newest token (slot n-1) into the slot of the token that
+    leaves (lowest score among the unprotected, ties to the newest). The caller then keeps the
+    first n-1 slots. The same result as ``drop_few`` + ``core.cache.fill_holes`` with one token
+    leaving (tested); the budget must hold the protected tokens (keep >= sinks + recent)."""
+    _check_device(scores, k, v, pos)
+    B, Hk, n, D = k.shape
+    if n == 0:
+        return
+    for x in (k, v):
+        if x.stride(-1) != 1:
+            raise ValueError("evict_one needs unit-stride head dims")
+    if pos.stride(-1) != 1 or scores.stride(-1) != 1 or (acc is not None and acc.stride(-1) != 1):
+        raise ValueError("evict_one needs unit-stride token axes for scores / positions / acc")
+    a = acc if acc is not None else scores
+    BLOCK = 128 if _interpreting() else 1024
+    _evict_one_kernel[(B * Hk,)](
+        scores, pos, k, v, a, scores.stride(0), scores.stride(1), pos.stride(0), pos.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        a.stride(0), a.stride(1), Hk, n, seen, sinks, recent,
+        D=D, BLOCK=BLOCK, BLOCK_D=triton.next_power_of_2(D), HAS_ACC=acc is not None,
+        num_warps=4 if not _interpreting() else 1)
 
 
 def protected_mask_for(positions: torch.Tensor, seen: int, sinks: int, recent: int) -> torch.Tensor:

@@ -118,6 +118,11 @@ class KernelPolicyOps:
         from ...kernels.select import select_topk
         return select_topk(scores, positions, seen, keep, sinks, recent)
 
+    @property
+    def evict_one(self):
+        """Triton only: the one-token in-place eviction kernel (``kv_decode.evict_one``)."""
+        return _triton().evict_one if self.kind == "triton" else None
+
     def compact(self, idx, *tensors):
         if self.kind == "triton":
             return _triton().compact(idx, *tensors)

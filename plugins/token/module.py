@@ -71,7 +71,7 @@ class H2OPolicy(KVPolicy):
     accumulates = True
 
     def step_scores(self, lc, probs, layer=0):
-        lc.acc = lc.acc + per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)
+        lc.acc += per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)  # in place: acc stays a cache buffer view
         return lc.acc
 
 
@@ -149,7 +149,7 @@ class MixedDimPolicy(KVPolicy):
         new = lc.size - dims.shape[2]
         if new:
             lc.extra["dims"] = torch.cat([dims, dims.new_full((*dims.shape[:2], new), lc.k.shape[-1])], 2)
-        lc.acc = lc.acc + per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)
+        lc.acc += per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)  # in place: acc stays a cache buffer view
         return lc.acc
 
     def rewrite(self, lc, scores: torch.Tensor) -> None:
