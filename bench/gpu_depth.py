@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from blockzoo.kernels.triton import moda as moda_mod  # noqa: E402
+from blockzoo.kernels.triton.attention import attention as dense_attention  # noqa: E402
 from blockzoo.kernels.triton.mod import mod_gather, mod_scatter  # noqa: E402
 from blockzoo.kernels.triton.moda import MCfg, moda_attention  # noqa: E402
 from blockzoo.plugins.depth.reference import (  # noqa: E402
@@ -114,8 +115,12 @@ def bench_shape(t, d, s, hq=16, hk=2, b=1, with_s0=True):
     impls = {"moda": lambda: moda_attention(q, k, v, dk, dv, True), "sdpa_flash_seq": sdpa}
     if with_s0:
         impls["ours_S0"] = lambda: moda_attention(q, k, v, e0, e0, True)
-    leaves = {"moda": (q, k, v, dk, dv), "sdpa_flash_seq": (qs, ks, vs), "ours_S0": (q, k, v)}
-    cot = {"moda": do, "sdpa_flash_seq": dos, "ours_S0": do}
+    # our dense Triton kernel (attention.dense) on the sequence part: the issue's "overhead over
+    # our own dense kernel" baseline
+    impls["ours_dense"] = lambda: dense_attention(q, k, v, True)
+    leaves = {"moda": (q, k, v, dk, dv), "sdpa_flash_seq": (qs, ks, vs), "ours_S0": (q, k, v),
+              "ours_dense": (q, k, v)}
+    cot = {"moda": do, "sdpa_flash_seq": dos, "ours_S0": do, "ours_dense": do}
     res = {}
     for name, fn in impls.items():
         fwd = do_bench(lambda fn=fn: fn(), warmup=25, rep=100, return_mode="median")
@@ -177,6 +182,7 @@ def tune(d, t=16384, s=64, hq=16, hk=2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole script")
+    ap.add_argument("--b", type=int, default=1, help="batch size of the timed shapes")
     ap.add_argument("--t", default="16384,65536")
     ap.add_argument("--d", default="64,128")
     ap.add_argument("--s", default="32,64")
@@ -243,7 +249,7 @@ def main():
             continue
         t0 = time.time()
         try:
-            r = bench_shape(t, d, s, with_s0=(s == min(map(int, args.s.split(",")))))
+            r = bench_shape(t, d, s, b=args.b, with_s0=(s == min(map(int, args.s.split(",")))))
         except torch.cuda.OutOfMemoryError:
             result["skipped"].append({"T": t, "D": d, "S": s, "why": "out of memory"})
             torch.cuda.empty_cache()
@@ -262,14 +268,17 @@ def main():
         dump()
     dump()
 
-    print("\n| T | D | S | mode | MoDA ms | SDPA flash (seq only) ms | MoDA / FA2 time | ours S=0 ms | depth FLOP share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| T | D | S | mode | MoDA ms | SDPA flash (seq only) ms | MoDA / FA2 time | ours S=0 ms | "
+          "ours dense ms | MoDA / ours dense | depth FLOP share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["bench"]:
         for mode in ("fwd", "fwd+bwd"):
             m, f = r["ms"]["moda"][mode], r["ms"]["sdpa_flash_seq"][mode]
             s0 = r["ms"].get("ours_S0", {}).get(mode)
+            od = r["ms"]["ours_dense"][mode]
             print(f"| {r['T']} | {r['D']} | {r['S']} | {mode} | {m:.2f} | {f:.2f} | {m / f:.2f} | "
-                  f"{'' if s0 is None else f'{s0:.2f}'} | {100 * r['depth_flop_share']:.1f}% |")
+                  f"{'' if s0 is None else f'{s0:.2f}'} | {od:.2f} | {m / od:.3f} | "
+                  f"{100 * r['depth_flop_share']:.1f}% |")
     for sk in result["skipped"]:
         print(f"skipped T{sk['T']} D{sk['D']} S{sk['S']}: {sk['why'].splitlines()[0]}")
     print("checks:", "all pass" if all(c["ok"] for c in result["checks"]) else "FAILURES", flush=True)
