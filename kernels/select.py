@@ -31,15 +31,8 @@ def _sortable_keys(scores: torch.Tensor, prot: torch.Tensor, positions: torch.Te
 
 
 def _checked_keys(scores, positions, seen, keep, sinks, recent) -> torch.Tensor:
-    from ..plugins.token.reference import protected_mask
-    t = scores.shape[-1]
-    if keep > t:
-        raise ValueError(f"keep={keep} exceeds the {t} cached tokens")
-    prot = protected_mask(positions, seen, sinks, recent)
-    n_prot = int(prot.sum(-1).max()) if t else 0
-    if keep < n_prot:
-        raise ValueError(f"keep={keep} is smaller than the {n_prot} protected tokens (sinks={sinks}, "
-                         f"recent={recent})")
+    from ..plugins.token.reference import checked_protected
+    prot = checked_protected(positions, seen, keep, sinks, recent)
     if scores.isnan().any():
         raise ValueError("select_topk: NaN scores")
     return _sortable_keys(scores, prot, positions)

@@ -82,14 +82,10 @@ def protected_mask(positions: torch.Tensor, seen: int, sinks: int, recent: int) 
     return (positions < sinks) | (positions >= seen - recent)
 
 
-def select(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, sinks: int,
-           recent: int) -> torch.Tensor:
-    """Indices [B, Hk, keep] (ascending, i.e. time order) of the tokens to keep.
-
-    scores, positions: [B, Hk, T] (T = tokens now cached). Protected tokens are kept first
-    (``keep`` must be at least their count), the rest of the budget goes to the highest scores
-    (ties: the older token, by position). Raises if the budget cannot hold the protected tokens."""
-    t = scores.shape[-1]
+def checked_protected(positions: torch.Tensor, seen: int, keep: int, sinks: int, recent: int) -> torch.Tensor:
+    """The protected mask, after checking that ``keep`` fits in the cache and holds every
+    protected token (raises with the numbers otherwise). Shared by every selector."""
+    t = positions.shape[-1]
     if keep > t:
         raise ValueError(f"keep={keep} exceeds the {t} cached tokens")
     prot = protected_mask(positions, seen, sinks, recent)
@@ -97,6 +93,17 @@ def select(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, 
     if keep < n_prot:
         raise ValueError(f"keep={keep} is smaller than the {n_prot} protected tokens (sinks={sinks}, "
                          f"recent={recent})")
+    return prot
+
+
+def select(scores: torch.Tensor, positions: torch.Tensor, seen: int, keep: int, sinks: int,
+           recent: int) -> torch.Tensor:
+    """Indices [B, Hk, keep] (ascending, i.e. time order) of the tokens to keep.
+
+    scores, positions: [B, Hk, T] (T = tokens now cached). Protected tokens are kept first
+    (``keep`` must be at least their count), the rest of the budget goes to the highest scores
+    (ties: the older token, by position). Raises if the budget cannot hold the protected tokens."""
+    prot = checked_protected(positions, seen, keep, sinks, recent)
     s = scores.float().masked_fill(prot, float("inf"))
     # ties: the older token (lower position) first. Visit the tokens in position order, then a
     # stable sort by score (a cache kept in time order makes by_pos the identity; the kernel
