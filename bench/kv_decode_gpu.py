@@ -13,6 +13,11 @@ compaction) as a share of a decode step; peak memory of each; achieved HBM bandw
    - the H2O step at the 25% budget on a cache of 8193 tokens: token scores (our kernel),
      accumulate, select (top-k vs the reference's sort), compact k, v, pos, acc (Triton gather vs
      torch gather); total as % of our decode step on the kept cache;
+   - the fused H2O step (issue 7), in the same run: the kept decode step alone, the decode step
+     that also writes its logits (``return_logits``), the fused accumulate + evict (``h2o_step``),
+     the whole fused step (``decode_h2o``, one timed call, so the logits may still be in L2) and
+     the old path timed the same way (decode + ``token_scores`` + ``acc +=`` + ``evict_one``);
+     policy overhead = (step - decode alone) as % of the decode alone, old and new;
    - torch.cuda.max_memory_allocated above the inputs for each, and GB/s of K+V read per second
      against a device copy measured in the same run.
 
@@ -95,6 +100,46 @@ def correctness(res):
                 ok = e_o < tol and e_s < 5e-3
                 out.append({"shape": [b, tq, hq, hk, t, d], "dtype": str(dt), "splits": s, "err_o": e_o,
                             "err_scores": e_s, "ok": ok})
+    # the fused H2O step: logits, accumulate, evict (vs the fp32 reference and the torch selection)
+    from blockzoo.core.cache import LayerCache, fill_holes
+    from blockzoo.kernels.select import drop_few
+    for (b, tq, hq, hk, t, d) in shapes:
+        for dt in (torch.bfloat16, torch.float32):
+            q = (torch.randn(b, tq, hq, d, generator=g) * 1.5).to(dt)
+            k = (torch.randn(b, hk, t, d, generator=g) * 1.5).to(dt)
+            v = torch.randn(b, hk, t, d, generator=g).to(dt)
+            seen = t + 100
+            older = torch.stack([torch.randperm(seen - tq, generator=g)[:t - tq] for _ in range(b * hk)])
+            pos = torch.cat([older.view(b, hk, t - tq), torch.arange(seen - tq, seen).expand(b, hk, tq)], -1)
+            acc0 = torch.rand(b, hk, t, generator=g)
+            acc0[..., -tq:] = 0
+            _, p = ref_decode(q.float(), k.float(), v.float())
+            want_acc = acc0 + per_kv_head(p, hk)
+            qd, kd_, vd = q.to(DEV), k.to(DEV), v.to(DEV)
+            o0, lse0 = kd.decode_attention(qd, kd_, vd, num_splits=3)
+            o, lse, lg = kd.decode_attention(qd, kd_, vd, num_splits=3, return_logits=True)
+            kf = k.float().repeat_interleave(hq // hk, 1)
+            want_lg = torch.einsum("bqhd,bhkd->bhqk", q.float(), kf) * (d ** -0.5 / math.log(2))
+            same = bool(torch.equal(o, o0)) and bool(torch.equal(lse, lse0))
+            acc1 = acc0.to(DEV).clone()  # (.to is a no-op on the CPU: copies, the kernels write in place)
+            kd.h2o_step(lg, lse, acc1, pos.to(DEV).clone(), kd_.clone(), vd.clone(), seen, 4, 8, False)
+            kk, vv, pp, aa = kd_.clone(), vd.clone(), pos.to(DEV).clone(), acc0.to(DEV).clone()
+            kd.h2o_step(lg, lse, aa, pp, kk, vv, seen, 4, 8, True)
+            want = LayerCache(k=kd_.clone(), v=vd.clone(), pos=pos.to(DEV).clone(), acc=acc1.clone(), seen=seen)
+            fill_holes(want, drop_few(want.acc, want.pos, seen, t - 1, 4, 8))
+            k1_, v1_, p1_, a1_ = kd_.clone(), vd.clone(), pos.to(DEV).clone(), acc0.to(DEV).clone()
+            kd.h2o_step(lg, lse, a1_, p1_, k1_, v1_, seen, 4, 8, True, one_launch=True)
+            one_same = all(bool(torch.equal(x, y)) for x, y in ((p1_, pp), (a1_, aa), (k1_, kk), (v1_, vv)))
+            one_same = one_same and not bool(kd._COUNTERS[kd_.device].any())
+            evict_same = (bool(torch.equal(pp[..., :t - 1], want.pos)) and rel(aa[..., :t - 1], want.acc) < 1e-6
+                          and bool(torch.equal(kk[:, :, :t - 1], want.k)) and bool(torch.equal(vv[:, :, :t - 1], want.v)))
+            e_lg, e_acc = rel(lg, want_lg), rel(acc1, want_acc)
+            out.append({"fused_h2o": [b, tq, hq, hk, t, d], "dtype": str(dt), "o_lse_unchanged": same,
+                        "err_logits": e_lg, "err_acc": e_acc, "evict_equals_torch_path": evict_same,
+                        "one_launch_equals_two": one_same,
+                        "ok": same and e_lg < 1e-5 and e_acc < 1e-5 and evict_same})
+            if not one_same:
+                print("  one-launch h2o_step differs from the two-launch one: keep H2O_ONE_LAUNCH off")
     # selection and compaction
     for t, keep in sel_shapes:
         scores = torch.randint(-50, 50, (4, 8, t), generator=g).float().to(DEV)
@@ -279,6 +324,7 @@ def run_shape(B, T, Hq, Hk, D, budget, res, smoke):
     pol["peak_bytes_select_compact"] = peak(lambda: kd.compact(kd.select_topk(new_acc, pos, T + 1, keep, 4, 8),
                                                                k1, v1, pos, new_acc))
     r["h2o_step"] = pol
+    r["h2o_fused"] = fused_step(q, k1, v1, keep, T, cfg_k, step_ms)
     r["kv_bytes_full"] = kv_bytes_full
     r["kv_bytes_kept"] = 2 * kk.numel() * kk.element_size()
     # device copy bandwidth (read + write) on the same bytes
@@ -287,6 +333,78 @@ def run_shape(B, T, Hq, Hk, D, budget, res, smoke):
         ms = bench(lambda: dst.copy_(k))
         r["copy_GBps"] = 2 * k.numel() * k.element_size() / ms / 1e6
         del dst
+
+
+def fused_step(q, k1, v1, keep, seen_before, cfg_k, step_ms):
+    """The H2O step (cache of keep + 1 tokens: one leaves) by the fused path against the old one,
+    each timed alone and as a whole step (decode + policy in one timed call)."""
+    B, Hk, t1, _ = k1.shape
+    cfg, splits = cfg_k
+    seen = seen_before + 1
+    pos = torch.arange(t1, device=DEV).expand(B, Hk, t1).contiguous()
+    pos[..., -1] = seen - 1
+    acc = torch.rand(B, Hk, t1, device=DEV)
+    kw = {"num_splits": splits, "cfg": cfg}
+    o, lse, lg = kd.decode_attention(q, k1, v1, return_logits=True, **kw)
+    # every call below works in place on its own copies; repeated calls keep the cache's shape
+    # (the newest token, slot t1-1, is not trimmed, so each call moves it again)
+    kk, vv, pp, aa = k1.clone(), v1.clone(), pos.clone(), acc.clone()
+    f = {"decode_ms": bench(lambda: kd.decode_attention(q, k1, v1, **kw)),
+         "decode_logits_ms": bench(lambda: kd.decode_attention(q, k1, v1, return_logits=True, **kw)),
+         "accumulate_only_ms": bench(lambda: kd.h2o_step(lg, lse, aa, pp, kk, vv, seen, 4, 8, False)),
+         "accumulate_evict_ms": bench(lambda: kd.h2o_step(lg, lse, aa, pp, kk, vv, seen, 4, 8, True)),
+         "fused_step_ms": bench(lambda: kd.decode_h2o(q, kk, vv, pp, aa, seen, keep, 4, 8, None, splits, cfg))}
+    f["decode_ref_ms"] = step_ms  # the same decode in the earlier section (run-to-run spread)
+    # the one-launch variant (H2O_ONE_LAUNCH): the last chunk of a row to finish picks and moves
+    f["accumulate_evict_one_launch_ms"] = bench(
+        lambda: kd.h2o_step(lg, lse, aa, pp, kk, vv, seen, 4, 8, True, one_launch=True))
+    saved = kd.H2O_ONE_LAUNCH
+    kd.H2O_ONE_LAUNCH = True
+    try:
+        f["fused_step_one_launch_ms"] = bench(lambda: kd.decode_h2o(q, kk, vv, pp, aa, seen, keep, 4, 8, None,
+                                                                    splits, cfg))
+    finally:
+        kd.H2O_ONE_LAUNCH = saved
+    f["policy_one_launch_pct"] = 100 * (f["fused_step_one_launch_ms"] - f["decode_ms"]) / f["decode_ms"]
+    sweep = {}
+    for c in ((256, 4), (512, 4), (1024, 4), (2048, 8), (4096, 8)):  # h2o_step's (tokens per chunk, warps)
+        try:
+            sweep[str(c)] = bench(lambda c=c: kd.h2o_step(lg, lse, aa, pp, kk, vv, seen, 4, 8, True, cfg=c))
+        except Exception as e:  # noqa: BLE001  (a config that does not compile)
+            sweep[str(c)] = str(e)[:120]
+    f["accumulate_evict_sweep_ms"] = sweep
+
+    def old_step():
+        _, lse_ = kd.decode_attention(q, kk, vv, **kw)
+        aa.add_(kd.token_scores(q, kk, lse_))
+        kd.evict_one(aa, kk, vv, pp, aa, seen, 4, 8)
+    f["old_step_ms"] = bench(old_step)
+    f["old_scores_ms"] = bench(lambda: kd.token_scores(q, k1, lse))
+    d = f["decode_ms"]
+    f["logits_extra_ms"] = f["decode_logits_ms"] - d
+    f["policy_parts_ms"] = f["logits_extra_ms"] + f["accumulate_evict_ms"]
+    f["policy_parts_pct"] = 100 * f["policy_parts_ms"] / d
+    f["policy_new_ms"] = f["fused_step_ms"] - d
+    f["policy_new_pct"] = 100 * f["policy_new_ms"] / d
+    f["policy_old_ms"] = f["old_step_ms"] - d
+    f["policy_old_pct"] = 100 * f["policy_old_ms"] / d
+    f["old_over_new_policy"] = f["policy_old_ms"] / max(f["policy_new_ms"], 1e-9)
+    f["target_met"] = f["policy_new_pct"] <= 10.0
+    f["lg_bytes"] = lg.numel() * 4
+    f["peak_bytes_fused_step"] = peak(lambda: kd.decode_h2o(q, kk, vv, pp, aa, seen, keep, 4, 8, None, splits, cfg))
+    f["peak_bytes_decode"] = peak(lambda: kd.decode_attention(q, k1, v1, **kw))
+    # one real step on fresh copies: the fused path evicts the same tokens as the old one
+    k2, v2, p2, a2 = k1.clone(), v1.clone(), pos.clone(), acc.clone()
+    k3, v3, p3, a3 = k1.clone(), v1.clone(), pos.clone(), acc.clone()
+    o_new, ev = kd.decode_h2o(q, k2, v2, p2, a2, seen, keep, 4, 8, None, splits, cfg)
+    o_old, lse_old = kd.decode_attention(q, k3, v3, **kw)
+    a3.add_(kd.token_scores(q, k3, lse_old))
+    kd.evict_one(a3, k3, v3, p3, a3, seen, 4, 8)
+    f["check_evicted"] = bool(ev)
+    f["check_o_equal"] = bool(torch.equal(o_new, o_old))
+    f["check_acc_rel_err"] = rel(a2, a3)
+    f["check_same_evictions"] = float((p2[..., :keep] == p3[..., :keep]).all(-1).float().mean())
+    return f
 
 
 def fmt_mb(x):
@@ -324,6 +442,21 @@ def table(res):
                      f"{p['compact_torch_ms']:.3f}; append (cat) {p['append_cat_ms']:.3f}; policy total "
                      f"{p['policy_ms']:.3f} ms = **{p['policy_pct_of_kept_step']:.0f}%** of the kept decode "
                      f"(scores {p['scores_pct']:.0f}%, select+compact {p['select_compact_pct']:.0f}%)")
+        f = r["h2o_fused"]
+        lines.append(f"Fused H2O step (issue 7): decode alone {f['decode_ms']:.4f} ms, with logits "
+                     f"{f['decode_logits_ms']:.4f} (+{f['logits_extra_ms']:.4f}); h2o_step accumulate only "
+                     f"{f['accumulate_only_ms']:.4f}, accumulate + evict {f['accumulate_evict_ms']:.4f}; parts "
+                     f"{f['policy_parts_ms']:.4f} ms = {f['policy_parts_pct']:.1f}%; whole fused step "
+                     f"{f['fused_step_ms']:.4f} ms: policy **{f['policy_new_ms']:.4f} ms = "
+                     f"{f['policy_new_pct']:.1f}%** of the kept decode (target <= 10%: "
+                     f"{'met' if f['target_met'] else 'NOT met'}); one-launch variant: accumulate + evict "
+                     f"{f['accumulate_evict_one_launch_ms']:.4f}, whole step {f['fused_step_one_launch_ms']:.4f} ms "
+                     f"= policy {f['policy_one_launch_pct']:.1f}%; old path as one call {f['old_step_ms']:.4f} ms: "
+                     f"policy {f['policy_old_ms']:.4f} ms = {f['policy_old_pct']:.1f}% (old / new "
+                     f"{f['old_over_new_policy']:.1f}x); old scores kernel {f['old_scores_ms']:.4f}; "
+                     f"same evictions as the old path in {100 * f['check_same_evictions']:.1f}% of rows, acc rel "
+                     f"err {f['check_acc_rel_err']:.1e}; peak above inputs: fused step "
+                     f"{fmt_mb(f['peak_bytes_fused_step'])} MiB, decode {fmt_mb(f['peak_bytes_decode'])} MiB")
         lines.append(f"In place (core/cache.py now): append {p['append_in_place_ms']:.3f} ms (was cat "
                      f"{p['append_cat_ms']:.3f}); drop_few + fill_holes {p['slot_replace_ms']:.3f} ms; "
                      f"evict_one kernel {p['evict_one_ms']:.3f} ms; policy "

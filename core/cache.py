@@ -163,10 +163,24 @@ class KVCache:
                     lc.acc = scores
                 self._evict(lc, scores)
             return o
+        if getattr(pol, "attends", False):  # a policy with its own storage (token.mixeddim packed) decodes itself
+            return pol.attend(lc, q, kh, vh, pos, op.kwargs.get("scale"))
         lc.append(kh, vh, pos)
         lc.seen += t
         if pol is None and self.decode_backend is None:
             return op(q, lc.k.transpose(1, 2), lc.v.transpose(1, 2))
+        fused = getattr(pol.scorer, "decode_h2o", None) if pol is not None and pol.evicts_on_step else None
+        if fused is not None and lc.acc is not None and not hasattr(pol, "rewrite"):
+            # a kernel backend's H2O step: the decode pass writes its logits, one kernel adds the
+            # probabilities to acc and evicts the one token over the budget in place
+            p = pol.params
+            o, evicted = fused(q, lc.k, lc.v, lc.pos, lc.acc, lc.seen, pol.keep(lc.seen), p.sinks, p.recent,
+                               op.kwargs.get("scale"))
+            if evicted:
+                lc.trim(lc.size - 1)
+            else:  # at most the budget (nothing to do) or several tokens over: the general path
+                self._evict(lc, lc.acc)
+            return o
         o, probs = self._decode(q, lc, op.kwargs.get("scale"))
         if pol is None:
             return o

@@ -67,10 +67,36 @@ class Worker:
     ready: bool = False
 
 
+#: set in a worker's environment from its start (unless already set here): OpenMP runtime settings
+#: that libgomp reads once, when torch loads it, too early for ``_worker_main`` to set them.
+#: PASSIVE: OpenMP threads sleep between parallel regions instead of spinning; torch and numba's
+#: omp threading layer share libgomp, and the threads that one leaves spinning after each kernel
+#: take the cores from the other's next op (a tiny model's training step, numba norms and MLPs
+#: between torch ops, ran 3-6x slower on a loaded 2-core machine).
+WORKER_START_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def worker_threads(workers: int) -> int:
+    """Threads per worker (torch and numba): the cores shared out among the workers, at most
+    ``OMP_NUM_THREADS`` where that is set."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if cap.isdigit() and int(cap) > 0:
+        threads = min(threads, int(cap))
+    return threads
+
+
 def start_worker(ctx, plugins: list[str], env: dict[str, str]) -> Worker:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_worker_main, args=(child, plugins, env), daemon=True)
-    proc.start()
+    added = [k for k in WORKER_START_ENV if k not in os.environ and not (
+        k == "OMP_WAIT_POLICY" and "GOMP_SPINCOUNT" in os.environ)]
+    os.environ.update({k: WORKER_START_ENV[k] for k in added})  # inherited by the spawned child
+    try:
+        proc.start()
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
     child.close()
     return Worker(proc, parent)
 
@@ -136,8 +162,10 @@ class LocalExecutor(Executor):
     def __init__(self, workers: int = 1) -> None:
         self.n_workers = max(1, workers)
         self.ctx = mp.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // self.n_workers)
+        threads = worker_threads(self.n_workers)
         self.env = {"BLOCKZOO_WORKER_THREADS": str(threads)}
+        if "NUMBA_NUM_THREADS" not in os.environ:  # numba reads it on import, in the worker
+            self.env["NUMBA_NUM_THREADS"] = str(threads)
 
     def describe(self) -> dict[str, Any]:
         return {"executor": self.name, "workers": self.n_workers}

@@ -152,6 +152,78 @@ def test_triton_tilings(cfg, hq, hk):
         torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def _triton_vs_reference(shape, path, cfg=None, dtype=torch.float32, causal=True, scale=None, seed=0):
+    """Output and all five gradients of the Triton kernel (depth path ``path``) vs the fp32/fp64
+    reference, NaN-poisoned outputs, a random cotangent."""
+    from blockzoo.kernels.triton import moda as tm
+    b, tq, tk, hq, hk, d, s = shape
+    q, k, v, dk, dv = _inputs(b, tq, tk, hq, hk, d, s, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cot = torch.randn((b, tq, hq, d), generator=g)
+    if cfg is not None:
+        tm.CFGS["interp"] = tm.MCfg(*cfg)
+    try:
+        with poisoned():
+            o = tm.moda_attention(q, k, v, dk, dv, causal, scale, path=path)
+            got = torch.autograd.grad(o, (q, k, v, dk, dv), cot.to(dtype))
+    finally:
+        tm.CFGS.pop("interp", None)
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v, dk, dv)]
+    r = moda_reference(*ins, causal=causal, scale=scale)
+    want = torch.autograd.grad(r, ins, cot.double())
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(o.double(), r, **tol)
+    for name, a, w in zip("q k v depth_k depth_v".split(), got, want, strict=True):
+        torch.testing.assert_close(a.double(), w, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.skipif(not INTERP, reason="Triton depth paths: TRITON_INTERPRET=1 only (the GPU bench covers compiled)")
+@pytest.mark.parametrize("path", ["mma", "rowwise"])
+@pytest.mark.parametrize("shape,cfg", [
+    ((1, 21, 21, 2, 2, 40, 1), None),                 # GQA 1 (P = 16 positions per dot), S = 1, D = 40
+    ((2, 13, 13, 4, 2, 48, 19), None),                # GQA 2, S > T, D = 48
+    ((1, 29, 29, 4, 1, 24, 3), (32, 16, 4, 1, 0, 16)),  # GQA 4, odd T, one step = 2 slots
+    ((1, 25, 25, 8, 2, 32, 37), (32, 16, 4, 1, 0, 8)),  # GQA 4:1 x 2 kv heads, 37 slots in steps of 8
+    ((1, 17, 30, 8, 1, 16, 5), None),                 # GQA 8, Tq < Tk
+    ((1, 30, 12, 3, 1, 16, 2), None),                 # GQA 3 (padded to 4), Tq > Tk
+])
+def test_triton_depth_paths(shape, cfg, path):
+    """Both depth paths (the tensor-core "mma" one and the row-wise one) against the reference."""
+    _triton_vs_reference(shape, path, cfg, seed=sum(shape))
+
+
+@pytest.mark.skipif(not INTERP, reason="Triton depth paths: TRITON_INTERPRET=1 only (the GPU bench covers compiled)")
+@pytest.mark.parametrize("case", ["bf16", "noncausal-gqa16", "neg-scale", "S0", "T1"])
+def test_triton_mma_path_edges(case):
+    shape, kw = {
+        "bf16": ((1, 23, 23, 8, 2, 40, 4), dict(dtype=torch.bfloat16)),
+        "noncausal-gqa16": ((1, 9, 9, 16, 1, 16, 3), dict(causal=False)),  # P = 1: no wasted depth work
+        "neg-scale": ((1, 20, 20, 4, 2, 16, 3), dict(scale=-0.3)),
+        "S0": ((1, 19, 19, 2, 1, 16, 0), {}),
+        "T1": ((1, 1, 1, 2, 1, 16, 5), {}),
+    }[case]
+    _triton_vs_reference(shape, "mma", seed=len(case), **kw)
+
+
+def test_depth_path_rule_and_errors():
+    from blockzoo.kernels.triton import moda as tm
+    assert [tm.depth_path(g) for g in (1, 2, 3, 8, 16)] == ["rowwise", "mma", "mma", "mma", "mma"]
+    assert tm.depth_path(8, "rowwise") == "rowwise" and tm.depth_path(1, "mma") == "mma"
+    with pytest.raises(ValueError, match="'tc' is not one of"):
+        tm.depth_path(8, "tc")
+    if INTERP:
+        q, k, v, dk, dv = (t.detach() for t in _inputs(1, 4, 4, 2, 1, 16, 1))
+        with pytest.raises(ValueError, match="path='tc'"):
+            tm.moda_attention(q, k, v, dk, dv, path="tc")
+    # tilings: a tensor-core batch has >= 16 rows and >= 16 depth columns, TOK a multiple of P
+    for g in (1, 2, 3, 4, 8, 16, 32):
+        for s in (0, 1, 3, 32, 64):
+            for kind in ("fwd_mma", "dq_mma"):
+                tok, gp, p, sb = tm._mma_tiling(tm.MCfg(64, 64, 4, 2), g, s, kind, 64, 2)
+                assert p * gp >= 16 and p * sb >= 16 and tok % p == 0 and gp >= g
+                assert sb & (sb - 1) == 0 and tok * gp >= 16
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_bad_depth_shapes_are_clear_errors(backend):
     dev = _dev(backend)

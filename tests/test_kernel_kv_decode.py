@@ -286,3 +286,155 @@ def test_triton_evict_one_equals_drop_few_and_fill_holes(with_acc, seed):
     assert torch.equal(kk[:, :, : n - 1].cpu(), want.k) and torch.equal(vv[:, :, : n - 1].cpu(), want.v)
     if with_acc:
         assert torch.equal(aa[..., : n - 1].cpu(), want.acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused H2O step: logits from the decode pass, accumulate + evict in one kernel
+H2O_SHAPES = [  # (B, Tq, Hq, Hk, T, D, splits)
+    (2, 1, 4, 1, 37, 40, 3),     # GQA 4:1, odd T, D=40, uneven splits
+    (1, 3, 4, 2, 63, 16, 5),     # Tq=3 (causal tail), GQA 2:1
+    (2, 1, 2, 2, 70, 32, None),  # more tokens than one interpreter chunk (32), no GQA
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", H2O_SHAPES, ids=lambda s: "B{}-Tq{}-H{}:{}-T{}-D{}-S{}".format(*s))
+def test_decode_logits_match_reference(backend, shape):
+    """return_logits: the same o and lse as without, and lg = q.k * scale * log2(e) for every key."""
+    kern = _kernels(backend)
+    dev = _dev(backend)
+    for i, dtype in enumerate(_dtypes(backend)):
+        q, k, v = _inputs(shape, dtype, dev, seed=100 + i)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        kw = {"num_splits": shape[-1]} if backend == "triton" else {}
+        with poisoned():
+            o0, lse0 = kern.decode_attention(q, k, v, **kw)
+            o, lse, lg = kern.decode_attention(q, k, v, return_logits=True, **kw)
+        assert torch.equal(o, o0) and torch.equal(lse, lse0)
+        qf, kf = q.cpu().to(acc), k.cpu().to(acc)
+        want = torch.einsum("bqhd,bhkd->bhqk", qf, kf.repeat_interleave(shape[2] // shape[3], 1))
+        want = want / math.sqrt(shape[5]) * (1 / math.log(2))
+        assert lg.shape == want.shape
+        assert_close(lg.cpu().to(acc), want, tolerance(acc, "fwd", backend, dev), "logits")
+
+
+def _h2o_case(shape, dtype, dev, seed, ties=False):
+    b, tq, hq, hk, t, d, _ = shape
+    q, k, v = _inputs(shape, dtype, dev, seed)
+    g = torch.Generator().manual_seed(seed)
+    seen, sinks, recent = t + 40, 3, 0 if seed % 2 else 4
+    older = torch.stack([torch.randperm(seen - tq, generator=g)[:t - tq] for _ in range(b * hk)]).view(b, hk, t - tq)
+    newest = torch.arange(seen - tq, seen).expand(b, hk, tq)
+    pos = torch.cat([older, newest], -1)  # shuffled slots (as after in-place evictions), the new tokens last
+    acc = torch.rand(b, hk, t, generator=g) * 2
+    if ties:  # equal logits (zero keys: uniform attention) on integer running scores: exact ties
+        k = torch.zeros_like(k)
+        acc = torch.randint(0, 3, (b, hk, t), generator=g).float()
+    acc[..., -tq:] = 0  # the new tokens' running scores start at 0
+    return q, k, v, pos.to(dev), acc.to(dev), seen, sinks, recent
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", H2O_SHAPES, ids=lambda s: "B{}-Tq{}-H{}:{}-T{}-D{}-S{}".format(*s))
+def test_h2o_step_equals_reference_accumulate_and_eviction(backend, shape):
+    """acc += the step's attention (vs the fp32 reference probabilities), and the evicting step
+    moves exactly what drop_few + fill_holes move given those scores (lowest unprotected, ties to
+    the newest position, sinks / recent kept), NaN-poisoned buffers, ties included."""
+    from blockzoo.core.cache import LayerCache, fill_holes
+    from blockzoo.kernels.select import drop_few
+    kern = _kernels(backend)
+    dev = _dev(backend)
+    b, tq, hq, hk, t, d, splits = shape
+    for i, (dtype, ties) in enumerate([(torch.float32, False), (_dtypes(backend)[1], False), (torch.float32, True)]):
+        q, k, v, pos, acc0, seen, sinks, recent = _h2o_case(shape, dtype, dev, seed=7 * i + t, ties=ties)
+        kw = {"num_splits": splits} if backend == "triton" else {}
+        with poisoned():
+            _, lse, lg = kern.decode_attention(q, k, v, return_logits=True, **kw)
+        # accumulate only
+        acc1 = acc0.clone()
+        kern.h2o_step(lg, lse, acc1, pos.clone(), k.clone(), v.clone(), seen, sinks, recent, False)
+        fl = torch.float64 if dtype == torch.float64 else torch.float32
+        _, p = decode_attention(q.cpu().to(fl), k.cpu().to(fl), v.cpu().to(fl))
+        want_acc = acc0.cpu().to(fl) + per_kv_head(p, hk)
+        # acc is float32 storage (as in the cache) whatever the cache dtype: fp32 bounds
+        assert_close(acc1.cpu().double(), want_acc.double(), tolerance(torch.float32, "fwd", backend, dev), "acc")
+        if ties:  # equal running scores stay exactly equal (the tokens every query sees)
+            a0, a1 = acc0.cpu()[..., :t - tq + 1], acc1.cpu()[..., :t - tq + 1]
+            for c in (0.0, 1.0, 2.0):
+                same = a1[a0 == c]
+                assert same.numel() > 1 and bool((same == same[0]).all())
+        # accumulate + evict: exactly the torch selection on the accumulated scores
+        kk, vv, pp, aa = k.clone(), v.clone(), pos.clone(), acc0.clone()
+        with poisoned():
+            kern.h2o_step(lg, lse, aa, pp, kk, vv, seen, sinks, recent, True)
+        want = LayerCache(k=k.cpu().clone(), v=v.cpu().clone(), pos=pos.cpu().clone(), acc=acc1.cpu().clone(),
+                          seen=seen)
+        fill_holes(want, drop_few(want.acc, want.pos, seen, t - 1, sinks, recent))
+        assert torch.equal(pp[..., :t - 1].cpu(), want.pos), (dtype, ties)
+        # (the accumulate-only and the evicting launch are two compiled variants: on a GPU their sums
+        # may round differently in the last bit)
+        torch.testing.assert_close(aa[..., :t - 1].cpu(), want.acc, rtol=2e-7, atol=0)
+        if backend == "triton":  # the one-launch variant (last chunk to finish picks): the same result
+            k1, v1, p1, a1 = k.clone(), v.clone(), pos.clone(), acc0.clone()
+            kern.h2o_step(lg, lse, a1, p1, k1, v1, seen, sinks, recent, True, one_launch=True)
+            assert torch.equal(p1, pp) and torch.equal(a1, aa) and torch.equal(k1, kk) and torch.equal(v1, vv)
+            assert not kern._COUNTERS[k.device].any()  # the counters are left at 0 for the next call
+        assert torch.equal(kk[:, :, :t - 1].cpu(), want.k) and torch.equal(vv[:, :, :t - 1].cpu(), want.v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_h2o_evicts_only_one_over_budget(backend):
+    kern = _kernels(backend)
+    dev = _dev(backend)
+    shape = H2O_SHAPES[0]
+    q, k, v, pos, acc, seen, sinks, recent = _h2o_case(shape, torch.float32, dev, seed=5)
+    t = shape[4]
+    for keep, evicts in ((t, False), (t - 1, True), (t - 2, False)):
+        kk, pp, aa = k.clone(), pos.clone(), acc.clone()
+        o, ev = kern.decode_h2o(q, kk, v.clone(), pp, aa, seen, keep, sinks, recent)
+        assert ev is evicts
+        assert_close(o.cpu(), decode_attention(q.cpu(), k.cpu(), v.cpu())[0],
+                     tolerance(torch.float32, "fwd", backend, dev), "o")
+        if not evicts:
+            assert torch.equal(pp, pos) and torch.equal(kk, k)
+    with pytest.raises(ValueError, match="protected"):
+        kern.decode_h2o(q, k.clone(), v.clone(), pos.clone(), acc.clone(), seen, sinks + recent - 1, sinks, recent)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("budget", [{"budget_tokens": 7}, {"budget": 0.5}])
+def test_h2o_generation_takes_the_fused_step(backend, budget, monkeypatch):
+    """Generation through make_cache with token.h2o on a kernel backend goes through decode_h2o
+    (every step: a fixed budget evicts one token per step) and keeps the reference policy's tokens
+    and running scores."""
+    kern = _kernels(backend)
+    calls = {"fused": 0, "evicted": 0}
+    real = kern.decode_h2o
+
+    def counting(*a, **kw):
+        o, ev = real(*a, **kw)
+        calls["fused"] += 1
+        calls["evicted"] += int(ev)
+        return o, ev
+    monkeypatch.setattr(kern, "decode_h2o", counting)
+    m = _model().to(_dev(backend))
+    x = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3)).to(_dev(backend))
+    params = {"sinks": 2, "recent": 3, **budget}
+    ref_cache = make_cache(m, make_policy(ComponentRef(type="token.h2o", params=params), "reference"))
+    ker_cache = make_cache(m, make_policy(ComponentRef(type="token.h2o", params=params, backend=backend)))
+    n_new = 5 if backend == "triton" and INTERP else 9
+    assert torch.equal(_greedy(m, x, n_new, ker_cache), _greedy(m, x, n_new, ref_cache))
+    steps = (n_new - 1) * len(m.blocks)
+    assert calls["fused"] == steps
+    if "budget_tokens" in budget:
+        assert calls["evicted"] == steps
+    # a 3-token step: accumulated by the fused kernel, then (3 over a fixed budget) the general eviction
+    nxt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(4)).to(_dev(backend))
+    with torch.no_grad():
+        torch.testing.assert_close(m.step(nxt, ker_cache), m.step(nxt, ref_cache), rtol=1e-4, atol=1e-5)
+    assert calls["fused"] == steps + len(m.blocks)
+    for a, b in zip(ker_cache.layers, ref_cache.layers, strict=True):
+        order = torch.argsort(a.pos, dim=-1)
+        assert torch.equal(a.pos.gather(-1, order), b.pos)
+        torch.testing.assert_close(a.k.gather(2, order[..., None].expand_as(a.k)), b.k)
+        torch.testing.assert_close(a.acc.gather(-1, order), b.acc, rtol=1e-5, atol=1e-5)

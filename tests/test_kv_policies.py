@@ -4,8 +4,9 @@ properties every KV-cache policy shares:
 - at a 100% budget every policy generates exactly what decoding without a policy generates;
 - token.evict keeps exactly its budget and its protected tokens, and what it keeps at prefill is
   what an independent evaluation of the gate (float64) ranks highest;
-- token.mixeddim holds exactly ``keep(seen) * D`` K/V elements per (layer, batch, kv head) after
-  every step, protected tokens whole, dropped channels zero; its allocator against brute force;
+- token.mixeddim (zeroed layout) holds exactly ``keep(seen) * D`` K/V elements per (layer, batch, kv
+  head) after every step, protected tokens whole, dropped channels zero; its allocator against
+  brute force (the packed layout and its kernels: tests/test_kv_mixeddim.py);
 - distilled gates beat an untrained gate and StreamingLLM on the teacher-forced KL at 25%;
 - gate files (save/load, errors), ``blockzoo kv distill``, spec validation, ``blockzoo info``.
 
@@ -247,7 +248,7 @@ def test_cli_kv_distill_writes_loadable_gates(tmp_path):
 @pytest.mark.parametrize("budget", [0.25, 0.5, {"budget_tokens": 13}])
 def test_mixeddim_keeps_exactly_its_element_budget(budget):
     params = dict(budget) if isinstance(budget, dict) else {"budget": budget}
-    params.update(sinks=3, recent=5)
+    params.update(sinks=3, recent=5, layout="zeroed")  # the packed layout: tests/test_kv_mixeddim.py
     m = _model(_spec({"type": "token.mixeddim", "params": params}))
     cache = make_cache(m)
     x = _tokens(2, 50)
@@ -280,7 +281,8 @@ def test_mixeddim_keeps_exactly_its_element_budget(budget):
 def test_mixeddim_attention_uses_the_reduced_cache():
     """After compression, a step's output is dense attention over the kept, channel-zeroed keys
     and values (recomputed here from the cache contents)."""
-    m = _model(_spec({"type": "token.mixeddim", "params": {"budget": 0.3, "sinks": 2, "recent": 3}}, layers=1))
+    m = _model(_spec({"type": "token.mixeddim", "params": {"budget": 0.3, "sinks": 2, "recent": 3,
+                                                      "layout": "zeroed"}}, layers=1))
     cache = make_cache(m)
     x = _tokens(1, 30)
     captured = {}

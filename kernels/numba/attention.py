@@ -93,6 +93,30 @@ def online_softmax_row(srow, nvis, mrow, lrow, r):
 
 
 @jitable
+def online_softmax_block(s, vb, nvis, rows, alpha, acc, mrow, lrow):
+    """One online-softmax block step for the score rows ``s[a]`` (a < s.shape[0]) of accumulator
+    rows ``rows[a]``: each row's first ``nvis[a]`` scores are exponentiated in place against the
+    new running max (:func:`online_softmax_row`; a row with no visible key becomes 0 and keeps
+    its state), then ``acc[rows[a]] = acc[rows[a]] * alpha[a] + (P V)[a]`` with ``vb`` the
+    block's values. ``alpha`` is scratch of at least ``s.shape[0]`` entries.
+    Shared by dense attention and context.moc (kernels/numba/moc.py)."""
+    nr = s.shape[0]
+    for a in range(nr):
+        if nvis[a] == 0:
+            alpha[a] = 1
+            s[a, :] = 0
+        else:
+            alpha[a] = online_softmax_row(s[a], nvis[a], mrow, lrow, rows[a])
+    pv = np.dot(s, vb)
+    d = acc.shape[1]
+    for a in range(nr):
+        r = rows[a]
+        al = alpha[a]
+        for c in range(d):
+            acc[r, c] = acc[r, c] * al + pv[a, c]
+
+
+@jitable
 def finish_rows(acc, mrow, lrow, o, lse, b, h, i0, m):
     """Write the m query rows from i0 of an online-softmax block: o = acc / l and
     lse = max + log l; a row that saw no key gets o = 0, lse = -inf. Shared with context.moc."""
@@ -133,6 +157,8 @@ def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
     mrow = np.empty(m, q.dtype)
     lrow = np.zeros(m, q.dtype)
     alpha_row = np.empty(m, q.dtype)
+    nvis = np.empty(m, np.int64)
+    rows = np.arange(m)
     for r in range(m):
         mrow[r] = -np.inf
     for j0 in range(0, jend, bn):
@@ -143,19 +169,8 @@ def _fwd_task(q, k, v, scale, o, lse, causal, bm, bn, b, h, qb):
         _load_rows(v, b, j0, g, n, one, vb)
         s = np.dot(qblk, kb.T)
         for r in range(m):
-            nvis = n
-            if causal:
-                nvis = min(n, max(0, i0 + r + off + 1 - j0))
-            if nvis == 0:
-                alpha_row[r] = 1
-                s[r, :] = 0
-                continue
-            alpha_row[r] = online_softmax_row(s[r], nvis, mrow, lrow, r)
-        pv = np.dot(s, vb)
-        for r in range(m):
-            alpha = alpha_row[r]
-            for c in range(d):
-                acc[r, c] = acc[r, c] * alpha + pv[r, c]
+            nvis[r] = min(n, max(0, i0 + r + off + 1 - j0)) if causal else n
+        online_softmax_block(s, vb, nvis, rows, alpha_row, acc, mrow, lrow)
     finish_rows(acc, mrow, lrow, o, lse, b, h, i0, m)
 
 

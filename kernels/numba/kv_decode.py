@@ -18,6 +18,10 @@ token_scores: one task per (batch, output head) (output head = kv head, or query
 ``per_query_head``): the rows (head in the group, query) against each key block,
 ``sum exp(s - lse)`` over the visible rows with the vectorised ``fexp``.
 
+decode_attention(..., return_logits=True) also writes the scaled logits ``q.k * scale * log2 e``
+(the Triton contract); h2o_step / decode_h2o: the fused H2O step (accumulate the probabilities into
+the running scores, evict the lowest unprotected token in place), one task per (batch, kv head).
+
 float32 / float64 only (as every Numba kernel here); the callers in ``plugins/token/backends.py``
 upcast bfloat16 / float16 caches.
 """
@@ -43,9 +47,11 @@ from ._common import (
 )
 from .attention import finish_rows, online_softmax_row
 
-__all__ = ["decode_attention", "token_scores", "BLOCK_N"]
+__all__ = ["decode_attention", "token_scores", "h2o_step", "decode_h2o", "BLOCK_N"]
 
 BLOCK_N = 128
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @jitable
@@ -61,7 +67,7 @@ def _gather_group(q, b, hk, group, hpo_first, nrows, scale, dst):
 
 
 @jitable
-def _decode_task(q, k, v, scale, o, lse, bn, b, hk):
+def _decode_task(q, k, v, scale, o, lse, lg, bn, b, hk):
     tq, hq, d = q.shape[1], q.shape[2], q.shape[3]
     t = k.shape[2]
     group = hq // k.shape[1]
@@ -84,6 +90,12 @@ def _decode_task(q, k, v, scale, o, lse, bn, b, hk):
         kb[:, :] = k[b, hk, j0:j0 + n]
         vb[:, :] = v[b, hk, j0:j0 + n]
         s = np.dot(qblk, kb.T)
+        if lg.shape[3] == t:  # the logits too (log2 units), before the softmax overwrites s
+            for r in range(m):
+                g = r // tq
+                i = r - g * tq
+                for c in range(n):
+                    lg[b, hk * group + g, i, j0 + c] = s[r, c] * LOG2E
         for r in range(m):
             i = r % tq
             nvis = min(n, max(0, i + off + 1 - j0))
@@ -103,13 +115,13 @@ def _decode_task(q, k, v, scale, o, lse, bn, b, hk):
 
 
 @kernel(parallel=True, blas=True)
-def _decode_kernel(q, k, v, scale, o, lse, bn, counter, workers):
+def _decode_kernel(q, k, v, scale, o, lse, lg, bn, counter, workers):
     nhk = k.shape[1]
     ntask = q.shape[0] * nhk
     for _w in prange(workers):
         t = atomic_next(counter)
         while t < ntask:
-            _decode_task(q, k, v, scale, o, lse, bn, t // nhk, t % nhk)
+            _decode_task(q, k, v, scale, o, lse, lg, bn, t // nhk, t % nhk)
             t = atomic_next(counter)
 
 
@@ -158,6 +170,52 @@ def _scores_kernel(q, k, lse, scale, sc, bn, hpo, counter, workers):
             t = atomic_next(counter)
 
 
+@jitable
+def _h2o_task(lg, lse, acc, pos, dst, seen, sinks, recent, evict, b, hk):
+    hq, tq, n = lg.shape[1], lg.shape[2], lg.shape[3]
+    group = hq // acc.shape[1]
+    off = n - tq
+    tot = np.zeros(n, lg.dtype)
+    for g in range(group):
+        h = hk * group + g
+        for i in range(tq):
+            if lse[b, h, i] == -np.inf:
+                continue
+            l2 = lse[b, h, i] * LOG2E
+            row = lg[b, h, i]
+            for j in range(min(n, i + off + 1)):
+                tot[j] += fexp((row[j] - l2) * LN2)
+    for j in range(n):
+        acc[b, hk, j] += tot[j]
+    if not evict:
+        return
+    best = -1
+    for j in range(n):  # lowest acc among the unprotected, ties to the newest position
+        p = pos[b, hk, j]
+        if p < sinks or p >= seen - recent:
+            continue
+        if best < 0 or acc[b, hk, j] < acc[b, hk, best] or (acc[b, hk, j] == acc[b, hk, best]
+                                                             and p > pos[b, hk, best]):
+            best = j
+    last = n - 1
+    if best < 0 or best == last:
+        return
+    dst[b, hk] = best  # the caller moves K and V (any dtype)
+    pos[b, hk, best] = pos[b, hk, last]
+    acc[b, hk, best] = acc[b, hk, last]
+
+
+@kernel(parallel=True)
+def _h2o_kernel(lg, lse, acc, pos, dst, seen, sinks, recent, evict, counter, workers):
+    nhk = acc.shape[1]
+    ntask = acc.shape[0] * nhk
+    for _w in prange(workers):
+        t = atomic_next(counter)
+        while t < ntask:
+            _h2o_task(lg, lse, acc, pos, dst, seen, sinks, recent, evict, t // nhk, t % nhk)
+            t = atomic_next(counter)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch-facing functions
 # ----------------------------------------------------------------------------------------------
@@ -175,10 +233,12 @@ def _check(op, q, k, v=None):
     return dtype
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     return_logits: bool = False):
     """o [B, Tq, Hq, D] and lse [B, Hq, Tq] (natural log, -inf for a row that sees no key) of the
-    new queries over the cache k, v [B, Hk, T, D] (bottom-right causal)."""
+    new queries over the cache k, v [B, Hk, T, D] (bottom-right causal). ``return_logits``: also
+    ``lg = (q . k) * scale * log2(e)`` [B, Hq, Tq, T] (every key; q's dtype), written by the same
+    pass (the Triton kernel's contract; :func:`h2o_step` turns them into probabilities)."""
     dtype = _check("decode_attention", q, k, v)
     b, tq, hq, d = q.shape
     t = k.shape[2]
@@ -187,12 +247,48 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     o = empty((b, tq, hq, d), dtype)
     lse = empty((b, hq, tq), dtype)
+    lg = empty((b, hq, tq, t), dtype) if return_logits else empty((1, 1, 1, 0), dtype)
     if o.numel() == 0:
         lse.fill_(-math.inf)
-        return o, lse
-    _decode_kernel(np_view(q), np_view(k), np_view(v), scale, o.numpy(), lse.numpy(), BLOCK_N,
+        return (o, lse, lg) if return_logits else (o, lse)
+    _decode_kernel(np_view(q), np_view(k), np_view(v), scale, o.numpy(), lse.numpy(), lg.numpy(), BLOCK_N,
                    task_counter(), num_threads())
-    return o, lse
+    return (o, lse, lg) if return_logits else (o, lse)
+
+
+def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, seen: int, sinks: int, recent: int, evict: bool) -> None:
+    """The Triton ``h2o_step`` contract on the CPU, in place: ``acc [B, Hk, n]`` (float32) ``+=``
+    the attention each cached token received (``exp2(lg - lse * log2 e)`` over the visible keys,
+    summed over the queries and the query heads of its kv group); with ``evict`` the lowest
+    unprotected token (ties to the newest position) gets the newest token's (slot n-1) K, V,
+    position and acc, and the caller keeps the first n-1 slots. One task per (batch, kv head)."""
+    b, hk, n = acc.shape
+    if k.dim() != 4 or tuple(k.shape[:3]) != (b, hk, n) or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"h2o_step: k, v must be [B, Hk, n, D] matching acc {tuple(acc.shape)}; got "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if lg.dim() != 4 or lg.shape[0] != b or lg.shape[3] != n or lg.shape[1] % hk:
+        raise ValueError(f"h2o_step: lg must be [B, Hq, Tq, n] with B={b}, n={n}, Hq a multiple of Hk={hk}; "
+                         f"got {tuple(lg.shape)}")
+    if tuple(lse.shape) != tuple(lg.shape[:3]) or tuple(pos.shape) != (b, hk, n):
+        raise ValueError(f"h2o_step: lse {tuple(lse.shape)} must be {tuple(lg.shape[:3])}, pos {tuple(pos.shape)} "
+                         f"must be {(b, hk, n)}")
+    if acc.dtype != torch.float32 or pos.dtype != torch.int64:
+        raise TypeError(f"h2o_step: acc must be float32 and pos int64; got {acc.dtype}, {pos.dtype}")
+    if n == 0:
+        return
+    for name, x in (("acc", acc), ("pos", pos), ("k", k), ("v", v)):
+        if x.device.type != "cpu":
+            raise ValueError(f"h2o_step: {name} must be a CPU tensor (updated in place), got {x.device}")
+    dst = torch.full((b, hk), -1, dtype=torch.int64)
+    _h2o_kernel(np_view(lg), np_view(lse.to(lg.dtype)), acc.numpy(), pos.numpy(), dst.numpy(),
+                seen, sinks, recent, bool(evict), task_counter(), num_threads())
+    if evict:  # K and V rows (any dtype, so torch): the newest token into the leaving token's slot
+        bi, hi = (dst >= 0).nonzero(as_tuple=True)
+        if bi.numel():
+            slot = dst[bi, hi]
+            k[bi, hi, slot] = k[bi, hi, n - 1]
+            v[bi, hi, slot] = v[bi, hi, n - 1]
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
@@ -212,3 +308,20 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: flo
     _scores_kernel(np_view(q), np_view(k), np_view(lse.to(dtype)), scale, sc.numpy(), BLOCK_N, hpo,
                    task_counter(), num_threads())
     return sc
+
+
+def decode_h2o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor,
+               seen: int, keep: int, sinks: int, recent: int, scale: float | None = None
+               ) -> tuple[torch.Tensor, bool]:
+    """One H2O decoding step (the Triton ``decode_h2o`` contract): the decode pass over the cache
+    k, v [B, Hk, n, D] writes its logits, :func:`h2o_step` accumulates the attention into ``acc``
+    and, when ``n == keep + 1``, evicts one token per (batch, kv head) in place. Returns
+    (o [B, Tq, Hq, D] in q's dtype, evicted). A bfloat16 / float16 cache is read as float32."""
+    if keep < sinks + recent and k.shape[2] > keep:
+        raise ValueError(f"keep={keep} is smaller than the {sinks + recent} protected tokens (sinks + recent)")
+    low = q.dtype not in (torch.float32, torch.float64)
+    qf, kf, vf = (x.float() for x in (q, k, v)) if low else (q, k, v)
+    o, lse, lg = decode_attention(qf, kf, vf, scale, return_logits=True)
+    evict = k.shape[2] == keep + 1
+    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict)
+    return o.to(q.dtype), evict

@@ -38,7 +38,7 @@ from ._common import (
     task_counter,
     thread_id,
 )
-from .attention import _bwd_post, _load_rows, finish_rows, online_softmax_row
+from .attention import _bwd_post, _load_rows, finish_rows, online_softmax_block
 
 __all__ = ["moc_attention", "moc_attention_fwd", "moc_attention_bwd", "MoCFunction", "BLOCK_M", "BLOCK_N"]
 
@@ -62,8 +62,34 @@ def _active_rows(act, lim, i0, m, j0, idx):
 
 
 @jitable
+def _max_lim(lim, i0, m):
+    """The largest key limit of rows [i0, i0 + m): no key at or past it is visible to the block."""
+    maxlim = 0
+    for r in range(m):
+        maxlim = max(maxlim, lim[i0 + r])
+    return maxlim
+
+
+@jitable
+def _chunk_segment(sel, bounds, prefix, maxlim, b, h, i0, m, c, act):
+    """Keys [ja, jb) of chunk ``c`` past the prefix and below ``maxlim``, with act[r] set to whether
+    row i0 + r selected the chunk; returns (ja, jb), empty (ja >= jb) when no row of the block
+    selected it or no key is left. The chunk walk shared by the forward and backward tasks."""
+    ja = max(bounds[c], prefix)
+    jb = min(bounds[c + 1], maxlim)
+    if ja >= jb:
+        return ja, jb
+    anyr = False
+    for r in range(m):
+        f = sel[b, h, i0 + r, c]
+        act[r] = f
+        anyr = anyr or f != 0
+    return (ja, jb) if anyr else (jb, jb)
+
+
+@jitable
 def _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
-             qsub_buf, idx, kbuf, vbuf):
+             qsub_buf, idx, kbuf, vbuf, nvis, alpha):
     """Online-softmax update of the rows r with act[r] != 0 over keys [ja, jb)."""
     d = qblk.shape[1]
     one = qblk.dtype.type(1)
@@ -83,17 +109,9 @@ def _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
         _load_rows(k, b, j0, g, n, one, kb)
         _load_rows(v, b, j0, g, n, one, vb)
         s = np.dot(qsub, kb.T)
-        alpha_row = np.empty(nr, qblk.dtype)
         for a in range(nr):
-            r = idx[a]
-            nvis = min(n, lim[i0 + r] - j0)
-            alpha_row[a] = online_softmax_row(s[a], nvis, mrow, lrow, r)
-        pv = np.dot(s, vb)
-        for a in range(nr):
-            r = idx[a]
-            alpha = alpha_row[a]
-            for c in range(d):
-                acc[r, c] = acc[r, c] * alpha + pv[a, c]
+            nvis[a] = min(n, lim[i0 + idx[a]] - j0)
+        online_softmax_block(s, vb, nvis, idx, alpha, acc, mrow, lrow)
 
 
 @jitable
@@ -115,26 +133,18 @@ def _fwd_task(q, k, v, sel, bounds, lim, prefix, scale, o, lse, bm, bn, b, h, qb
     idx = np.empty(m, np.int64)
     kbuf = np.empty((bn, d), q.dtype)
     vbuf = np.empty((bn, d), q.dtype)
+    nvis = np.empty(m, np.int64)
+    alpha = np.empty(m, q.dtype)
     act = np.ones(m, np.uint8)
-    maxlim = 0
-    for r in range(m):
-        maxlim = max(maxlim, lim[i0 + r])
+    maxlim = _max_lim(lim, i0, m)
     if prefix > 0:
         _segment(qblk, k, v, b, g, 0, min(prefix, maxlim), i0, m, lim, act, bn, acc, mrow, lrow,
-                 qsub_buf, idx, kbuf, vbuf)
+                 qsub_buf, idx, kbuf, vbuf, nvis, alpha)
     for c in range(nch):
-        ja = max(bounds[c], prefix)
-        jb = min(bounds[c + 1], maxlim)
-        if ja >= jb:
-            continue
-        anyr = False
-        for r in range(m):
-            f = sel[b, h, i0 + r, c]
-            act[r] = f
-            anyr = anyr or f != 0
-        if anyr:
+        ja, jb = _chunk_segment(sel, bounds, prefix, maxlim, b, h, i0, m, c, act)
+        if ja < jb:
             _segment(qblk, k, v, b, g, ja, jb, i0, m, lim, act, bn, acc, mrow, lrow,
-                     qsub_buf, idx, kbuf, vbuf)
+                     qsub_buf, idx, kbuf, vbuf, nvis, alpha)
     finish_rows(acc, mrow, lrow, o, lse, b, h, i0, m)
 
 
@@ -227,23 +237,13 @@ def _bwd_task(q, k, v, o, do, lse, sel, bounds, lim, prefix, scale, dq, dk_acc, 
     kbuf = np.empty((bn, d), q.dtype)
     vbuf = np.empty((bn, d), q.dtype)
     act = np.ones(m, np.uint8)
-    maxlim = 0
-    for r in range(m):
-        maxlim = max(maxlim, lim[i0 + r])
+    maxlim = _max_lim(lim, i0, m)
     if prefix > 0:
         _bwd_segment(qblk, doblk, lse, delta, k, v, b, h, g, 0, min(prefix, maxlim), i0, m, lim, act, bn,
                      dq_blk, dk_acc, dv_acc, tid, qsub_buf, dosub_buf, idx, kbuf, vbuf)
     for c in range(nch):
-        ja = max(bounds[c], prefix)
-        jb = min(bounds[c + 1], maxlim)
-        if ja >= jb:
-            continue
-        anyr = False
-        for r in range(m):
-            f = sel[b, h, i0 + r, c]
-            act[r] = f
-            anyr = anyr or f != 0
-        if anyr:
+        ja, jb = _chunk_segment(sel, bounds, prefix, maxlim, b, h, i0, m, c, act)
+        if ja < jb:
             _bwd_segment(qblk, doblk, lse, delta, k, v, b, h, g, ja, jb, i0, m, lim, act, bn,
                          dq_blk, dk_acc, dv_acc, tid, qsub_buf, dosub_buf, idx, kbuf, vbuf)
     sc = q.dtype.type(scale)

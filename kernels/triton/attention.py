@@ -287,6 +287,27 @@ def _attn_bwd_pre_kernel(Out, DO, LSE, DLSE, DELTA, LSE2,
 
 
 @triton.jit
+def attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, MASKED: tl.constexpr):
+    """One query tile's share of a key block's dK/dV (transposed FA2 form), the step every dK/dV
+    loop shares (:func:`attn_bwd_dkdv_inner`, context.moc's query- and key-major kernels).
+
+    ``k``, ``v`` [BLOCK_N, BLOCK_D] key tiles; ``q``, ``do`` [BLOCK_M, BLOCK_D] query tiles with
+    their ``lse2`` (base 2) and ``delta`` rows; with MASKED, ``valid`` [BLOCK_N, BLOCK_M] says which
+    (key, query) pairs count. P^T = exp2(K Q^T * qk_scale - lse2), dV += P^T dO,
+    dS^T = P^T (V dO^T - delta), dK += dS^T Q (unscaled). Returns ``(dk, dv, dsT)``.
+    """
+    qkT = _dot(k, tl.trans(q))
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        pT = tl.where(valid, pT, 0.0)
+    dv = _dot_acc(pT.to(do.dtype), do, dv)
+    dpT = _dot(v, tl.trans(do))
+    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+    dk = _dot_acc(dsT, q, dk)
+    return dk, dv, dsT
+
+
+@triton.jit
 def attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base,
                         s_qt, s_qh, s_dot, s_doh, s_dqt, s_dqh, GROUP,
                         offs_n, offs_d, lo0, nblk0, lo1, nblk1, qk_scale, sm_scale, Tq, Tk, diag,
@@ -311,27 +332,18 @@ def attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
         q = _load_tile(q_base + g * s_qh, offs_m, s_qt, offs_d, Tq, D, MASKED, EVEN_D)
+        do = _load_tile(do_base + g * s_doh, offs_m, s_dot, offs_d, Tq, D, MASKED, EVEN_D)
+        valid = offs_n[:, None] < Tk  # read only when MASKED
         if MASKED:
             rmask = offs_m < Tq
             lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
-        else:
-            lse2 = tl.load(lse2_base + g * Tq + offs_m)
-        qkT = _dot(k, tl.trans(q))
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            valid = offs_n[:, None] < Tk
+            delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
             if CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :] + diag)
-            pT = tl.where(valid, pT, 0.0)
-        do = _load_tile(do_base + g * s_doh, offs_m, s_dot, offs_d, Tq, D, MASKED, EVEN_D)
-        dv = _dot_acc(pT.to(do.dtype), do, dv)
-        if MASKED:
-            delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
         else:
+            lse2 = tl.load(lse2_base + g * Tq + offs_m)
             delta = tl.load(delta_base + g * Tq + offs_m)
-        dpT = _dot(v, tl.trans(do))
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-        dk = _dot_acc(dsT, q, dk)
+        dk, dv, dsT = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, MASKED)
         if ATOMIC_DQ:
             dq = _dot(tl.trans(dsT), k) * sm_scale
             dq_ptrs = dq_base + g * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :]

@@ -3,7 +3,10 @@
 Public contract::
 
     o, lse = decode_attention(q, k, v, scale=None, num_splits=None)
+    o, lse, lg = decode_attention(q, k, v, return_logits=True)         # + the pass's logits
     s = token_scores(q, k, lse, scale=None, per_query_head=False)
+    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict)       # in place
+    o, evicted = decode_h2o(q, k, v, pos, acc, seen, keep, sinks, recent)  # the two above
     idx = select_topk(scores, positions, seen, keep, sinks, recent)     # torch ops
     k2, v2, ... = compact(idx, k, v, ...)                               # Triton gather for [B,Hk,T,D]
 
@@ -37,6 +40,17 @@ bytes of the decode pass).
 select_topk (``kernels/select.py``, torch ops, re-exported here): the same kept set as
 ``plugins.token.reference.select`` by ``torch.topk`` over unique int64 keys instead of a sort.
 
+The fused H2O step (issue 7): with ``return_logits`` every split also stores its scaled logits
+``qk * scale * log2 e`` (fp32, ``[B, Hq, Tq, T]``, rows padded to 16 floats; for Tq = 1 that is
+``4 * Hq / (2 * Hk * D * 2)`` of the K+V bytes, 3% at Hq/Hk = 4, D = 128, bf16), so the
+probabilities are ``exp2(lg - lse * log2 e)`` once the combine has the final lse and the score
+kernel's second pass over K is gone. ``h2o_step``: grid ``(T / BLOCK_T, Hk, B)``, each program
+sums the probabilities of its token chunk over the group's (head, query) rows, adds them to
+``acc`` in place and writes the chunk's candidate to leave (lowest acc among the unprotected,
+ties to the newest position); a second launch per (batch, kv head) picks the best candidate and
+moves the newest token into its slot (as ``evict_one``). ``decode_h2o`` is decode + step, what
+``core/cache.py`` runs for token.h2o on this backend.
+
 evict_one: the decoding step's eviction in place, one launch: per (batch, kv head) the leaving
 token (lowest score among the unprotected, ties to the newest) gets the newest token's K, V,
 position and running score (``core/cache.py`` then drops the last slot).
@@ -61,9 +75,10 @@ from triton.runtime.errors import OutOfResources
 
 from .._alloc import empty
 from ..select import FEW_EVICTIONS, _sortable_keys, select_topk  # noqa: F401  (torch ops, re-exported)
-from .attention import LOG2E, _block_d, _dot, _interpreting, _loop_bound, attn_fwd_inner
+from .attention import LOG2E, _block_d, _dot, _dot_acc, _interpreting, _load_tile, _loop_bound, attn_fwd_inner
 
-__all__ = ["decode_attention", "token_scores", "select_topk", "compact", "evict_one", "MAX_ROWS", "DECODE_CFG"]
+__all__ = ["decode_attention", "token_scores", "select_topk", "compact", "evict_one", "h2o_step", "decode_h2o",
+           "MAX_ROWS", "DECODE_CFG"]
 
 #: most query rows (GQA group x new queries) one decode program holds; more go to the core.
 MAX_ROWS = 64
@@ -77,6 +92,10 @@ DECODE_CFG = {
     (64, 4): [(64, 4, 3), (32, 4, 2)], (128, 4): [(64, 4, 3), (32, 4, 2)], (256, 4): [(32, 4, 2), (16, 4, 1)],
 }
 _CHOSEN: dict = {}
+#: h2o_step's default: True = one launch (last-chunk-done counter), False = accumulate + pick kernels
+#: (``BLOCKZOO_H2O_ONE_LAUNCH=1``; off until measured on a GPU by bench/kv_decode_gpu.py)
+H2O_ONE_LAUNCH = os.environ.get("BLOCKZOO_H2O_ONE_LAUNCH", "0") == "1"
+_COUNTERS: dict = {}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT: dict = {}
 
@@ -85,11 +104,45 @@ _SM_COUNT: dict = {}
 # kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_split_kernel(Q, K, V, OP, LP,
+def _split_inner_logits(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, rmask, offs_d,
+                        lg_rows, lo, hi, qk_scale, Tk, diag, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """``attention.attn_fwd_inner`` (causal) that also stores ``qk * qk_scale`` of the valid rows
+    (``rmask``) and keys ``< Tk`` at ``lg_rows + key``: the logits the H2O step turns into
+    probabilities with the final lse (:func:`h2o_step`), so that no second pass reads K."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n0
+        k = _load_tile(k_base, cols, stride_kn, offs_d, Tk, D, MASKED, EVEN_D)
+        s = _dot(q, tl.trans(k)) * qk_scale
+        lg_ptrs = lg_rows[:, None] + cols[None, :]
+        if MASKED:
+            tl.store(lg_ptrs, s, mask=rmask[:, None] & (cols[None, :] < Tk))
+            valid = (cols[None, :] < Tk) & (cols[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            tl.store(lg_ptrs, s, mask=rmask[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_tile(v_base, cols, stride_vn, offs_d, Tk, D, MASKED, EVEN_D)
+        acc = _dot_acc(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, OP, LP, LG,
                          s_qb, s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                         Hq, Tq, T, GROUP, split_len, S, qk_scale, diag, n_full,
+                         Hq, Tq, T, GROUP, split_len, S, qk_scale, diag, n_full, LDT,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NEG_SCALE: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NEG_SCALE: tl.constexpr, LOGITS: tl.constexpr):
     EVEN_D: tl.constexpr = D == BLOCK_D
     sid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -112,12 +165,19 @@ def _decode_split_kernel(Q, K, V, OP, LP,
     hi = tl.minimum(lo + split_len, T)
     # keys < n_full (a multiple of BLOCK_N) are inside [0, T) and visible to every query row
     u_end = tl.maximum(lo, tl.minimum(hi, n_full))
-    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
-                                   lo, u_end, qk_scale, T, diag, D, BLOCK_N,
-                                   False, True, EVEN_D, NEG_SCALE)
-    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
-                                   u_end, hi, qk_scale, T, diag, D, BLOCK_N,
-                                   True, True, EVEN_D, NEG_SCALE)
+    if LOGITS:  # the same sweep, also writing every row's scaled logits (log2 units) to LG
+        lg_rows = LG + ((b * Hq + h) * Tq + qi).to(tl.int64) * LDT  # [BLOCK_M] row starts
+        acc, m_i, l_i = _split_inner_logits(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, rmask, offs_d,
+                                            lg_rows, lo, u_end, qk_scale, T, diag, D, BLOCK_N, False, EVEN_D)
+        acc, m_i, l_i = _split_inner_logits(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, rmask, offs_d,
+                                            lg_rows, u_end, hi, qk_scale, T, diag, D, BLOCK_N, True, EVEN_D)
+    else:
+        acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
+                                       lo, u_end, qk_scale, T, diag, D, BLOCK_N,
+                                       False, True, EVEN_D, NEG_SCALE)
+        acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
+                                       u_end, hi, qk_scale, T, diag, D, BLOCK_N,
+                                       True, True, EVEN_D, NEG_SCALE)
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
     o = acc * (1.0 / l_safe)[:, None]
@@ -259,6 +319,115 @@ def _evict_one_kernel(SC, POS, K, V, ACC, s_sb, s_sh, s_pb, s_ph, s_kb, s_kh, s_
         tl.store(ar + dst + one, tl.load(ar + last + one, mask=m1), mask=m1)
 
 
+@triton.jit
+def _h2o_accum_kernel(LG, LSE, ACC, POS, CS, CP, CI, s_ab, s_ah, s_pb, s_ph, LDT,
+                      Hq, Tq, T, GROUP, diag, n_chunks, seen, sinks, recent,
+                      CNT, K, V, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                      BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, EVICT: tl.constexpr,
+                      ONE_LAUNCH: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """H2O step, part 1: chunk ``c`` of the tokens of (batch ``b``, kv head ``hk``):
+    ``acc += sum over the group's (head, query) rows of exp2(lg - lse * log2 e)`` (visible keys
+    only), in place; with EVICT, the chunk's candidate to leave (lowest accumulated score among
+    the unprotected, ties to the newest position) and its slot go to CS / CP / CI."""
+    c = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs < T
+    nrows = GROUP * Tq
+    row0 = (b * Hq + hk * GROUP) * Tq  # the group's rows (head, query) are contiguous in LG / LSE
+    tot = tl.zeros([BLOCK_T], dtype=tl.float32)
+    r_ = tl.arange(0, BLOCK_R)
+    for r0 in range(0, _loop_bound(nrows), BLOCK_R):
+        r = r0 + r_
+        rm = r < nrows
+        qi = r % Tq
+        lse = tl.load(LSE + row0 + r, mask=rm, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        m2 = rm[:, None] & tmask[None, :]
+        lg = tl.load(LG + (row0 + r)[:, None] * LDT + offs[None, :], mask=m2, other=float("-inf"))
+        valid = m2 & (offs[None, :] <= qi[:, None] + diag)
+        tot += tl.sum(tl.where(valid, tl.math.exp2(lg - lse2[:, None]), 0.0), 0)
+    a_ptrs = ACC + b * s_ab + hk.to(tl.int64) * s_ah + offs
+    a = tl.load(a_ptrs, mask=tmask, other=0.0) + tot
+    tl.store(a_ptrs, a, mask=tmask)
+    if EVICT:
+        p = tl.load(POS + b * s_pb + hk.to(tl.int64) * s_ph + offs, mask=tmask, other=0).to(tl.int64)
+        free = tmask & (p >= sinks) & (p < seen - recent)
+        sc = tl.where(free, a, float("inf"))
+        bm = tl.min(sc, 0)
+        cand = free & (sc == bm)
+        bp = tl.max(tl.where(cand, p, -1), 0)
+        bi = tl.max(tl.where(cand & (p == bp), offs, -1), 0).to(tl.int32)
+        ci = (b * tl.num_programs(1) + hk) * n_chunks + c
+        tl.store(CS + ci, bm)
+        tl.store(CP + ci, bp)
+        tl.store(CI + ci, bi)
+        if ONE_LAUNCH:  # the row's last chunk to finish (counter) also picks and moves
+            tl.debug_barrier()  # every thread stored its part before the release
+            row = b * tl.num_programs(1) + hk
+            done = tl.atomic_add(CNT + row, 1, sem="acq_rel", scope="gpu")
+            if done == n_chunks - 1:
+                _pick_and_move(CS, CP, CI, row * n_chunks, n_chunks, POS, K, V, ACC, b, hk.to(tl.int64),
+                               s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ab, s_ah, T, D, BLOCK_C,
+                               BLOCK_D, True)
+                tl.atomic_xchg(CNT + row, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
+
+@triton.jit
+def _pick_and_move(CS, CP, CI, base, n_chunks, POS, K, V, ACC, b, h, s_pb, s_ph, s_kb, s_kh, s_kt,
+                   s_vb, s_vh, s_vt, s_ab, s_ah, n, D: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_D: tl.constexpr, VOLATILE: tl.constexpr):
+    """The best of one row's chunk candidates (lowest score, ties to the newest, as
+    ``_evict_one_kernel``) leaves: the newest token (slot n-1) moves into its slot (K, V,
+    position, acc). The caller drops slot n-1."""
+    best_s = tl.zeros([], dtype=tl.float32) + float("inf")
+    best_p = tl.zeros([], dtype=tl.int64) - 1
+    best_i = tl.zeros([], dtype=tl.int32) - 1
+    for start in range(0, _loop_bound(n_chunks), BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        m = offs < n_chunks
+        cp = tl.load(CP + base + offs, mask=m, other=-1, volatile=VOLATILE)
+        ok = m & (cp >= 0)
+        cs = tl.where(ok, tl.load(CS + base + offs, mask=m, other=float("inf"), volatile=VOLATILE), float("inf"))
+        ci = tl.load(CI + base + offs, mask=m, other=-1, volatile=VOLATILE)
+        bm = tl.min(cs, 0)
+        cand = ok & (cs == bm)
+        bp = tl.max(tl.where(cand, cp, -1), 0)
+        bi = tl.max(tl.where(cand & (cp == bp), ci, -1), 0).to(tl.int32)
+        better = (bp >= 0) & ((bm < best_s) | ((bm == best_s) & (bp > best_p)))
+        best_s = tl.where(better, bm, best_s)
+        best_p = tl.where(better, bp, best_p)
+        best_i = tl.where(better, bi, best_i)
+    last = n - 1
+    move = (best_i >= 0) & (best_i != last)
+    dst = tl.maximum(best_i, 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = (offs_d < D) & move
+    kr = K + b * s_kb + h * s_kh
+    tl.store(kr + dst * s_kt + offs_d, tl.load(kr + last * s_kt + offs_d, mask=md), mask=md)
+    vr = V + b * s_vb + h * s_vh
+    tl.store(vr + dst * s_vt + offs_d, tl.load(vr + last * s_vt + offs_d, mask=md), mask=md)
+    one = tl.arange(0, 2)
+    m1 = (one == 0) & move
+    pr = POS + b * s_pb + h * s_ph
+    tl.store(pr + dst + one, tl.load(pr + last + one, mask=m1, volatile=VOLATILE), mask=m1)
+    ar = ACC + b * s_ab + h * s_ah  # (VOLATILE: acc[last] was written by another program of this launch)
+    tl.store(ar + dst + one, tl.load(ar + last + one, mask=m1, volatile=VOLATILE), mask=m1)
+
+
+@triton.jit
+def _h2o_evict_kernel(CS, CP, CI, POS, K, V, ACC, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                      s_ab, s_ah, Hk, n, n_chunks,
+                      D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """H2O step, part 2 (per (batch, kv head)): :func:`_pick_and_move` over the chunks' candidates."""
+    row = tl.program_id(0)
+    b = (row // Hk).to(tl.int64)
+    h = (row % Hk).to(tl.int64)
+    _pick_and_move(CS, CP, CI, row.to(tl.int64) * n_chunks, n_chunks, POS, K, V, ACC, b, h, s_pb, s_ph,
+                   s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ab, s_ah, n, D, BLOCK_C, BLOCK_D, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # host wrappers
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +479,14 @@ def default_splits(B: int, Hk: int, T: int, block_n: int, device: torch.device) 
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     num_splits: int | None = None, cfg: tuple[int, int, int] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_splits: int | None = None, cfg: tuple[int, int, int] | None = None,
+                     return_logits: bool = False):
     """Attention of the new queries q [B, Tq, Hq, D] over the cache k, v [B, Hk, T, D]
     (bottom-right causal). Returns o [B, Tq, Hq, D] (q's dtype) and lse [B, Hq, Tq] (fp32,
-    natural log). ``num_splits`` / ``cfg`` = (BLOCK_N, warps, stages) override the defaults."""
+    natural log). ``num_splits`` / ``cfg`` = (BLOCK_N, warps, stages) override the defaults.
+    ``return_logits``: also the scaled logits ``lg = (q . k) * scale * log2(e)`` [B, Hq, Tq, T]
+    fp32 (every key, the causally hidden ones included), written by the same pass, so that the
+    probabilities are ``exp2(lg - lse * log2(e))`` without reading K again (:func:`h2o_step`)."""
     B, Tq, Hq, D, Hk, T = _check_decode(q, k, v)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     G = Hq // Hk
@@ -322,13 +494,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         raise ValueError(f"the cache must hold the {Tq} new tokens (its last entries); it has T={T}")
     if G * Tq > MAX_ROWS:  # long multi-token step: the shared prefill kernel
         from .attention import attention_fwd
-        return attention_fwd(q, k.transpose(1, 2), v.transpose(1, 2), True, scale)
+        o, lse = attention_fwd(q, k.transpose(1, 2), v.transpose(1, 2), True, scale)
+        if not return_logits:
+            return o, lse
+        # (rare: a long multi-token step) the logits by a torch matmul, fp32
+        kf = k.float().repeat_interleave(G, 1)
+        lg = torch.einsum("bqhd,bhkd->bhqk", q.float(), kf) * (scale * LOG2E)
+        return o, lse, lg.contiguous()
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     o = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    # logits rows padded to 16 floats (aligned rows: vector stores and loads); returned as a view
+    ldt = triton.cdiv(T, 16) * 16
+    lg = empty((B, Hq, Tq, ldt), dtype=torch.float32, device=q.device)[..., :T] if return_logits else lse
     if o.numel() == 0:
         lse.fill_(float("-inf"))
-        return o, lse
+        return (o, lse, lg) if return_logits else (o, lse)
     BD = _block_d(D)
     bucket = 64 if BD <= 64 else (128 if BD <= 128 else 256)
     key = (bucket, 2 if q.element_size() <= 2 else 4)
@@ -351,11 +532,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         op_ = empty((B, Hq, Tq, S, D), dtype=torch.float32, device=q.device)
         lp = empty((B, Hq, Tq, S), dtype=torch.float32, device=q.device)
         _decode_split_kernel[(S, Hk, B)](
-            q, k, v, op_, lp,
+            q, k, v, op_, lp, lg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            Hq, Tq, T, G, split_len, S, scale * LOG2E, diag, n_full,
-            D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NEG_SCALE=scale < 0,
+            Hq, Tq, T, G, split_len, S, scale * LOG2E, diag, n_full, ldt,
+            D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NEG_SCALE=scale < 0, LOGITS=return_logits,
             num_warps=warps, num_stages=stages)
         return op_, lp, S
 
@@ -374,7 +555,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     _decode_combine_kernel[(Hq * Tq, B)](
         op_, lp, o, lse, o.stride(0), o.stride(1), o.stride(2), Hq, Tq, S,
         D=D, BLOCK_D=BD, BLOCK_S=max(2, triton.next_power_of_2(S)), num_warps=4 if not _interpreting() else 1)
-    return o, lse
+    return (o, lse, lg) if return_logits else (o, lse)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
@@ -468,6 +649,96 @@ def evict_one(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         a.stride(0), a.stride(1), Hk, n, seen, sinks, recent,
         D=D, BLOCK=BLOCK, BLOCK_D=triton.next_power_of_2(D), HAS_ACC=acc is not None,
         num_warps=4 if not _interpreting() else 1)
+
+
+def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, seen: int, sinks: int, recent: int, evict: bool,
+             cfg: tuple[int, int] | None = None, one_launch: bool | None = None) -> None:
+    """The H2O policy step after :func:`decode_attention` (``return_logits=True``), in place:
+    ``acc [B, Hk, n] += `` the attention each cached token received (summed over the queries and
+    the query heads of its kv group; ``exp2(lg - lse * log2 e)`` over the visible keys), and with
+    ``evict`` the token that leaves (lowest accumulated score among the unprotected, ties to the
+    newest position; as :func:`evict_one` with ``scores = acc``) gets the newest token's K, V,
+    position and acc; the caller then keeps the first n-1 slots. Two launches: the accumulate
+    (chunks of tokens, each writing its candidate) and the per-row pick-and-move. ``cfg`` =
+    (tokens per chunk, warps) of the accumulate overrides the default (the benchmark sweeps it).
+    ``one_launch`` (default: :data:`H2O_ONE_LAUNCH`): the last chunk of a row to finish (a
+    per-row atomic counter, reset by it) does the pick-and-move, so the step is one launch."""
+    _check_device(lg, lse, acc, pos, k, v)
+    B, Hk, n, D = k.shape
+    if lg.dim() != 4 or lg.shape[0] != B or lg.shape[3] != n or lg.shape[1] % Hk:
+        raise ValueError(f"h2o_step: lg must be [B, Hq, Tq, n] with B={B}, n={n}, Hq a multiple of Hk={Hk}; "
+                         f"got {tuple(lg.shape)}")
+    Hq, Tq = lg.shape[1], lg.shape[2]
+    if tuple(lse.shape) != (B, Hq, Tq) or tuple(acc.shape) != (B, Hk, n) or tuple(pos.shape) != (B, Hk, n):
+        raise ValueError(f"h2o_step: lse {tuple(lse.shape)} must be {(B, Hq, Tq)}, acc {tuple(acc.shape)} and pos "
+                         f"{tuple(pos.shape)} must be {(B, Hk, n)}")
+    if acc.dtype != torch.float32 or lg.dtype != torch.float32:
+        raise TypeError(f"h2o_step: acc and lg must be float32; got {acc.dtype}, {lg.dtype}")
+    ldt = lg.stride(2)
+    if lg.stride(3) != 1 or lg.stride(1) != Tq * ldt or lg.stride(0) != Hq * Tq * ldt or ldt < n:
+        lg = lg.contiguous()  # the kernel wants equally spaced rows (decode_attention's lg has them)
+        ldt = n
+    if acc.stride(-1) != 1 or pos.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("h2o_step needs unit-stride token axes for acc / positions and unit-stride head dims")
+    if n == 0:
+        return
+    lse = lse.contiguous()
+    G = Hq // Hk
+    rows = G * Tq
+    if _interpreting():
+        BR, BT, warps = min(triton.next_power_of_2(rows), 4), 32, 1
+    else:
+        BR = min(triton.next_power_of_2(rows), 16)
+        BT, warps = max(256, min(1024, 4096 // BR)), 4
+    if cfg is not None:
+        BT, warps = cfg
+        if BT < 16 or BT & (BT - 1):
+            raise ValueError(f"h2o_step: cfg tokens per chunk must be a power of two >= 16, got {BT}")
+    n_chunks = triton.cdiv(n, BT)
+    cs = empty((B, Hk, n_chunks), dtype=torch.float32, device=k.device) if evict else acc
+    cp = empty((B, Hk, n_chunks), dtype=torch.int64, device=k.device) if evict else pos
+    ci = empty((B, Hk, n_chunks), dtype=torch.int32, device=k.device) if evict else pos
+    one = bool(H2O_ONE_LAUNCH if one_launch is None else one_launch) and evict
+    cnt = _counters(B * Hk, k.device) if one else pos
+    BC, BDv = max(2, min(triton.next_power_of_2(n_chunks), 1024)), triton.next_power_of_2(D)
+    _h2o_accum_kernel[(n_chunks, Hk, B)](
+        lg, lse, acc, pos, cs, cp, ci, acc.stride(0), acc.stride(1), pos.stride(0), pos.stride(1), ldt,
+        Hq, Tq, n, G, n - Tq, n_chunks, seen, sinks, recent,
+        cnt, k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        BLOCK_R=BR, BLOCK_T=BT, EVICT=evict, ONE_LAUNCH=one, D=D, BLOCK_C=BC, BLOCK_D=BDv, num_warps=warps)
+    if not evict or one:
+        return
+    _h2o_evict_kernel[(B * Hk,)](
+        cs, cp, ci, pos, k, v, acc, pos.stride(0), pos.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), acc.stride(0), acc.stride(1), Hk, n, n_chunks,
+        D=D, BLOCK_C=BC, BLOCK_D=BDv, num_warps=1 if _interpreting() else 4)
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters (one per row) kept per device; the one-launch H2O step leaves them 0."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = c
+    return c
+
+
+def decode_h2o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor,
+               seen: int, keep: int, sinks: int, recent: int, scale: float | None = None,
+               num_splits: int | None = None, cfg: tuple[int, int, int] | None = None
+               ) -> tuple[torch.Tensor, bool]:
+    """One H2O decoding step over the cache k, v [B, Hk, n, D] (its last Tq entries are the new
+    tokens; pos, acc [B, Hk, n]): the decode pass writes its logits, :func:`h2o_step` accumulates
+    the attention into ``acc`` and, when exactly one token is over the budget (``n == keep + 1``),
+    evicts it in place. Returns (o [B, Tq, Hq, D], evicted): after ``evicted`` the caller keeps
+    the first n-1 slots; otherwise (``n <= keep``, or several tokens over) only acc changed."""
+    if keep < sinks + recent and k.shape[2] > keep:
+        raise ValueError(f"keep={keep} is smaller than the {sinks + recent} protected tokens (sinks + recent)")
+    o, lse, lg = decode_attention(q, k, v, scale, num_splits, cfg, return_logits=True)
+    evict = k.shape[2] == keep + 1
+    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict)
+    return o, evict
 
 
 def protected_mask_for(positions: torch.Tensor, seen: int, sinks: int, recent: int) -> torch.Tensor:

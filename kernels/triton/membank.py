@@ -36,17 +36,15 @@ Custom ops: ``blockzoo::membank_fwd(q, k, v, bank_k, bank_v, window, scale) -> (
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from ._customop import bwd_outputs_like_q, bwd_row_stats, define_attention_ops, resolve_scale
 from .attention import (
     LOG2E,
     Cfg,
     _alloc,
-    _attn_bwd_pre_kernel,
     _block_d,
     _candidates,
     _check,
@@ -433,11 +431,8 @@ def _fwd_impl(q, k, v, bank_k, bank_v, window: int, scale: float):
 def _bwd_impl(do, q, k, v, bank_k, bank_v, o, lse, window: int, scale: float):
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
     M = _check_bank(q, k, bank_k, bank_v, window)
-    q, k, v, bank_k, bank_v, o, do = (_unit_last(t) for t in (q, k, v, bank_k, bank_v, o, do))
-    if do.dtype != q.dtype:
-        do = do.to(q.dtype)
-    if o.dtype != q.dtype:
-        o = o.to(q.dtype)
+    q, k, v, bank_k, bank_v = (_unit_last(t) for t in (q, k, v, bank_k, bank_v))
+    o, do = bwd_outputs_like_q(q, o, do)
     dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
     dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
     dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
@@ -450,19 +445,12 @@ def _bwd_impl(do, q, k, v, bank_k, bank_v, o, lse, window: int, scale: float):
     if Tq < Tk:  # keys before the first query's window get no gradient; the kernel writes all rows
         pass
     _check_i32(q, k, v, o, do, bank_k, bank_v)
-    lse = lse.contiguous().float()
     BD = _block_d(D)
     G = Hq // Hk
     qk_scale = float(scale) * LOG2E
     diag = Tk - Tq
     esize = q.element_size()
-    delta = _alloc((B, Hq, Tq), torch.float32, q.device)
-    lse2 = _alloc((B, Hq, Tq), torch.float32, q.device)
-    PRE_M = 64 if BD <= 128 else 32
-    _attn_bwd_pre_kernel[(triton.cdiv(Tq, PRE_M), Hq, B)](
-        o, do, lse, delta, delta, lse2,
-        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Tq, D=D, BLOCK_D=BD, BLOCK_M=PRE_M, HAS_DLSE=False, num_warps=4)
+    delta, lse2 = bwd_row_stats(o, do, lse, BD)
 
     def launch_dkdv(c: Cfg):
         grid = (triton.cdiv(Tk, c.outer), Hk, B)
@@ -508,73 +496,22 @@ def _bwd_impl(do, q, k, v, bank_k, bank_v, o, lse, window: int, scale: float):
 # torch.library custom ops
 # ---------------------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, bank_k, bank_v, window, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, bank_k, bank_v, o, lse)
-    ctx.set_materialize_grads(False)
-    ctx.window = window
-    ctx.scale = scale
-
-
-def _backward(ctx, do, dlse):
-    q, k, v, bank_k, bank_v, o, lse = ctx.saved_tensors
-    if dlse is not None:
-        raise NotImplementedError("token.membank (triton): the gradient of lse is not supported")
-    if do is None:
-        return None, None, None, None, None, None, None
-    grads = _bwd_op(do, q, k, v, bank_k, bank_v, o, lse, ctx.window, ctx.scale)
-    return (*grads, None, None)
-
-
-def _define_ops():
-    ns = getattr(torch.ops, "blockzoo", None)
-    if ns is not None and hasattr(ns, "membank_fwd") and hasattr(ns, "membank_bwd"):
-        return ns.membank_fwd, ns.membank_bwd
-
-    @torch.library.custom_op("blockzoo::membank_fwd", mutates_args=())
-    def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: torch.Tensor,
-               bank_v: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, bank_k, bank_v, window, scale)
-
-    @torch.library.custom_op("blockzoo::membank_bwd", mutates_args=())
-    def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: torch.Tensor,
-               bank_v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, window: int,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(do, q, k, v, bank_k, bank_v, o, lse, window, scale)
-
-    @fwd_op.register_fake
-    def _(q, k, v, bank_k, bank_v, window, scale):
-        B, Tq, Hq, D = q.shape
-        return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
-
-    @bwd_op.register_fake
-    def _(do, q, k, v, bank_k, bank_v, o, lse, window, scale):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape),
-                bank_k.new_empty(bank_k.shape), bank_k.new_empty(bank_k.shape))
-
-    fwd_op.register_autograd(_backward, setup_context=_setup_context)
-    return fwd_op, bwd_op
-
-
-_fwd_op, _bwd_op = _define_ops()
-
-
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+_fwd_op, _bwd_op = define_attention_ops("membank", "token.membank (triton)", _fwd_impl, _bwd_impl,
+                                        grad_tensors=("bank_k", "bank_v"),
+                                        params=(("window", int), ("scale", float)))
 
 
 def membank_attention(q, k, v, bank_k, bank_v, window: int = 64, scale: float | None = None) -> torch.Tensor:
     """Attention over [bank of the query's chunk | sliding window], autograd-enabled: o like q."""
-    o, _ = _fwd_op(q, k, v, bank_k, bank_v, int(window), _scale(q, scale))
+    o, _ = _fwd_op(q, k, v, bank_k, bank_v, int(window), resolve_scale(q, scale))
     return o
 
 
 def membank_fwd(q, k, v, bank_k, bank_v, window: int = 64, scale: float | None = None):
     """Forward only: (o, lse fp32 [B, Hq, Tq], natural log)."""
-    return _fwd_op(q, k, v, bank_k, bank_v, int(window), _scale(q, scale))
+    return _fwd_op(q, k, v, bank_k, bank_v, int(window), resolve_scale(q, scale))
 
 
 def membank_bwd(do, q, k, v, bank_k, bank_v, o, lse, window: int = 64, scale: float | None = None):
     """(dq, dk, dv, d_bank_k, d_bank_v) in the input dtype."""
-    return _bwd_op(do, q, k, v, bank_k, bank_v, o, lse, int(window), _scale(q, scale))
+    return _bwd_op(do, q, k, v, bank_k, bank_v, o, lse, int(window), resolve_scale(q, scale))

@@ -21,7 +21,8 @@ the ``offs_m`` argument of its causal mask (``key_rel <= offs_m + diag`` with ``
 The dQ kernel reuses :func:`attention.attn_bwd_dq_inner` the same way; the preprocess kernel
 (delta, lse2) is the core's. dK/dV need a per-(key, row) selection, which the core's
 ``attn_bwd_dkdv_inner`` cannot express (its query rows are internal), so :func:`_moc_dkdv_kernel`
-has its own loop (same transposed FA2 form, group heads inside the program: no atomics).
+has its own loop over the listed query blocks (group heads inside the program: no atomics); each
+step of it is the core's :func:`attention.attn_bwd_dkdv_tile` with the selection as the mask.
 
 Key-major path (MoBA-style, for routing where neighbouring queries choose differently and the
 per-block unions above cover nearly every chunk): a counting sort lists, per (batch, head, chunk),
@@ -47,20 +48,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ._customop import bwd_row_stats
 from .attention import (
     LOG2E,
     _alloc,
-    _attn_bwd_pre_kernel,
     _block_d,
     _check,
     _check_i32,
     _dot,
-    _dot_acc,
     _interpreting,
     _load_tile,
     _loop_bound,
     _store_tile,
     _unit_last,
+    attn_bwd_dkdv_tile,
     attn_bwd_dq_inner,
     attn_fwd_inner,
 )
@@ -304,15 +305,9 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
         s = tl.load(sel_base + g * Tq * C + offs_m[None, :].to(tl.int64) * C + chunk_n[:, None],
                     mask=rmask[None, :] & nmask[:, None], other=0)
         valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & ((s != 0) | in_prefix[:, None])
-        qkT = _dot(k, tl.trans(q))
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        pT = tl.where(valid, pT, 0.0)
         do = _load_tile(do_base + g * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
-        dv = _dot_acc(pT.to(do.dtype), do, dv)
         delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
-        dpT = _dot(v, tl.trans(do))
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-        dk = _dot_acc(dsT, q, dk)
+        dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
     dk = dk * sm_scale
     _store_tile(DK + b * s_dkb + hk.to(tl.int64) * s_dkh, dk.to(DK.dtype.element_ty), offs_n, s_dkt,
                 offs_d, Tk, D, EVEN_D)
@@ -620,12 +615,7 @@ def _moc_km_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, Ent, ChunkOff, Cn
             delta = tl.load(DELTA + bh * Tq + rows, mask=rvalid, other=0.0)
             lim = tl.load(Lim + rows, mask=rvalid, other=0)
             valid = nmask[:, None] & (offs_n[:, None] < lim[None, :])
-            qkT = _dot(k, tl.trans(q))
-            pT = tl.where(valid, tl.math.exp2(qkT * qk_scale - lse2[None, :]), 0.0)
-            dv = _dot_acc(pT.to(do.dtype), do, dv)
-            dpT = _dot(v, tl.trans(do))
-            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-            dk = _dot_acc(dsT, q, dk)
+            dk, dv, dsT = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
             if ATOMIC_DQ:
                 dq = _dot(tl.trans(dsT), k) * sm_scale
                 a_ptrs = DQA + b * s_aqb + h.to(tl.int64) * s_aqh + rows[:, None] * s_aqt + offs_d[None, :]
@@ -948,14 +938,7 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
         return (_alloc((B, Tq, Hq, D), q.dtype, q.device).zero_(), _alloc((B, Tk, Hk, D), q.dtype, q.device).zero_(),
                 _alloc((B, Tk, Hk, D), q.dtype, q.device).zero_())
     _check_i32(q, k, v, o, do)
-    lse = lse.contiguous().float()
-    delta = _alloc((B, Hq, Tq), torch.float32, q.device)
-    lse2 = _alloc((B, Hq, Tq), torch.float32, q.device)
-    PRE_M = 64 if BD <= 128 else 32
-    _attn_bwd_pre_kernel[(triton.cdiv(Tq, PRE_M), Hq, B)](
-        o, do, lse, delta, delta, lse2,
-        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Tq, D=D, BLOCK_D=BD, BLOCK_M=PRE_M, HAS_DLSE=False, num_warps=4)
+    delta, lse2 = bwd_row_stats(o, do, lse, BD)
     km, qlist, qcount = _plan(sel, bm, _km_blocks(BD, q.element_size(), "bwd")[0])
     if km is not None:
         return _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km)

@@ -22,6 +22,13 @@ One online-softmax state ``(acc, m_i, l_i)`` covers both segments:
 The order of the segments does not change the result (online softmax); depth first means its
 [TOK, GP, D] tiles are dead before the sequence loop starts (fewer live registers).
 
+That is the "rowwise" depth path. The "mma" path (issue 6) runs the depth step on the tensor
+cores instead: the packed tile viewed as [TOK/P, P*GP, D] batches of P = 16/GP positions, one
+batched dot against the [TOK/P, P*SB, D] depth tile of those positions (SB slots per step),
+masked block-diagonally by position (P-fold wasted depth work: 2x at GQA 8:1), and the backward
+likewise with five batched dots per step. ``path="auto"`` picks "mma" for GQA >= 2 and "rowwise"
+without GQA (:func:`depth_path`).
+
 Backward (same lse / delta as dense attention: the softmax is joint, so ``P = exp(S - lse)`` and
 ``dS = P (dP - delta)``, ``delta = rowsum(dO * O)``, hold for both segments):
 
@@ -33,8 +40,8 @@ Backward (same lse / delta as dense attention: the softmax is joint, so ``P = ex
   position inside the [TOK, GP, D] tile, written once: no atomics, deterministic), then
   :func:`.attention.attn_bwd_dq_inner` over the sequence keys into the same dQ accumulator.
 
-Custom ops: ``blockzoo::moda_fwd(q, k, v, depth_k, depth_v, causal, scale) -> (o, lse)`` and
-``blockzoo::moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, causal, scale) -> 5 grads``, with
+Custom ops: ``blockzoo::moda_fwd(q, k, v, depth_k, depth_v, causal, scale, path) -> (o, lse)`` and
+``blockzoo::moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, path) -> 5 grads``, with
 ``register_fake`` and ``register_autograd``. Runs on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1``.
 """
@@ -59,6 +66,8 @@ from .attention import (
     _candidates,
     _check,
     _check_i32,
+    _dot,
+    _dot_acc,
     _fwd_kv_ranges,
     _interpreting,
     _loop_bound,
@@ -68,22 +77,46 @@ from .attention import (
     attn_fwd_inner,
 )
 
-__all__ = ["moda_attention", "moda_fwd", "moda_bwd", "CFGS", "MCfg"]
+__all__ = ["moda_attention", "moda_fwd", "moda_bwd", "depth_path", "CFGS", "MCfg", "PATHS"]
 
-#: Tile configs :class:`MCfg` per (kind, BLOCK_D, element size); tests may set CFGS["interp"] to
-#: exercise other tilings; env ``BLOCKZOO_MODA_FWD_CFG`` / ``BLOCKZOO_MODA_DQ_CFG`` =
-#: "BM,BN,warps,stages[,prefetch]" forces one on the GPU.
+#: Tile configs :class:`MCfg` per (kind, BLOCK_D, element size), kind "fwd" / "dq" (rowwise depth
+#: path) or "fwd_mma" / "dq_mma" (mma depth path); tests may set CFGS["interp"] to exercise other
+#: tilings (both paths); env ``BLOCKZOO_MODA_<KIND>_CFG`` = "BM,BN,warps,stages[,prefetch[,slots]]"
+#: forces one on the GPU.
 CFGS: dict = {}
+
+#: Depth-step implementations: "rowwise" (CUDA-core row-wise dots, one slot per step), "mma"
+#: (batched tensor-core dots over pairs of positions, block-diagonal mask) or "auto" (see
+#: :func:`depth_path`). Default from env ``BLOCKZOO_MODA_DEPTH``; ``moda_attention(path=...)``
+#: overrides it per call.
+PATHS = ("auto", "rowwise", "mma")
+DEPTH_PATH = os.environ.get("BLOCKZOO_MODA_DEPTH", "auto")
+
+
+def depth_path(group: int, path: str = "auto") -> str:
+    """The depth path a call takes. ``auto``: "mma" when the GQA group (Hq / Hk) is >= 2, else
+    "rowwise". The mma path packs P = 16 / GP positions per tensor-core tile (GP = the group padded
+    to a power of two), so its wasted depth work is P-fold: 2x at GQA 8:1, 8x at 2:1, 16x without
+    GQA, where one row-wise dot per slot is not worse (rule pending the H100 numbers of
+    bench/gpu_depth.py, which times both paths)."""
+    if path not in PATHS:
+        raise ValueError(f"depth path {path!r} is not one of {PATHS}")
+    if path != "auto":
+        return path
+    return "mma" if group >= 2 else "rowwise"
 
 
 class MCfg(NamedTuple):
-    """(BLOCK_M rows = TOK * GP, BLOCK_N key step, num_warps, num_stages, prefetch depth rows)."""
+    """(BLOCK_M rows = TOK * GP, BLOCK_N key step, num_warps, num_stages, prefetch depth rows
+    (rowwise path), slots: depth rows per step of the mma path, TOK x slots per position (0 = by
+    head dim and dtype, see :func:`_mma_tiling`))."""
 
     outer: int
     inner: int
     warps: int
     stages: int
     prefetch: int = 0
+    slots: int = 0
 
 
 def _cfg(kind: str, block_d: int, esize: int) -> MCfg:
@@ -94,6 +127,15 @@ def _cfg(kind: str, block_d: int, esize: int) -> MCfg:
         return MCfg(*[int(x) for x in env.split(",")])
     if (kind, block_d, esize) in CFGS:
         return MCfg(*CFGS[(kind, block_d, esize)])
+    if kind.endswith("_mma"):
+        # compiled for sm_90 without spills at GQA 8:1 (docs/components/moda.md); untuned on a GPU
+        if esize > 2:  # fp32: D > 64 spills in the backward (tf32x3 triples the dots)
+            return MCfg(64, 32, 4, 2) if block_d <= 64 else MCfg(32, 32, 4, 2, 0, 16)
+        if block_d <= 64:
+            return MCfg(128, 64, 4, 2) if kind == "fwd_mma" else MCfg(64, 64, 4, 2)
+        if block_d <= 128:
+            return MCfg(128, 64, 8, 2) if kind == "fwd_mma" else MCfg(64, 64, 4, 2)
+        return MCfg(64, 32, 4, 2)
     if esize > 2:  # fp32 (untuned)
         return MCfg(32, 32, 4, 2) if block_d > 64 else MCfg(64, 32, 4, 2)
     # bf16/fp16: the best of bench/gpu_depth.py --tune on an H100 (T=16384, S=64, GQA 8:1,
@@ -355,6 +397,217 @@ def _moda_dq_kernel(Q, K, V, DK, DV, DO, DQ, DDK, DDV, LSE2, DELTA,
 
 
 # ---------------------------------------------------------------------------------------------
+# the "mma" depth path: the depth step as batched tensor-core dots
+# ---------------------------------------------------------------------------------------------
+#
+# The tile is the same packed tile (TOK positions x GP heads, rows in (token, head) order), viewed
+# as NB = TOK / P batches of P consecutive positions: [NB, P*GP, BLOCK_D] with P*GP >= 16 (the
+# smallest tensor-core M). The depth slots of those P positions, a chunk of SB slots each, are one
+# [NB, P*SB, BLOCK_D] tile (token-major storage: rows t*S + s). One batched dot gives the
+# [NB, P*GP, P*SB] scores; a row sees only the columns of its own position (block-diagonal mask),
+# so the tensor cores do P times the useful depth work, and P = 16 / GP is 2 at GQA 8:1.
+
+
+@triton.jit
+def _mma_rows(pid_m, TOK: tl.constexpr, GP: tl.constexpr, P: tl.constexpr):
+    """Token index and in-group head of each row of the packed tile, as [NB, P*GP] (NB = TOK/P)."""
+    NB: tl.constexpr = TOK // P
+    r = tl.arange(0, P * GP)
+    tok = pid_m * TOK + tl.arange(0, NB)[:, None] * P + (r // GP)[None, :]
+    g = tl.zeros([NB, P * GP], dtype=tl.int32) + (r % GP)[None, :]
+    return tok, g
+
+
+@triton.jit
+def _ld3(base, off, offs_d, mask, D: tl.constexpr, EVEN_D: tl.constexpr):
+    """[NB, X, BLOCK_D] tile; ``off`` [NB, X] is each row's element offset from ``base``."""
+    ptrs = base + off[:, :, None] + offs_d[None, None, :]
+    if EVEN_D:
+        return tl.load(ptrs, mask=mask[:, :, None], other=0.0)
+    return tl.load(ptrs, mask=mask[:, :, None] & (offs_d[None, None, :] < D), other=0.0)
+
+
+@triton.jit
+def _st3(base, off, x, offs_d, mask, D: tl.constexpr, EVEN_D: tl.constexpr):
+    ptrs = base + off[:, :, None] + offs_d[None, None, :]
+    if EVEN_D:
+        tl.store(ptrs, x, mask=mask[:, :, None])
+    else:
+        tl.store(ptrs, x, mask=mask[:, :, None] & (offs_d[None, None, :] < D))
+
+
+@triton.jit
+def _mma_cols(pid_m, s0, S, Tq, TOK: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, SB: tl.constexpr):
+    """Depth columns of slot chunk [s0, s0+SB) for the NB batches: the depth row of each column
+    ([NB, P*SB]), its load mask, and the [P*GP, P*SB] visibility (own position, slot < S)."""
+    NB: tl.constexpr = TOK // P
+    c = tl.arange(0, P * SB)
+    ctok = pid_m * TOK + tl.arange(0, NB)[:, None] * P + (c // SB)[None, :]
+    sl = s0 + c % SB
+    cmask = (ctok < Tq) & (sl < S)[None, :]
+    rows = ctok * S + sl[None, :]
+    vis = ((tl.arange(0, P * GP) // GP)[:, None] == (c // SB)[None, :]) & (sl < S)[None, :]
+    return rows, cmask, vis
+
+
+@triton.jit
+def moda_depth_fwd_mma(acc3, m3, l3, q3, dk_base, dv_base, s_dkt, s_dvt, pid_m, offs_d, S, Tq, qk_scale,
+                       D: tl.constexpr, EVEN_D: tl.constexpr, TOK: tl.constexpr, GP: tl.constexpr,
+                       P: tl.constexpr, SB: tl.constexpr):
+    """Fold the S depth slots of each row's own position into the online-softmax state kept as
+    [NB, P*GP(, BLOCK_D)] tiles, SB slots per step, with two batched tensor-core dots per step."""
+    for s0 in range(0, _loop_bound(S), SB):
+        rows, cmask, vis = _mma_cols(pid_m, s0, S, Tq, TOK, GP, P, SB)
+        kd = _ld3(dk_base, rows * s_dkt, offs_d, cmask, D, EVEN_D)                 # [NB, P*SB, BD]
+        qk = _dot(q3, tl.permute(kd, (0, 2, 1)))                                    # [NB, P*GP, P*SB]
+        sc = tl.where(vis[None, :, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m3, tl.max(sc, 2))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(sc - m_sub[:, :, None])
+        alpha = tl.math.exp2(m3 - m_sub)
+        l3 = l3 * alpha + tl.sum(p, 2)
+        vd = _ld3(dv_base, rows * s_dvt, offs_d, cmask, D, EVEN_D)
+        acc3 = _dot_acc(p.to(vd.dtype), vd, acc3 * alpha[:, :, None])
+        m3 = m_new
+    return acc3, m3, l3
+
+
+@triton.jit
+def moda_depth_dq_mma(dq3, q3, do3, lse2_3, delta3, dk_base, dv_base, gk_base, gv_base,
+                      s_dkt, s_dvt, s_gkt, s_gvt, pid_m, offs_d, S, Tq, qk_scale, sm_scale,
+                      D: tl.constexpr, EVEN_D: tl.constexpr, TOK: tl.constexpr, GP: tl.constexpr,
+                      P: tl.constexpr, SB: tl.constexpr):
+    """Depth part of the backward of one packed tile, SB slots per step, five batched dots:
+    dQ += dS K_d, and each slot's gradients dK_d = scale * dS^T Q, dV_d = P^T dO (the dots sum the
+    group's heads of the slot's position; the mask zeroes the other positions), written once."""
+    for s0 in range(0, _loop_bound(S), SB):
+        rows, cmask, vis = _mma_cols(pid_m, s0, S, Tq, TOK, GP, P, SB)
+        kd = _ld3(dk_base, rows * s_dkt, offs_d, cmask, D, EVEN_D)
+        vd = _ld3(dv_base, rows * s_dvt, offs_d, cmask, D, EVEN_D)
+        qk = _dot(q3, tl.permute(kd, (0, 2, 1)))
+        p = tl.math.exp2(qk * qk_scale - lse2_3[:, :, None])
+        p = tl.where(vis[None, :, :], p, 0.0)
+        dp = _dot(do3, tl.permute(vd, (0, 2, 1)))
+        ds = (p * (dp - delta3[:, :, None])).to(kd.dtype)
+        dq3 = _dot_acc(ds, kd, dq3)
+        gk = _dot(tl.permute(ds, (0, 2, 1)), q3) * sm_scale                        # [NB, P*SB, BD]
+        gv = _dot(tl.permute(p.to(do3.dtype), (0, 2, 1)), do3)
+        _st3(gk_base, rows * s_gkt, gk.to(gk_base.dtype.element_ty), offs_d, cmask, D, EVEN_D)
+        _st3(gv_base, rows * s_gvt, gv.to(gv_base.dtype.element_ty), offs_d, cmask, D, EVEN_D)
+    return dq3
+
+
+@triton.jit
+def _moda_fwd_mma_kernel(Q, K, V, DK, DV, Out, LSE,
+                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                         s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh, s_ob, s_ot, s_oh,
+                         Hq, Tq, Tk, S, GROUP, qk_scale, diag,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, TOK: tl.constexpr, GP: tl.constexpr,
+                         P: tl.constexpr, SB: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                         NEG_SCALE: tl.constexpr):
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    BLOCK_M: tl.constexpr = TOK * GP
+    NB: tl.constexpr = TOK // P
+    pid_m = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
+    offs_d = tl.arange(0, BLOCK_D)
+
+    # depth segment first, in [NB, P*GP(, BLOCK_D)] tiles
+    tok3, g3 = _mma_rows(pid_m, TOK, GP, P)
+    mask3 = (tok3 < Tq) & (g3 < GROUP)
+    q_head0 = Q + b * s_qb + (hk * GROUP).to(tl.int64) * s_qh
+    q3 = _ld3(q_head0, tok3 * s_qt + g3 * s_qh, offs_d, mask3, D, EVEN_D)
+    acc3 = tl.zeros([NB, P * GP, BLOCK_D], dtype=tl.float32)
+    m3 = tl.full([NB, P * GP], float("-inf"), dtype=tl.float32)
+    l3 = tl.zeros([NB, P * GP], dtype=tl.float32)
+    acc3, m3, l3 = moda_depth_fwd_mma(acc3, m3, l3, q3, DK + b * s_dkb + hk.to(tl.int64) * s_dkh,
+                                      DV + b * s_dvb + hk.to(tl.int64) * s_dvh, s_dkt, s_dvt, pid_m, offs_d,
+                                      S, Tq, qk_scale, D, EVEN_D, TOK, GP, P, SB)
+    acc = tl.reshape(acc3, [BLOCK_M, BLOCK_D])
+    m_i = tl.reshape(m3, [BLOCK_M])
+    l_i = tl.reshape(l3, [BLOCK_M])
+
+    # sequence segment: the shared core, the token index as the causal row coordinate
+    tok, g = _packed_rows(pid_m, GROUP, TOK, GP)
+    head = hk * GROUP + g
+    rvalid = (tok < Tq) & (g < GROUP)
+    q = _load_rows(Q + b * s_qb, tok, head, s_qt, s_qh, offs_d, rvalid, D, EVEN_D)
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
+    n_full, n_end = _fwd_kv_ranges(pid_m * TOK, Tk, diag, TOK, BLOCK_N, CAUSAL)
+    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, tok, offs_d,
+                                   0, n_full, qk_scale, Tk, diag, D, BLOCK_N,
+                                   False, CAUSAL, EVEN_D, NEG_SCALE)
+    acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, tok, offs_d,
+                                   n_full, n_end, qk_scale, Tk, diag, D, BLOCK_N,
+                                   True, CAUSAL, EVEN_D, NEG_SCALE)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    _store_rows(Out + b * s_ob, o.to(Out.dtype.element_ty), tok, head, s_ot, s_oh, offs_d, rvalid, D, EVEN_D)
+    tl.store(LSE + (b * Hq + head) * Tq + tok, lse, mask=rvalid)
+
+
+@triton.jit
+def _moda_dq_mma_kernel(Q, K, V, DK, DV, DO, DQ, DDK, DDV, LSE2, DELTA,
+                        s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                        s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh, s_db, s_dt, s_dh, s_dqb, s_dqt, s_dqh,
+                        s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
+                        Hq, Tq, Tk, S, GROUP, qk_scale, sm_scale, diag,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, TOK: tl.constexpr, GP: tl.constexpr,
+                        P: tl.constexpr, SB: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """dQ (depth + sequence) and the depth slots' dK/dV of one packed tile (mma depth path)."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    BLOCK_M: tl.constexpr = TOK * GP
+    NB: tl.constexpr = TOK // P
+    pid_m = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    offs_d = tl.arange(0, BLOCK_D)
+
+    tok3, g3 = _mma_rows(pid_m, TOK, GP, P)
+    mask3 = (tok3 < Tq) & (g3 < GROUP)
+    h0 = (hk * GROUP).to(tl.int64)
+    q3 = _ld3(Q + b * s_qb + h0 * s_qh, tok3 * s_qt + g3 * s_qh, offs_d, mask3, D, EVEN_D)
+    do3 = _ld3(DO + b * s_db + h0 * s_dh, tok3 * s_dt + g3 * s_dh, offs_d, mask3, D, EVEN_D)
+    row3 = (b * Hq + h0 + g3) * Tq + tok3
+    lse2_3 = tl.load(LSE2 + row3, mask=mask3, other=float("inf"))
+    delta3 = tl.load(DELTA + row3, mask=mask3, other=0.0)
+    dq3 = tl.zeros([NB, P * GP, BLOCK_D], dtype=tl.float32)
+    dq3 = moda_depth_dq_mma(dq3, q3, do3, lse2_3, delta3, DK + b * s_dkb + hk.to(tl.int64) * s_dkh,
+                            DV + b * s_dvb + hk.to(tl.int64) * s_dvh, DDK + b * s_gkb + hk.to(tl.int64) * s_gkh,
+                            DDV + b * s_gvb + hk.to(tl.int64) * s_gvh, s_dkt, s_dvt, s_gkt, s_gvt, pid_m,
+                            offs_d, S, Tq, qk_scale, sm_scale, D, EVEN_D, TOK, GP, P, SB)
+    dq = tl.reshape(dq3, [BLOCK_M, BLOCK_D])
+
+    # sequence segment: the shared core
+    tok, g = _packed_rows(pid_m, GROUP, TOK, GP)
+    head = hk * GROUP + g
+    rvalid = (tok < Tq) & (g < GROUP)
+    q = _load_rows(Q + b * s_qb, tok, head, s_qt, s_qh, offs_d, rvalid, D, EVEN_D)
+    do = _load_rows(DO + b * s_db, tok, head, s_dt, s_dh, offs_d, rvalid, D, EVEN_D)
+    row = (b * Hq + head) * Tq + tok
+    lse2 = tl.load(LSE2 + row, mask=rvalid, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=rvalid, other=0.0)
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
+    n_full, n_end = _fwd_kv_ranges(pid_m * TOK, Tk, diag, TOK, BLOCK_N, CAUSAL)
+    dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, tok, offs_d,
+                           0, n_full, qk_scale, Tk, diag, D, BLOCK_N, False, CAUSAL, EVEN_D)
+    dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, tok, offs_d,
+                           n_full, n_end, qk_scale, Tk, diag, D, BLOCK_N, True, CAUSAL, EVEN_D)
+    dq = dq * sm_scale
+    _store_rows(DQ + b * s_dqb, dq.to(DQ.dtype.element_ty), tok, head, s_dqt, s_dqh, offs_d, rvalid, D, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------
 # host wrappers
 # ---------------------------------------------------------------------------------------------
 
@@ -382,9 +635,25 @@ def _tiling(c: MCfg, G: int) -> tuple[int, int]:
     return max(1, c.outer // gp), gp
 
 
-def _fwd_impl(q, k, v, depth_k, depth_v, causal: bool, scale: float):
+def _mma_tiling(c: MCfg, G: int, S: int, kind: str, block_d: int, esize: int) -> tuple[int, int, int, int]:
+    """(TOK, GP, P, SB) of the mma path: P positions per tensor-core batch (P * GP >= 16), TOK a
+    multiple of P, SB slots per step (a power of two, P * SB >= 16) such that one step's depth
+    tile holds at most about ``c.slots`` rows (TOK * SB). ``c.slots = 0``: 256 rows (forward) or
+    128 (backward) at 16-bit D <= 64, fewer for wider heads and fp32 (sm_90 compiles without
+    spills at GQA 8:1 with these)."""
+    gp = triton.next_power_of_2(G)
+    p = max(1, 16 // gp)
+    tok = max(p, c.outer // gp)
+    rows = c.slots or max(16, (256 if kind == "fwd_mma" else 128) * 128 // (max(block_d, 64) * esize))
+    sb = min(triton.next_power_of_2(max(S, 1)), max(1, rows // tok))
+    sb = 1 << (sb.bit_length() - 1)  # a power of two within the bounds above
+    return tok, gp, p, max(sb, 16 // p)
+
+
+def _fwd_impl(q, k, v, depth_k, depth_v, causal: bool, scale: float, path: str = "auto"):
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
     S = _check_depth(q, k, depth_k, depth_v)
+    path = depth_path(Hq // Hk, path)
     q, k, v, depth_k, depth_v = (_unit_last(t) for t in (q, k, v, depth_k, depth_v))
     o = _alloc((B, Tq, Hq, D), q.dtype, q.device)
     lse = _alloc((B, Hq, Tq), torch.float32, q.device)
@@ -394,23 +663,30 @@ def _fwd_impl(q, k, v, depth_k, depth_v, causal: bool, scale: float):
     _check_i32(q, k, v, o, depth_k, depth_v)
     BD = _block_d(D)
     G = Hq // Hk
+    args = (q, k, v, depth_k, depth_v, o, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), depth_k.stride(0), depth_k.stride(1), depth_k.stride(2),
+            depth_v.stride(0), depth_v.stride(1), depth_v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            Hq, Tq, Tk, S, G, float(scale) * LOG2E, Tk - Tq)
+    if path == "mma":
+        c = _cfg("fwd_mma", BD, q.element_size())
+        tok, gp, pp, sb = _mma_tiling(c, G, S, "fwd_mma", BD, q.element_size())
+        _moda_fwd_mma_kernel[(triton.cdiv(Tq, tok), Hk, B)](
+            *args, D=D, BLOCK_D=BD, TOK=tok, GP=gp, P=pp, SB=sb, BLOCK_N=c.inner, CAUSAL=bool(causal),
+            NEG_SCALE=bool(scale < 0), num_warps=c.warps, num_stages=c.stages)
+        return o, lse
     c = _cfg("fwd", BD, q.element_size())
     tok, gp = _tiling(c, G)
-    grid = (triton.cdiv(Tq, tok), Hk, B)
-    _moda_fwd_kernel[grid](
-        q, k, v, depth_k, depth_v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), depth_k.stride(0), depth_k.stride(1), depth_k.stride(2),
-        depth_v.stride(0), depth_v.stride(1), depth_v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        Hq, Tq, Tk, S, G, float(scale) * LOG2E, Tk - Tq,
-        D=D, BLOCK_D=BD, TOK=tok, GP=gp, BLOCK_N=c.inner, CAUSAL=bool(causal),
+    _moda_fwd_kernel[(triton.cdiv(Tq, tok), Hk, B)](
+        *args, D=D, BLOCK_D=BD, TOK=tok, GP=gp, BLOCK_N=c.inner, CAUSAL=bool(causal),
         NEG_SCALE=bool(scale < 0), PREFETCH=bool(c.prefetch), num_warps=c.warps, num_stages=c.stages)
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal: bool, scale: float):
+def _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal: bool, scale: float, path: str = "auto"):
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
     S = _check_depth(q, k, depth_k, depth_v)
+    path = depth_path(Hq // Hk, path)
     q, k, v, depth_k, depth_v, o, do = (_unit_last(t) for t in (q, k, v, depth_k, depth_v, o, do))
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
@@ -459,18 +735,24 @@ def _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal: bool, scale: float)
     else:
         dk.zero_(), dv.zero_()
 
+    args = (q, k, v, depth_k, depth_v, do, dq, ddk, ddv, lse2, delta,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), depth_k.stride(0), depth_k.stride(1), depth_k.stride(2),
+            depth_v.stride(0), depth_v.stride(1), depth_v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), ddk.stride(0), ddk.stride(1), ddk.stride(2),
+            ddv.stride(0), ddv.stride(1), ddv.stride(2),
+            Hq, Tq, Tk, S, G, qk_scale, float(scale), diag)
+    if path == "mma":
+        c = _cfg("dq_mma", BD, esize)
+        tok, gp, pp, sb = _mma_tiling(c, G, S, "dq_mma", BD, esize)
+        _moda_dq_mma_kernel[(triton.cdiv(Tq, tok), Hk, B)](
+            *args, D=D, BLOCK_D=BD, TOK=tok, GP=gp, P=pp, SB=sb, BLOCK_N=c.inner, CAUSAL=bool(causal),
+            num_warps=c.warps, num_stages=c.stages)
+        return dq, dk, dv, ddk, ddv
     c = _cfg("dq", BD, esize)
     tok, gp = _tiling(c, G)
-    grid = (triton.cdiv(Tq, tok), Hk, B)
-    _moda_dq_kernel[grid](
-        q, k, v, depth_k, depth_v, do, dq, ddk, ddv, lse2, delta,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), depth_k.stride(0), depth_k.stride(1), depth_k.stride(2),
-        depth_v.stride(0), depth_v.stride(1), depth_v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), ddk.stride(0), ddk.stride(1), ddk.stride(2),
-        ddv.stride(0), ddv.stride(1), ddv.stride(2),
-        Hq, Tq, Tk, S, G, qk_scale, float(scale), diag,
-        D=D, BLOCK_D=BD, TOK=tok, GP=gp, BLOCK_N=c.inner, CAUSAL=bool(causal),
+    _moda_dq_kernel[(triton.cdiv(Tq, tok), Hk, B)](
+        *args, D=D, BLOCK_D=BD, TOK=tok, GP=gp, BLOCK_N=c.inner, CAUSAL=bool(causal),
         PREFETCH=bool(c.prefetch), num_warps=c.warps, num_stages=c.stages)
     return dq, dk, dv, ddk, ddv
 
@@ -480,12 +762,13 @@ def _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal: bool, scale: float)
 # ---------------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, depth_k, depth_v, causal, scale = inputs
+    q, k, v, depth_k, depth_v, causal, scale, path = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, depth_k, depth_v, o, lse)
     ctx.set_materialize_grads(False)
     ctx.causal = causal
     ctx.scale = scale
+    ctx.path = path
 
 
 def _backward(ctx, do, dlse):
@@ -493,9 +776,9 @@ def _backward(ctx, do, dlse):
     if dlse is not None:
         raise NotImplementedError("depth.moda (triton): the gradient of lse is not supported")
     if do is None:
-        return None, None, None, None, None, None, None
-    grads = _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, ctx.causal, ctx.scale)
-    return (*grads, None, None)
+        return None, None, None, None, None, None, None, None
+    grads = _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, ctx.causal, ctx.scale, ctx.path)
+    return (*grads, None, None, None)
 
 
 def _define_ops():
@@ -505,22 +788,23 @@ def _define_ops():
 
     @torch.library.custom_op("blockzoo::moda_fwd", mutates_args=())
     def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, depth_k: torch.Tensor,
-               depth_v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, depth_k, depth_v, causal, scale)
+               depth_v: torch.Tensor, causal: bool, scale: float,
+               path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fwd_impl(q, k, v, depth_k, depth_v, causal, scale, path)
 
     @torch.library.custom_op("blockzoo::moda_bwd", mutates_args=())
     def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, depth_k: torch.Tensor,
-               depth_v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal, scale)
+               depth_v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+               path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, path)
 
     @fwd_op.register_fake
-    def _(q, k, v, depth_k, depth_v, causal, scale):
+    def _(q, k, v, depth_k, depth_v, causal, scale, path):
         B, Tq, Hq, D = q.shape
         return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
     @bwd_op.register_fake
-    def _(do, q, k, v, depth_k, depth_v, o, lse, causal, scale):
+    def _(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, path):
         return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape),
                 depth_k.new_empty(depth_k.shape), depth_k.new_empty(depth_k.shape))
 
@@ -535,17 +819,29 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def moda_attention(q, k, v, depth_k, depth_v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """MoDA, autograd-enabled: o [B, Tq, Hq, D] like q."""
-    o, _ = _fwd_op(q, k, v, depth_k, depth_v, bool(causal), _scale(q, scale))
+def _path(path: str | None) -> str:
+    path = DEPTH_PATH if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"depth.moda (triton): path={path!r} is not one of {PATHS} "
+                         "(argument `path` or env BLOCKZOO_MODA_DEPTH)")
+    return path
+
+
+def moda_attention(q, k, v, depth_k, depth_v, causal: bool = True, scale: float | None = None,
+                   path: str | None = None) -> torch.Tensor:
+    """MoDA, autograd-enabled: o [B, Tq, Hq, D] like q. ``path``: the depth-step implementation,
+    "auto" (default, :func:`depth_path`), "rowwise" or "mma"; None = :data:`DEPTH_PATH`."""
+    o, _ = _fwd_op(q, k, v, depth_k, depth_v, bool(causal), _scale(q, scale), _path(path))
     return o
 
 
-def moda_fwd(q, k, v, depth_k, depth_v, causal: bool = True, scale: float | None = None):
+def moda_fwd(q, k, v, depth_k, depth_v, causal: bool = True, scale: float | None = None,
+             path: str | None = None):
     """Forward only: (o, lse fp32 [B, Hq, Tq], natural log)."""
-    return _fwd_op(q, k, v, depth_k, depth_v, bool(causal), _scale(q, scale))
+    return _fwd_op(q, k, v, depth_k, depth_v, bool(causal), _scale(q, scale), _path(path))
 
 
-def moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, causal: bool = True, scale: float | None = None):
+def moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, causal: bool = True, scale: float | None = None,
+             path: str | None = None):
     """(dq, dk, dv, d_depth_k, d_depth_v) in the input dtype."""
-    return _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, bool(causal), _scale(q, scale))
+    return _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, bool(causal), _scale(q, scale), _path(path))

@@ -36,18 +36,17 @@ Custom ops: ``blockzoo::temf_fwd(q, k, v, sk, sv, chunk, scale) -> (o, lse)`` an
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._customop import bwd_outputs_like_q, bwd_row_stats, define_attention_ops, resolve_scale
 from .attention import (
     LOG2E,
     Cfg,
     _alloc,
-    _attn_bwd_pre_kernel,
     _block_d,
     _check,
     _check_i32,
@@ -396,12 +395,9 @@ def _fwd_impl(q, k, v, sk, sv, chunk: int, scale: float):
 def _bwd_impl(do, q, k, v, sk, sv, o, lse, chunk: int, scale: float):
     B, T, Hq, D, Tk, Hk = _check(q, k, v)
     N, S = _check_sum(q, k, sk, sv, chunk)
-    q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    o, do = bwd_outputs_like_q(q, o, do)
     skf, svf = _flat(sk), _flat(sv)
-    if do.dtype != q.dtype:
-        do = do.to(q.dtype)
-    if o.dtype != q.dtype:
-        o = o.to(q.dtype)
     dq = _alloc((B, T, Hq, D), q.dtype, q.device)
     dk = _alloc((B, T, Hk, D), q.dtype, q.device)
     dv = _alloc((B, T, Hk, D), q.dtype, q.device)
@@ -413,18 +409,11 @@ def _bwd_impl(do, q, k, v, sk, sv, o, lse, chunk: int, scale: float):
             t.zero_()
         return dq, dk, dv, dsk.view(shp), dsv.view(shp)
     _check_i32(q, k, v, o, do, skf, svf)
-    lse = lse.contiguous().float()
     BD = _block_d(D)
     G = Hq // Hk
     qk_scale = float(scale) * LOG2E
     esize = q.element_size()
-    delta = _alloc((B, Hq, T), torch.float32, q.device)
-    lse2 = _alloc((B, Hq, T), torch.float32, q.device)
-    PRE_M = 64 if BD <= 128 else 32
-    _attn_bwd_pre_kernel[(triton.cdiv(T, PRE_M), Hq, B)](
-        o, do, lse, delta, delta, lse2,
-        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, T, D=D, BLOCK_D=BD, BLOCK_M=PRE_M, HAS_DLSE=False, num_warps=4)
+    delta, lse2 = bwd_row_stats(o, do, lse, BD)
 
     c = _cfg("dq", BD, esize, chunk)
     nsub = triton.cdiv(chunk, c.outer)
@@ -470,73 +459,21 @@ def _bwd_impl(do, q, k, v, sk, sv, o, lse, chunk: int, scale: float):
 # torch.library custom ops
 # ---------------------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, sk, sv, chunk, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, sk, sv, o, lse)
-    ctx.set_materialize_grads(False)
-    ctx.chunk = chunk
-    ctx.scale = scale
-
-
-def _backward(ctx, do, dlse):
-    q, k, v, sk, sv, o, lse = ctx.saved_tensors
-    if dlse is not None:
-        raise NotImplementedError("token.temf (triton): the gradient of lse is not supported")
-    if do is None:
-        return None, None, None, None, None, None, None
-    grads = _bwd_op(do, q, k, v, sk, sv, o, lse, ctx.chunk, ctx.scale)
-    return (*grads, None, None)
-
-
-def _define_ops():
-    ns = getattr(torch.ops, "blockzoo", None)
-    if ns is not None and hasattr(ns, "temf_fwd") and hasattr(ns, "temf_bwd"):
-        return ns.temf_fwd, ns.temf_bwd
-
-    @torch.library.custom_op("blockzoo::temf_fwd", mutates_args=())
-    def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor,
-               chunk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, sk, sv, chunk, scale)
-
-    @torch.library.custom_op("blockzoo::temf_bwd", mutates_args=())
-    def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor,
-               sv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, chunk: int,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(do, q, k, v, sk, sv, o, lse, chunk, scale)
-
-    @fwd_op.register_fake
-    def _(q, k, v, sk, sv, chunk, scale):
-        B, T, Hq, D = q.shape
-        return q.new_empty((B, T, Hq, D)), q.new_empty((B, Hq, T), dtype=torch.float32)
-
-    @bwd_op.register_fake
-    def _(do, q, k, v, sk, sv, o, lse, chunk, scale):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape),
-                sk.new_empty(sk.shape), sk.new_empty(sk.shape))
-
-    fwd_op.register_autograd(_backward, setup_context=_setup_context)
-    return fwd_op, bwd_op
-
-
-_fwd_op, _bwd_op = _define_ops()
-
-
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+_fwd_op, _bwd_op = define_attention_ops("temf", "token.temf (triton)", _fwd_impl, _bwd_impl,
+                                        grad_tensors=("sk", "sv"), params=(("chunk", int), ("scale", float)))
 
 
 def temf_attention(q, k, v, sk, sv, chunk: int = 256, scale: float | None = None) -> torch.Tensor:
     """token.temf attention, autograd-enabled: o [B, T, Hq, D] like q."""
-    o, _ = _fwd_op(q, k, v, sk, sv, int(chunk), _scale(q, scale))
+    o, _ = _fwd_op(q, k, v, sk, sv, int(chunk), resolve_scale(q, scale))
     return o
 
 
 def temf_fwd(q, k, v, sk, sv, chunk: int = 256, scale: float | None = None):
     """Forward only: (o, lse fp32 [B, Hq, T], natural log)."""
-    return _fwd_op(q, k, v, sk, sv, int(chunk), _scale(q, scale))
+    return _fwd_op(q, k, v, sk, sv, int(chunk), resolve_scale(q, scale))
 
 
 def temf_bwd(do, q, k, v, sk, sv, o, lse, chunk: int = 256, scale: float | None = None):
     """(dq, dk, dv, dsk, dsv) in the input dtype."""
-    return _bwd_op(do, q, k, v, sk, sv, o, lse, int(chunk), _scale(q, scale))
+    return _bwd_op(do, q, k, v, sk, sv, o, lse, int(chunk), resolve_scale(q, scale))

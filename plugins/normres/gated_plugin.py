@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from ...registry import Backend, Capabilities, Case, Component, Inputs
+from ...registry import Case, Component, Inputs
+from .backends import NormresBackends, register_normres_backends
 from .params import AGUParams, DyTParams
 from .reference import agu_reference, dyt_reference
 
@@ -172,18 +173,12 @@ def register_components(registry) -> None:
         source="press description 'Adaptive Gating Units' (no paper); our definition, docs/components/agu.md"))
 
 
+def _kernels(variant_fixed: str | None, module: str):
+    return functools.partial(_kernel, module, variant_fixed)
+
+
 def register_backends(registry) -> None:
-    for cid, ref, fixed in (("normres.dyt", dyt_reference, "add"), ("normres.agu", agu_reference, None)):
-        registry.add_backend(Backend(cid, "reference", ref,
-                                     Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32,
-                                                          torch.float64)),
-                                     doc="torch math, fp32 gate and squash"))
-        registry.add_backend(Backend(
-            cid, "triton", functools.partial(_kernel, "triton", fixed),
-            Capabilities(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                         requires=("triton>=3.6",), interpreted_on_cpu=True),
-            priority=30, doc="one-pass fused (gated) residual + DyT forward and backward"))
-        registry.add_backend(Backend(
-            cid, "numba", functools.partial(_kernel, "numba", fixed),
-            Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64), requires=("numba>=0.60",)),
-            priority=20, doc="row-parallel fused (gated) residual + DyT forward and backward"))
+    register_normres_backends(registry, (
+        NormresBackends(cid, ref, functools.partial(_kernels, fixed), "torch math, fp32 gate and squash",
+                        "fused (gated) residual + DyT forward and backward")
+        for cid, ref, fixed in (("normres.dyt", dyt_reference, "add"), ("normres.agu", agu_reference, None))))

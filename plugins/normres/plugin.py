@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
-from ...registry import Backend, Capabilities, Case, Component, Inputs, hookimpl
+from ...registry import Case, Component, Inputs, hookimpl
 from . import gated_plugin
+from .backends import NormresBackends, register_normres_backends
 from .params import LayerNormParams, RMSNormParams
 from .reference import layernorm_reference, rmsnorm_reference
 
@@ -77,6 +76,10 @@ def _kernel(module: str, kind: str, x, delta=None, weight=None, bias=None, eps=1
     return add_norm(x, delta, weight, bias, eps, kind)
 
 
+def _kernels(kind: str, module: str):
+    return functools.partial(_kernel, module, kind)
+
+
 def norm_module(cid: str, bias: bool):
     def factory(ctx, params):
         from .module import AddNorm
@@ -98,18 +101,8 @@ def blockzoo_register_components(registry) -> None:
 
 @hookimpl
 def blockzoo_register_backends(registry) -> None:
-    for cid, (kind, _, reference, _) in KINDS.items():
-        registry.add_backend(Backend(cid, "reference", reference,
-                                     Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32,
-                                                          torch.float64)),
-                                     doc="torch math, fp32 statistics"))
-        registry.add_backend(Backend(
-            cid, "triton", functools.partial(_kernel, "triton", kind),
-            Capabilities(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                         requires=("triton>=3.6",), interpreted_on_cpu=True),
-            priority=30, doc="one-pass fused add+norm forward and backward"))
-        registry.add_backend(Backend(
-            cid, "numba", functools.partial(_kernel, "numba", kind),
-            Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64), requires=("numba>=0.60",)),
-            priority=20, doc="row-parallel fused add+norm forward and backward"))
+    register_normres_backends(registry, (
+        NormresBackends(cid, reference, functools.partial(_kernels, kind),
+                        "torch math, fp32 statistics", "fused add+norm forward and backward")
+        for cid, (kind, _, reference, _) in KINDS.items()))
     gated_plugin.register_backends(registry)

@@ -16,6 +16,9 @@ The op object (:class:`KernelPolicyOps`) also carries the backend's decode-time 
 * ``decode(q, k, v, scale, scores)`` -> ``(o [B, Tq, Hq, D], s [B, Hk, T] fp32 or None)``: the
   split-K decode kernel over the kept cache ``[B, Hk, T, D]`` and, when the policy accumulates
   attention (h2o), the per-kv-head token scores from the score kernel;
+* ``decode_h2o`` (token.h2o): the whole H2O step fused: the split-K decode writes its logits, one
+  kernel turns them into probabilities with the final lse, adds them to the running scores and
+  evicts the lowest unprotected token in place (``core/cache.py`` takes this path when it exists);
 * ``select`` (``select_topk``: the reference's kept set, by top-k instead of a full sort) and
   ``compact`` (Triton row gather on the GPU; torch gather otherwise).
 
@@ -119,6 +122,16 @@ class KernelPolicyOps:
         return select_topk(scores, positions, seen, keep, sinks, recent)
 
     @property
+    def decode_h2o(self):
+        """token.h2o only (else None): the fused decoding step ``(q, k, v, pos, acc, seen, keep,
+        sinks, recent, scale) -> (o, evicted)`` of ``kv_decode.decode_h2o``: the decode pass writes
+        its logits, one kernel adds the probabilities to ``acc`` and (one token over the budget)
+        evicts in place, so the scores never take a second pass over K."""
+        if self.component != "token.h2o":
+            return None
+        return (_triton() if self.kind == "triton" else _numba()).decode_h2o
+
+    @property
     def evict_one(self):
         """Triton only: the one-token in-place eviction kernel (``kv_decode.evict_one``)."""
         return _triton().evict_one if self.kind == "triton" else None
@@ -162,6 +175,8 @@ def blockzoo_register_backends(registry) -> None:
              Capabilities(devices=("cpu",), dtypes=CPU_FLOATS, grad=False, requires=("numba>=0.60",),
                           rules=(_gqa_rule,)),
              20, "Numba decode attention per (batch, kv head) + score kernel from its lse")
+    from .mixeddim import register_backends as register_mixeddim  # decode over token.mixeddim's pools
+    register_mixeddim(registry)
 
 
 __all__ = ["KernelPolicyOps", "decode_op", "COMPONENTS"]

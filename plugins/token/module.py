@@ -122,26 +122,49 @@ class MixedDimPolicy(KVPolicy):
     that the cache holds exactly ``keep(seen) * D`` elements per (layer, batch, kv head).
 
     Token importance: accumulated attention (as H2O). Channel order per (layer, batch, kv head),
-    fixed at prefill (``channel_ranks``). Dropped channels are zeroed in place (the cache stays
-    [B, Hk, T, D]; a packed layout is not implemented), ``lc.extra["dims"]`` holds the kept
-    count of every token, and memory is accounted in elements (``held_tokens``)."""
+    fixed at prefill (``channel_ranks``); a token keeps a multiple of ``D / levels`` channels.
+    ``layout="packed"`` (default): tokens live in per-width pools (``plugins/token/mixeddim.py``,
+    ``lc.extra["packed"]``) that hold exactly the kept elements; the policy runs the decode step
+    itself (``attend``, over the pools and the full-width tail of new tokens) and memory is the
+    real buffers' size. ``layout="zeroed"``: the full-width cache with dropped channels zeroed,
+    ``lc.extra["dims"]`` the kept count per token, memory accounted in elements (the same
+    allocation decisions; kept as the readable reference of the packed layout)."""
 
     needs_attention = True
     accumulates = True
 
+    @property
+    def attends(self) -> bool:
+        """core/cache.py hands the decoding step to :meth:`attend` (the packed layout)."""
+        return self.params.layout == "packed"
+
     def held_tokens(self, lc) -> float:
+        d = lc.k.shape[-1]
+        store = lc.extra.get("packed")
+        if store is not None:  # the real buffers: pools + the full-width tail
+            held = store.kv_elements() + lc.k.numel() + lc.v.numel()
+            return held / (2.0 * store.rows * d)
         dims = lc.extra.get("dims")
         if dims is None:
             return float(lc.size)
-        return float(dims.sum()) / (dims.shape[0] * dims.shape[1] * lc.k.shape[-1])
+        return float(dims.sum()) / (dims.shape[0] * dims.shape[1] * d)
 
     def prefill_scores(self, q, k, v, positions, layer=0, cache=None):
         if cache is None or not hasattr(cache, "extra"):
             raise ValueError("token.mixeddim rewrites the layer cache (per-token dims): it needs "
                              "prefill_scores(..., cache=LayerCache) and a cache that calls policy.rewrite "
                              "(core/cache.py); this cache does not")
-        cache.extra["k_rank"], cache.extra["v_rank"] = channel_ranks(q, k, v)
-        cache.extra["dims"] = torch.full(positions.shape, k.shape[-1], dtype=torch.long, device=k.device)
+        d = k.shape[-1]
+        if d % self.params.levels:
+            raise ValueError(f"token.mixeddim: levels={self.params.levels} must divide the head dim ({d})")
+        k_rank, v_rank = channel_ranks(q, k, v)
+        if self.attends:
+            from .mixeddim import PackedKV
+            cache.extra["packed"] = PackedKV.empty(k.shape[0], k.shape[2], d, self.params.levels, k_rank, v_rank,
+                                                   k.dtype, k.device)
+        else:
+            cache.extra["k_rank"], cache.extra["v_rank"] = k_rank, v_rank
+            cache.extra["dims"] = torch.full(positions.shape, d, dtype=torch.long, device=k.device)
         return self.scorer(q, k, v, **self.op_kwargs)
 
     def step_scores(self, lc, probs, layer=0):
@@ -152,17 +175,53 @@ class MixedDimPolicy(KVPolicy):
         lc.acc += per_kv_head(probs, lc.k.shape[1]).to(lc.acc.dtype)  # in place: acc stays a cache buffer view
         return lc.acc
 
+    def attend(self, lc, q, kh, vh, pos, scale=None):
+        """The packed layout's decoding step (core/cache.py calls it instead of its own): append
+        the new tokens [B, Hk, t, D] to the full-width tail, ONE softmax over the pools and the
+        tail (the backend's ``decode_packed``, else the reference), accumulate the attention
+        each token received, then rewrite if over the budget. Returns o [B, Tq, Hq, D]."""
+        if lc.size == 0:  # the tail was moved into the pools: a fresh, exactly sized tail
+            lc.k, lc.v, lc.pos = kh.contiguous(), vh.contiguous(), pos.contiguous()
+            lc.acc = torch.zeros(pos.shape, dtype=torch.float32, device=pos.device)
+            lc._bufs.clear()
+        else:
+            lc.append(kh, vh, pos)
+        lc.seen += kh.shape[2]
+        store = lc.extra["packed"]
+        dec = getattr(self.scorer, "decode_packed", None)
+        if dec is None:
+            from .mixeddim import decode_reference as dec
+        o, s_pool, s_tail = dec(q, store, lc.k, lc.v, scale, True)
+        store.acc += s_pool
+        lc.acc += s_tail.to(lc.acc.dtype)
+        self.rewrite(lc, lc.acc)
+        return o
+
     def rewrite(self, lc, scores: torch.Tensor) -> None:
-        """Re-allocate the dims of the cached tokens to exactly the budget (when over it), drop
-        the tokens left with none and zero the dropped channels."""
+        """Re-allocate the dims of the cached tokens to exactly the budget (when over it): the
+        packed layout moves every token into the pool of its new width (the tail included) and
+        empties the tail; the zeroed layout drops the tokens left with none and zeroes the
+        dropped channels. ``scores``: the running importance of the tail (lc.acc)."""
         d = lc.k.shape[-1]
+        p = self.params
+        store = lc.extra.get("packed")
+        if store is not None:
+            from .mixeddim import repack
+            new = repack(store, lc.k, lc.v, lc.pos, scores, lc.seen, self.keep(lc.seen), p.sinks, p.recent)
+            if new is not None:
+                lc.extra["packed"] = new
+                b, hk = lc.k.shape[:2]
+                lc.k, lc.v = lc.k.new_empty(b, hk, 0, d), lc.v.new_empty(b, hk, 0, d)
+                lc.pos, lc.acc = lc.pos.new_empty(b, hk, 0), lc.acc.new_empty(b, hk, 0)
+                lc._bufs.clear()
+            return
         dims = lc.extra["dims"]
         budget = self.keep(lc.seen) * d
         if int(dims.sum(-1).max()) <= budget:
             return
-        p = self.params
         prot = protected_mask(lc.pos, lc.seen, p.sinks, p.recent)
-        new = allocate_dims(scores, lc.k, lc.v, dims, prot, lc.extra["k_rank"], lc.extra["v_rank"], budget)
+        new = allocate_dims(scores, lc.k, lc.v, dims, prot, lc.extra["k_rank"], lc.extra["v_rank"], budget,
+                            step=d // p.levels)
         n = int((new > 0).sum(-1).max())
         idx = torch.sort(torch.sort((new > 0).float(), dim=-1, descending=True, stable=True).indices[..., :n], dim=-1).values
         k, v, pos, acc, dims = compact(idx, lc.k, lc.v, lc.pos, lc.acc, new)

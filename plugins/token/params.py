@@ -4,6 +4,7 @@ scoring ops; ``budget``/``budget_tokens``/``sinks``/``recent`` are read by the s
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,3 +68,10 @@ class EvictParams(KVPolicyParams):
 class MixedDimParams(KVPolicyParams):
     """``token.mixeddim``: per-token number of kept K/V dims; ``budget`` is a fraction of the full
     cache's K/V elements (the same memory as a token policy at that budget)."""
+
+    levels: int = Field(4, ge=1, description="a token keeps 0, D/levels, 2 D/levels, ..., or D channels "
+                                             "(levels must divide the head dim; levels = D: any count)")
+    layout: Literal["packed", "zeroed"] = Field(
+        "packed", description="packed: one buffer per width, tokens of each level stored at that width (real "
+                              "memory savings); zeroed: full-width cache with the dropped channels zeroed "
+                              "(the same decisions; memory only accounted)")

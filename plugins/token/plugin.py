@@ -97,7 +97,8 @@ POLICIES = (
      "mixed-dimension cache: each token keeps a number of K/V channels (0 = evicted), allocated greedily by "
      "attention-weighted energy loss under an exact element budget",
      "Beyond Token Eviction: Mixed-Dimension Budget Allocation for Efficient KV Cache Compression "
-     "(MixedDimKV; Miao et al., 2026), arXiv 2603.20616; allocation rule and channel order are ours"),
+     "(MixedDimKV; Miao et al., 2026), arXiv 2603.20616; allocation rule, channel order, width levels and "
+     "the packed pool layout are ours"),
 )
 
 

@@ -239,7 +239,7 @@ def _greedy(gain: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def allocate_dims(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caps: torch.Tensor,
                   protected: torch.Tensor, k_rank: torch.Tensor, v_rank: torch.Tensor,
-                  budget: int) -> torch.Tensor:
+                  budget: int, step: int = 1) -> torch.Tensor:
     """Kept dims per token [B, Hk, T] (long) with exactly ``budget`` K/V elements per (batch, kv
     head) row, every row keeping the same number of tokens (the cache stays rectangular).
 
@@ -250,21 +250,42 @@ def allocate_dims(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caps: 
     (channels in rank order); the allocation minimises the summed loss greedily (largest
     marginal gain first). Stage 1 lets it drop tokens entirely; stage 2 gives every row the
     largest stage-1 token count n, keeping each row's n best tokens with at least one dim.
-    Requires ``budget < caps.sum(-1)`` (the cache holds more than the budget)."""
+    ``step``: dims move in groups of ``step`` channels (``D / step`` levels; ``D``, ``budget`` and
+    ``caps`` multiples of it); 1 = per channel. Requires ``budget < caps.sum(-1)``."""
     b, hk, t, d = k.shape
+    if step < 1 or d % step or budget % step:
+        raise ValueError(f"step={step} must divide the head dim ({d}) and the budget ({budget})")
     acc = torch.promote_types(k.dtype, torch.float32)
     kk = torch.gather(k.to(acc) ** 2, -1, torch.argsort(k_rank, -1)[:, :, None, :].expand(b, hk, t, d))
     vv = torch.gather(v.to(acc) ** 2, -1, torch.argsort(v_rank, -1)[:, :, None, :].expand(b, hk, t, d))
-    share = 0.5 * (kk / kk.sum(-1, keepdim=True).clamp_min(1e-30) + vv / vv.sum(-1, keepdim=True).clamp_min(1e-30))
+    ke, ve = group_energy(kk, step), group_energy(vv, step)
+    return allocate_units(scores, ke, ve, caps // step, protected, budget // step, unit=step) * step
+
+
+def group_energy(sq: torch.Tensor, step: int) -> torch.Tensor:
+    """[..., D] squared channels in rank order -> [..., D / step]: the energy of each group of
+    ``step`` consecutive ranks (the packed layout computes the same from its pools)."""
+    return sq.view(*sq.shape[:-1], sq.shape[-1] // step, step).sum(-1)
+
+
+def allocate_units(scores: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor, caps: torch.Tensor,
+                   protected: torch.Tensor, budget: int, unit: int = 1) -> torch.Tensor:
+    """:func:`allocate_dims` on group energies: ke, ve [B, Hk, T, L] (energy of each group of
+    ``unit`` channels, in rank order), caps [B, Hk, T] and ``budget`` in groups; returns the kept
+    groups per token [B, Hk, T]. ``unit`` only scales the numbers in error messages."""
+    b, hk, t, d = ke.shape
+    acc = ke.dtype
+    share = 0.5 * (ke / ke.sum(-1, keepdim=True).clamp_min(1e-30) + ve / ve.sum(-1, keepdim=True).clamp_min(1e-30))
     gain = scores.to(acc).clamp_min(0)[..., None] * share
     gain = torch.cummin(gain, dim=-1).values  # non-increasing along the ranks
-    ranks = torch.arange(d, device=k.device)
+    ranks = torch.arange(d, device=ke.device)
     allowed = (ranks < caps[..., None]) & ~protected[..., None]
     gain = gain.masked_fill(~allowed, float("-inf")).view(b * hk, t, d)
     n_prot = protected.sum(-1).view(-1)
     rest = budget - n_prot * d
     if bool((rest < 0).any()):
-        raise ValueError(f"budget of {budget} elements is smaller than the protected tokens' {int(n_prot.max()) * d}")
+        raise ValueError(f"budget of {budget * unit} elements is smaller than the protected tokens' "
+                         f"{int(n_prot.max()) * d * unit}")
     if bool((caps.masked_fill(protected, 0).sum(-1).view(-1) < rest).any()):
         raise ValueError("allocate_dims: the cache holds fewer elements than the budget")
     got = _greedy(gain, rest)                                          # stage 1 [R, T]

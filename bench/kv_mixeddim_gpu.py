@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""token.mixeddim on one GPU (about 10 s): decode attention over the packed per-width pools
+against our split-K decode over the full cache and over a token-evicted cache of the same bytes.
+
+1. correctness first (the run stops if it fails): the Triton pooled decode (o and per-token
+   scores) against the fp32 reference (zero-padded unpack + dense decode) on small odd shapes
+   (T=37, D=40, GQA 3, Tq=2, bf16 and fp32) and on the big shape below;
+2. at B=16, T=32768, Hq=32, Hk=8, D=128, bf16, Tq=1, budget 25% (sinks 4, recent 64; token
+   importance = random skewed scores, so the allocator spreads tokens over the levels):
+   - ``full``: ``kv_decode.decode_attention`` over the full cache [B, Hk, T, D];
+   - ``evict``: the same kernel over budget * T tokens (a token policy at the same bytes);
+   - ``zeroed``: the same kernel over the tokens mixeddim keeps, at full width (the zeroed layout);
+   - ``pooled``: ``kv_mixeddim.pooled_decode`` over the pools (o only) and ``pooled+scores``
+     (o and the per-token attention the policy accumulates), plus the torch glue around it
+     (query permutation, output unpermutation) as ``pooled_step``;
+   - bytes: the pools' real storage vs the full cache; the level histogram.
+
+    python3 bench/kv_mixeddim_gpu.py --out DIR                  (GPU; JSON to DIR/kv_mixeddim_gpu.json)
+    TRITON_INTERPRET=1 python3 bench/kv_mixeddim_gpu.py --smoke  (CPU, tiny shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bootstrap import ensure_blockzoo  # noqa: E402
+
+ensure_blockzoo()
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from blockzoo.kernels.triton import kv_decode as kd  # noqa: E402
+from blockzoo.kernels.triton import kv_mixeddim as km  # noqa: E402
+from blockzoo.plugins.token.mixeddim import (  # noqa: E402
+    PackedKV,
+    decode_kernel,
+    decode_reference,
+    permute_queries,
+    repack,
+)
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEV = "cuda" if CUDA else "cpu"
+
+
+def bench(fn, rep=40):
+    if CUDA:
+        return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def make(B, Hk, Hq, T, D, levels, keep, dtype, seed=0, sinks=4, recent=64, tq=1):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    k = torch.randn(B, Hk, T, D, generator=g, device=DEV).to(dtype)
+    v = torch.randn(B, Hk, T, D, generator=g, device=DEV).to(dtype)
+    pos = torch.arange(T, device=DEV).expand(B, Hk, T).contiguous()
+    acc = torch.rand(B, Hk, T, generator=g, device=DEV) ** 4
+    kr = torch.argsort(torch.rand(B, Hk, D, generator=g, device=DEV), -1)
+    vr = torch.argsort(torch.rand(B, Hk, D, generator=g, device=DEV), -1)
+    st = PackedKV.empty(B, Hk, D, levels, kr, vr, dtype, DEV)
+    st = repack(st, k[:, :, :T - tq], v[:, :, :T - tq], pos[:, :, :T - tq], acc[:, :, :T - tq], T,
+                keep, min(sinks, keep // 4), min(recent, keep // 4))
+    q = torch.randn(B, tq, Hq, D, generator=g, device=DEV).to(dtype)
+    return st, q, k, v
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+
+
+def check(st, q, k, v, tq, tol):
+    tk, tv = k[:, :, -tq:].contiguous(), v[:, :, -tq:].contiguous()
+    o, sp, stl = decode_kernel("triton", q, st, tk, tv)
+    ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float(), "vbuf": st.vbuf.float()})
+    o0, sp0, st0 = decode_reference(q.float(), ref, tk.float(), tv.float())
+    errs = {"o": rel_err(o, o0), "s_pool": rel_err(sp, sp0), "s_tail": rel_err(stl, st0)}
+    ok = all(e < tol for e in errs.values())
+    return errs, ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--levels", type=int, default=4)
+    a = ap.parse_args()
+    res = {"device": torch.cuda.get_device_name() if CUDA else "cpu (TRITON_INTERPRET)", "torch": torch.__version__,
+           "triton": triton.__version__, "checks": {}}
+    # 1. correctness
+    small = [("T37-D40-gqa3-tq2", 2, 2, 6, 37, 40, 4, 12, 2, torch.float32, 1e-4),
+             ("T37-D40-gqa3-tq2-bf16", 2, 2, 6, 37, 40, 4, 12, 2, torch.bfloat16, 2e-2)]
+    for name, B, Hk, Hq, T, D, lv, keep, tq, dt, tol in small:
+        st, q, k, v = make(B, Hk, Hq, T, D, lv, keep, dt, tq=tq, sinks=2, recent=3)
+        errs, ok = check(st, q, k, v, tq, tol)
+        res["checks"][name] = {**errs, "ok": ok}
+        if not ok:
+            raise SystemExit(f"correctness failed: {name} {errs}")
+    B, Hq, Hk, T, D = (2, 4, 2, 256, 32) if a.smoke else (16, 32, 8, 32768, 128)
+    dt = torch.bfloat16
+    keep = int(T * a.budget)
+    st, q, k, v = make(B, Hk, Hq, T, D, a.levels, keep, dt)
+    errs, ok = check(st, q, k, v, 1, 2e-2)
+    res["checks"]["big"] = {**errs, "ok": ok}
+    if not ok:
+        raise SystemExit(f"correctness failed at the big shape: {errs}")
+    # 2. timings
+    tk, tv = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
+    lev_tok = (st.tok_off[:, -1] - st.tok_off[:, 0]).tolist()
+    n_kept = sum(lev_tok) // (B * Hk) + 1
+    kept_k, kept_v = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
+    zk, zv = k[:, :, :n_kept].contiguous(), v[:, :, :n_kept].contiguous()
+    qp = permute_queries(q, st.k_order, Hk)
+    t = {
+        "full": bench(lambda: kd.decode_attention(q, k, v)),
+        "evict": bench(lambda: kd.decode_attention(q, kept_k, kept_v)),
+        "zeroed": bench(lambda: kd.decode_attention(q, zk, zv)),
+        "pooled": bench(lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv,
+                                                 None, False)),
+        "pooled+scores": bench(lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step,
+                                                        tk, tv, None, True)),
+        "pooled_step": bench(lambda: decode_kernel("triton", q, st, tk, tv, None, True)),
+    }
+    full_bytes = 2 * k.numel() * k.element_size()
+    res.update({
+        "shape": {"B": B, "Hq": Hq, "Hk": Hk, "T": T, "D": D, "dtype": str(dt), "budget": a.budget,
+                  "levels": a.levels},
+        "ms": t,
+        "ratio_full_over_pooled": t["full"] / t["pooled"],
+        "ratio_evict_over_pooled": t["evict"] / t["pooled"],
+        "tokens_per_level": lev_tok,
+        "tokens_kept_per_row": n_kept,
+        "pool_bytes": st.kv_nbytes(), "full_bytes": full_bytes, "pool_over_full": st.kv_nbytes() / full_bytes,
+        "pooled_GBps": st.kv_nbytes() / (t["pooled"] * 1e-3) / 1e9,
+        "full_GBps": full_bytes / (t["full"] * 1e-3) / 1e9,
+    })
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_mixeddim_gpu.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""token.mixeddim's packed cache: tokens stored at the width they keep, so the memory really shrinks.
+
+Layout (:class:`PackedKV`, one per layer, in ``LayerCache.extra["packed"]``). A token keeps
+``0, g, 2g, ..., D`` channels (``g = D / levels``); "keeps ``w``" means the first ``w`` channels of
+its (batch, kv head)'s channel order, fixed at prefill (keys and values have their own order,
+``channel_ranks``). Level ``l`` (``0 <= l < levels``) holds the tokens that keep ``w_l = (l+1) g``
+channels, stored **in rank order** and only those ``w_l`` channels:
+
+* ``kbuf``, ``vbuf`` [E]: one flat buffer each; level ``l`` is the ``[n_l, w_l]`` block starting at
+  element ``elem_base[l]``, its tokens grouped by row (row = ``b * Hk + hk``), each row's tokens
+  in time order; so ``E = sum_l n_l w_l`` is exactly the number of K (or V) elements kept;
+* ``pos`` [N] (absolute positions), ``acc`` [N] fp32 (accumulated attention), indexed by the
+  global token index ``i`` (level-major); ``tok_off`` [levels, R + 1]: the tokens of row ``r`` in
+  level ``l`` are ``tok_off[l, r] <= i < tok_off[l, r + 1]``; the element of token ``i`` of level
+  ``l`` at rank ``c`` is ``elem_base[l] + (i - tok_off[l, 0]) * w_l + c``;
+* ``k_order``, ``v_order`` [R, D]: channel at each rank (``argsort`` of the ranks).
+
+The tokens written since the last rewrite (the new decode tokens) stay in the layer cache's
+ordinary full-width tail (``lc.k``, ``lc.v`` ``[B, Hk, t, D]``, natural channel order, with
+``lc.pos``, ``lc.acc``); a rewrite moves them into the pools.
+
+Decode attention is ONE softmax over all pools and the tail: the scores of a level-``l`` token
+are ``q_perm[:w_l] . k[:w_l]`` (``q_perm`` = q in its kv head's key rank order, which is what the
+zeroed full-width layout computes, since the dropped channels are zero there), its value adds to
+the first ``w_l`` channels of the output in value rank order, mapped back to natural order at the
+end. Backends: ``reference`` (zero-padded unpack + ``reference.decode_attention``; obviously right,
+not memory-lean), ``triton`` (``kernels/triton/kv_mixeddim.py``) and ``numba``
+(``kernels/numba/kv_mixeddim.py``), which read the pools directly.
+
+Rewrite (:func:`repack`): the pools and the tail are viewed as one table per row in time order
+(every row holds the same number of tokens), the group energies of each token (``g`` channels
+per group, computed from the stored values) go to ``reference.allocate_units`` (the allocator the
+zeroed layout uses through ``allocate_dims(step=g)``: the same inputs, so the same decisions),
+and each new level is gathered from wherever its tokens are (a token never regains channels).
+Transient memory of a rewrite: the old and the new pools (both packed), never a full-width copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference import allocate_units, decode_attention, per_kv_head, protected_mask
+
+
+@dataclass
+class PackedKV:
+    b: int
+    hk: int
+    d: int
+    levels: int
+    k_order: torch.Tensor    # [R, D] long: channel at each key rank
+    v_order: torch.Tensor    # [R, D] long: channel at each value rank
+    kbuf: torch.Tensor       # [E]
+    vbuf: torch.Tensor       # [E]
+    pos: torch.Tensor        # [N] long
+    acc: torch.Tensor        # [N] fp32
+    tok_off: torch.Tensor    # [levels, R + 1] int64
+    elem_base: torch.Tensor  # [levels] int64
+
+    @property
+    def step(self) -> int:
+        return self.d // self.levels
+
+    @property
+    def rows(self) -> int:
+        return self.b * self.hk
+
+    @property
+    def count(self) -> int:
+        return self.pos.shape[0]
+
+    def width(self, level: int) -> int:
+        return (level + 1) * self.step
+
+    @classmethod
+    def empty(cls, b: int, hk: int, d: int, levels: int, k_rank: torch.Tensor, v_rank: torch.Tensor,
+              dtype: torch.dtype, device) -> PackedKV:
+        if levels < 1 or d % levels:
+            raise ValueError(f"token.mixeddim: levels={levels} must divide the head dim ({d}) "
+                             f"(allowed: the divisors of {d})")
+        r = b * hk
+        return cls(b, hk, d, levels, torch.argsort(k_rank.reshape(r, d), -1), torch.argsort(v_rank.reshape(r, d), -1),
+                   torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device),
+                   torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.float32, device=device),
+                   torch.zeros(levels, r + 1, dtype=torch.long, device=device),
+                   torch.zeros(levels, dtype=torch.long, device=device))
+
+    # -- memory --------------------------------------------------------------------------------
+    def kv_elements(self) -> int:
+        """K and V elements held (the real buffers' sizes)."""
+        return self.kbuf.numel() + self.vbuf.numel()
+
+    def kv_nbytes(self) -> int:
+        """Bytes of the K and V buffers' storage (what the allocator really holds)."""
+        return self.kbuf.untyped_storage().nbytes() + self.vbuf.untyped_storage().nbytes()
+
+    # -- views ---------------------------------------------------------------------------------
+    def meta(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per global token: level [N], row [N], element base [N] (all long)."""
+        dev = self.pos.device
+        offs = self.tok_off.tolist()
+        bases = self.elem_base.tolist()
+        lev, row, base = [], [], []
+        r = torch.arange(self.rows, device=dev)
+        for lv in range(self.levels):
+            cnt = torch.tensor(offs[lv][1:], device=dev) - torch.tensor(offs[lv][:-1], device=dev)
+            n = offs[lv][-1] - offs[lv][0]
+            lev.append(torch.full((n,), lv, dtype=torch.long, device=dev))
+            row.append(torch.repeat_interleave(r, cnt))
+            base.append(bases[lv] + torch.arange(n, device=dev) * self.width(lv))
+        return torch.cat(lev), torch.cat(row), torch.cat(base)
+
+    def table(self) -> torch.Tensor:
+        """[R, n] global token indices of every row, in time order (every row holds n tokens)."""
+        _, row, _ = self.meta()
+        if self.count == 0:
+            return torch.empty(self.rows, 0, dtype=torch.long, device=self.pos.device)
+        key = row * (int(self.pos.max()) + 1) + self.pos
+        return torch.argsort(key).view(self.rows, -1)
+
+    def unpack(self):
+        """Full-width copies in natural channel order, zeros where dropped, rows in time order:
+        k, v [B, Hk, n, D], pos, acc, dims [B, Hk, n] and the global index of each [R, n].
+        For the reference decode and the tests (it is the zeroed layout's content)."""
+        lev, _, base = self.meta()
+        idx = self.table()
+        n = idx.shape[1]
+        dims = ((lev + 1) * self.step)[idx]                                  # [R, n]
+        rng = torch.arange(self.d, device=self.pos.device)
+        keep = rng[None, None, :] < dims[..., None]                         # [R, n, D] rank order
+        el = (base[idx][..., None] + rng).masked_fill(~keep, 0)
+        out = []
+        for buf, order in ((self.kbuf, self.k_order), (self.vbuf, self.v_order)):
+            ranked = buf[el] * keep.to(buf.dtype) if buf.numel() else torch.zeros(
+                *keep.shape, dtype=buf.dtype, device=buf.device)
+            nat = torch.zeros_like(ranked).scatter_(-1, order[:, None, :].expand(-1, n, -1), ranked)
+            out.append(nat.view(self.b, self.hk, n, self.d))
+        shp = (self.b, self.hk, n)
+        return out[0], out[1], self.pos[idx].view(shp), self.acc[idx].view(shp), dims.view(shp), idx
+
+
+def _rank_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, t, D] natural order -> [R, t, D] rank order."""
+    b, hk, t, d = x.shape
+    return torch.gather(x.reshape(b * hk, t, d), -1, order[:, None, :].expand(-1, t, -1))
+
+
+def repack(store: PackedKV, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep: int, sinks: int,
+           recent: int) -> PackedKV | None:
+    """The store after re-allocating the dims of every token (pools + the full-width tail) to
+    exactly ``keep * D`` elements per row; None when the row holds no more than that."""
+    R, L, g, d = store.rows, store.levels, store.step, store.d
+    dev = store.pos.device
+    acc_dt = torch.promote_types(store.kbuf.dtype, torch.float32)
+    t = 0 if tail_k is None else tail_k.shape[2]
+    n_all = store.count + R * t
+    if n_all % R:
+        raise RuntimeError(f"token.mixeddim: rows hold different token counts ({n_all} tokens over {R} rows)")
+    T = n_all // R
+    budget = keep * L
+    lev, row, base = store.meta()
+    caps_all = torch.cat([lev + 1, torch.full((R * t,), L, dtype=torch.long, device=dev)])
+    if T == 0 or T * L <= budget:
+        return None
+    # group energies [tokens, L] from the stored values (the same numbers the zeroed layout sees)
+    ke = torch.zeros(n_all, L, dtype=acc_dt, device=dev)
+    ve = torch.zeros(n_all, L, dtype=acc_dt, device=dev)
+    offs, bases = store.tok_off.tolist(), store.elem_base.tolist()
+    for lv in range(L):
+        t0, t1, w = offs[lv][0], offs[lv][-1], store.width(lv)
+        if t1 > t0:
+            for e, buf in ((ke, store.kbuf), (ve, store.vbuf)):
+                blk = buf[bases[lv]:bases[lv] + (t1 - t0) * w].view(t1 - t0, lv + 1, g)
+                e[t0:t1, :lv + 1] = (blk.to(acc_dt) ** 2).sum(-1)
+    tk = tv = None
+    if t:
+        tk, tv = _rank_order(tail_k, store.k_order), _rank_order(tail_v, store.v_order)
+        ke[store.count:] = (tk.to(acc_dt) ** 2).view(R * t, L, g).sum(-1)
+        ve[store.count:] = (tv.to(acc_dt) ** 2).view(R * t, L, g).sum(-1)
+    rows_all = torch.cat([row, torch.arange(R, device=dev).repeat_interleave(t)])
+    pos_all = torch.cat([store.pos, tail_pos.reshape(-1)]) if t else store.pos
+    acc_all = torch.cat([store.acc, tail_acc.reshape(-1).float()]) if t else store.acc
+    ebase_all = torch.cat([base, store.kbuf.numel() + torch.arange(R * t, device=dev) * d])
+    order = torch.argsort(rows_all * (int(pos_all.max()) + 1) + pos_all).view(R, T)
+    shp = (store.b, store.hk, T)
+    caps = caps_all[order].view(shp)
+    if int(caps.sum(-1).max()) <= budget:
+        return None
+    pos_t = pos_all[order].view(shp)
+    prot = protected_mask(pos_t, seen, sinks, recent)
+    units = allocate_units(acc_all[order].view(shp), ke[order].view(*shp, L), ve[order].view(*shp, L), caps, prot,
+                           budget, unit=g).view(R, T)
+    allk = torch.cat([store.kbuf, tk.reshape(-1)]) if t else store.kbuf
+    allv = torch.cat([store.vbuf, tv.reshape(-1)]) if t else store.vbuf
+    ks, vs, ps, accs, tok_off, elem_base = [], [], [], [], [], []
+    n_tok = n_el = 0
+    for lv in range(L):
+        w = store.width(lv)
+        m = units == lv + 1
+        sel = order[m]                                      # row-major: rows contiguous, time order
+        el = ebase_all[sel][:, None] + torch.arange(w, device=dev)
+        ks.append(allk[el].reshape(-1))
+        vs.append(allv[el].reshape(-1))
+        ps.append(pos_all[sel])
+        accs.append(acc_all[sel])
+        tok_off.append(n_tok + torch.cat([torch.zeros(1, dtype=torch.long, device=dev), m.sum(-1).cumsum(0)]))
+        elem_base.append(n_el)
+        n_tok += sel.shape[0]
+        n_el += sel.shape[0] * w
+    return PackedKV(store.b, store.hk, d, L, store.k_order, store.v_order, torch.cat(ks), torch.cat(vs),
+                    torch.cat(ps), torch.cat(accs), torch.stack(tok_off),
+                    torch.tensor(elem_base, dtype=torch.long, device=dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode over the pooled cache
+def permute_queries(q: torch.Tensor, order: torch.Tensor, hk: int) -> torch.Tensor:
+    """q [B, Tq, Hq, D] -> each query head's channels in its kv head's rank order."""
+    b, tq, hq, d = q.shape
+    idx = order.view(b, 1, hk, 1, d).expand(b, tq, hk, hq // hk, d).reshape(b, tq, hq, d)
+    return torch.gather(q, -1, idx)
+
+
+def unpermute_output(o_r: torch.Tensor, order: torch.Tensor, hk: int) -> torch.Tensor:
+    """o_r [B, Tq, Hq, D] in value rank order -> natural channel order."""
+    b, tq, hq, d = o_r.shape
+    idx = order.view(b, 1, hk, 1, d).expand(b, tq, hk, hq // hk, d).reshape(b, tq, hq, d)
+    return torch.zeros_like(o_r).scatter_(-1, idx, o_r)
+
+
+def decode_reference(q, store: PackedKV, tail_k, tail_v, scale=None, scores: bool = True):
+    """Reference: (o [B, Tq, Hq, D], pool scores [N] fp32, tail scores [B, Hk, t] fp32) by
+    unpacking the pools to full width (zeros) and running dense decode attention (fp32)."""
+    k, v, _, _, _, idx = store.unpack()
+    n = k.shape[2]
+    kc = torch.cat([k.to(tail_k.dtype), tail_k], 2)
+    vc = torch.cat([v.to(tail_v.dtype), tail_v], 2)
+    o, p = decode_attention(q, kc, vc, scale=scale)
+    if not scores:
+        return o, None, None
+    s = per_kv_head(p, store.hk).float()
+    s_pool = torch.zeros(store.count, dtype=torch.float32, device=q.device)
+    s_pool[idx.reshape(-1)] = s[..., :n].reshape(-1)
+    return o, s_pool, s[..., n:]
+
+
+#: most query rows (GQA group x new queries) one Triton program holds
+MAX_ROWS = 64
+
+
+def decode_kernel(kind: str, q, store: PackedKV, tail_k, tail_v, scale=None, scores: bool = True):
+    """The same contract as :func:`decode_reference` on the Triton or Numba kernel. A Triton
+    step with more than :data:`MAX_ROWS` query rows per kv head (a long multi-token step) goes to
+    the reference (one program holds all rows of its group)."""
+    if kind == "triton":
+        from ...kernels.triton import kv_mixeddim as mod
+    elif kind == "numba":
+        from ...kernels.numba import kv_mixeddim as mod
+    else:
+        raise ValueError(f"token.mixeddim decode kernel: kind must be 'triton' or 'numba', got {kind!r}")
+    from ...kernels.numba.kv_mixeddim import check_pooled
+    check_pooled(q, q, store.kbuf, store.vbuf, store.tok_off, store.elem_base, store.step, tail_k, tail_v)
+    if kind == "triton" and q.shape[2] // tail_k.shape[1] * q.shape[1] > MAX_ROWS:
+        return decode_reference(q, store, tail_k, tail_v, scale, scores)
+    qp = permute_queries(q, store.k_order, store.hk)
+    o_n, o_r, s_pool, s_tail = mod.pooled_decode(q, qp, store.kbuf, store.vbuf, store.tok_off, store.elem_base,
+                                                 store.step, tail_k, tail_v, scale, scores)
+    o = o_n + unpermute_output(o_r, store.v_order, store.hk)
+    return o.to(q.dtype), s_pool, s_tail
+
+
+class MixedDimKernelOps:
+    """Registered op of token.mixeddim's Triton / Numba backend: the scorer (the attention each
+    key receives, from the h2o kernels) plus ``decode_packed`` over the pooled cache."""
+
+    def __init__(self, kind: str) -> None:
+        from .backends import KernelPolicyOps
+        self.kind = kind
+        self._h2o = KernelPolicyOps("token.h2o", kind)
+        self.__name__ = f"mixeddim_scores_{kind}"
+
+    def __repr__(self) -> str:
+        return f"MixedDimKernelOps({self.kind!r})"
+
+    def __call__(self, q, k, v, **_policy):
+        return self._h2o(q, k, v)
+
+    def decode(self, q, k, v, scale=None, scores: bool = False):
+        """Full-width decode (the zeroed layout): the h2o kernels'."""
+        return self._h2o.decode(q, k, v, scale, scores)
+
+    def decode_packed(self, q, store, tail_k, tail_v, scale=None, scores: bool = True):
+        return decode_kernel(self.kind, q, store, tail_k, tail_v, scale, scores)
+
+
+def register_backends(registry) -> None:
+    """token.mixeddim's triton and numba backends (called from backends.py's hook)."""
+    from ...registry import Backend, Capabilities
+    from ..attention.plugin import CPU_FLOATS, GPU_DTYPES, _gqa_rule
+    caps = {
+        "triton": Capabilities(devices=("cuda",), dtypes=GPU_DTYPES, head_dims=range(1, 257), grad=False,
+                               requires=("triton>=3.6",), min_compute_capability=(8, 0), interpreted_on_cpu=True,
+                               rules=(_gqa_rule,)),
+        "numba": Capabilities(devices=("cpu",), dtypes=CPU_FLOATS, grad=False, requires=("numba>=0.60",),
+                              rules=(_gqa_rule,)),
+    }
+    docs = {"triton": "one-softmax Triton decode over the packed per-width pools (one program per (batch, kv "
+                      "head), scores in a second pass with the final lse); scorer = the h2o kernels",
+            "numba": "Numba decode over the packed per-width pools, one task per (batch, kv head); scorer = the "
+                     "h2o kernels"}
+    for kind, prio in (("triton", 30), ("numba", 20)):
+        b = Backend("token.mixeddim", kind, MixedDimKernelOps(kind), caps[kind], priority=prio, doc=docs[kind])
+        b.materialises_attention = True
+        registry.add_backend(b)
