@@ -67,9 +67,9 @@ def _pooled_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, OR, ON, LSE2, SP, ST,
     for lev in range(0, _loop_bound(L)):
         w = (lev + 1) * STEP
         row0 = TOK + lev * (R + 1)
-        tb = tl.load(row0)
-        t0 = tl.load(row0 + r)
-        t1 = tl.load(row0 + r + 1)
+        tb = tl.load(row0).to(tl.int32)
+        t0 = tl.load(row0 + r).to(tl.int32)
+        t1 = tl.load(row0 + r + 1).to(tl.int32)
         eb = tl.load(EB + lev)
         for start in range(_loop_bound(t0), _loop_bound(t1), BLOCK_N):
             cols = start + offs_n
@@ -121,9 +121,9 @@ def _pooled_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, OR, ON, LSE2, SP, ST,
         for lev in range(0, _loop_bound(L)):
             w = (lev + 1) * STEP
             row0 = TOK + lev * (R + 1)
-            tb = tl.load(row0)
-            t0 = tl.load(row0 + r)
-            t1 = tl.load(row0 + r + 1)
+            tb = tl.load(row0).to(tl.int32)
+            t0 = tl.load(row0 + r).to(tl.int32)
+            t1 = tl.load(row0 + r + 1).to(tl.int32)
             eb = tl.load(EB + lev)
             for start in range(_loop_bound(t0), _loop_bound(t1), BLOCK_N):
                 cols = start + offs_n
