@@ -173,41 +173,50 @@ DQ_CANDS = [MCfg(64, 64, 4, 2, p) for p in (0, 1)] + [MCfg(128, 64, 8, 2, p) for
     [MCfg(64, 32, 4, 2, p) for p in (0, 1)]
 
 
-def tune(d, t=16384, s=64, hq=16, hk=2):
-    """Pick the fwd and dq tile configs for head dim d (bf16) on one shape; sets moda.CFGS."""
+FWD_MMA_CANDS = [MCfg(128, 64, 8, 2), MCfg(128, 128, 8, 2), MCfg(128, 64, 4, 2), MCfg(64, 64, 4, 2),
+                 MCfg(128, 128, 8, 3), MCfg(64, 128, 4, 2)]
+DQ_MMA_CANDS = [MCfg(64, 64, 4, 2), MCfg(128, 64, 8, 2), MCfg(64, 32, 4, 2), MCfg(64, 64, 4, 3),
+                MCfg(128, 128, 8, 2)]
+
+
+def tune(d, t=16384, s=64, hq=16, hk=2, b=1, path="rowwise"):
+    """Pick the fwd and dq tile configs of one depth path for head dim d (bf16) on one shape;
+    sets moda.CFGS (kinds "fwd"/"dq" for the rowwise path, "fwd_mma"/"dq_mma" for mma)."""
     dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(1, t, hq, d, device=dev, dtype=dt, requires_grad=True)
-    k = torch.randn(1, t, hk, d, device=dev, dtype=dt, requires_grad=True)
-    v = torch.randn(1, t, hk, d, device=dev, dtype=dt, requires_grad=True)
-    dk = torch.randn(1, t * s, hk, d, device=dev, dtype=dt, requires_grad=True)
-    dv = torch.randn(1, t * s, hk, d, device=dev, dtype=dt, requires_grad=True)
+    q = torch.randn(b, t, hq, d, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(b, t, hk, d, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(b, t, hk, d, device=dev, dtype=dt, requires_grad=True)
+    dk = torch.randn(b, t * s, hk, d, device=dev, dtype=dt, requires_grad=True)
+    dv = torch.randn(b, t * s, hk, d, device=dev, dtype=dt, requires_grad=True)
     do = torch.randn_like(q)
     bd = max(16, triton.next_power_of_2(d))
+    kf, kq = ("fwd", "dq") if path == "rowwise" else ("fwd_mma", "dq_mma")
+    fc, qc = (FWD_CANDS, DQ_CANDS) if path == "rowwise" else (FWD_MMA_CANDS, DQ_MMA_CANDS)
     log = {"fwd": {}, "dq": {}}
-    for c in FWD_CANDS:
-        moda_mod.CFGS[("fwd", bd, 2)] = c
+    for c in fc:
+        moda_mod.CFGS[(kf, bd, 2)] = c
         try:
-            log["fwd"][str(tuple(c))] = do_bench(lambda: moda_attention(q, k, v, dk, dv, True, path="rowwise"), warmup=10, rep=40,
-                                                 return_mode="median")
-        except Exception as exc:  # noqa: BLE001
+            log["fwd"][str(tuple(c))] = do_bench(lambda: moda_attention(q, k, v, dk, dv, True, path=path),
+                                                 warmup=10, rep=40, return_mode="median")
+        except Exception as exc:  # noqa: BLE001 (a config that does not compile or fit)
             log["fwd"][str(tuple(c))] = f"{type(exc).__name__}"
-    best = min((c for c in FWD_CANDS if isinstance(log["fwd"][str(tuple(c))], float)),
+    best = min((c for c in fc if isinstance(log["fwd"][str(tuple(c))], float)),
                key=lambda c: log["fwd"][str(tuple(c))])
-    moda_mod.CFGS[("fwd", bd, 2)] = best
-    o = moda_attention(q, k, v, dk, dv, True, path="rowwise")
-    for c in DQ_CANDS:
-        moda_mod.CFGS[("dq", bd, 2)] = c
+    moda_mod.CFGS[(kf, bd, 2)] = best
+    o = moda_attention(q, k, v, dk, dv, True, path=path)
+    for c in qc:
+        moda_mod.CFGS[(kq, bd, 2)] = c
         try:
             log["dq"][str(tuple(c))] = do_bench(
                 lambda: torch.autograd.grad(o, (q, k, v, dk, dv), do, retain_graph=True), warmup=10, rep=40,
                 return_mode="median")
         except Exception as exc:  # noqa: BLE001
             log["dq"][str(tuple(c))] = f"{type(exc).__name__}"
-    best_dq = min((c for c in DQ_CANDS if isinstance(log["dq"][str(tuple(c))], float)),
+    best_dq = min((c for c in qc if isinstance(log["dq"][str(tuple(c))], float)),
                   key=lambda c: log["dq"][str(tuple(c))])
-    moda_mod.CFGS[("dq", bd, 2)] = best_dq
-    print(f"tuned D{d}: fwd {tuple(best)} dq {tuple(best_dq)}  {log}", flush=True)
-    return {"D": d, "fwd": tuple(best), "dq": tuple(best_dq), "log": log}
+    moda_mod.CFGS[(kq, bd, 2)] = best_dq
+    print(f"tuned {path} D{d} T{t} B{b} S{s}: fwd {tuple(best)} dq {tuple(best_dq)}  {log}", flush=True)
+    return {"path": path, "D": d, "T": t, "B": b, "S": s, "fwd": tuple(best), "dq": tuple(best_dq), "log": log}
 
 
 PRESET_ISSUE6 = ([(4096, d, s, 16, 2, 8) for d in (64, 128) for s in (32, 64)]
@@ -225,8 +234,17 @@ def main():
     ap.add_argument("--s", default="32,64")
     ap.add_argument("--s0", action="store_true", help="also time our kernel with S = 0")
     ap.add_argument("--tune", action="store_true", help="tune the rowwise path's tiles per head dim first")
+    ap.add_argument("--tune-mma", action="store_true",
+                    help="tune the mma path's tiles per head dim first (T=16384 B=1 S=64), then re-run the "
+                         "correctness checks of the mma path with the chosen tiles")
+    ap.add_argument("--add", default="",
+                    help="extra shapes after the preset/grid, 'T,D,S,B;T,D,S,B' at GQA 16:2")
+    ap.add_argument("--bw", type=float, default=3.0e12,
+                    help="device copy rate in bytes/s for the depth-traffic floor column (H100: 3.0e12)")
     ap.add_argument("--out", default=None, help="JSON file (default $OUT/gpu_depth.json)")
     ap.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1: tiny shapes, wall clock")
+    ap.add_argument("--skip-check", action="store_true",
+                    help="skip the compiled correctness checks (when an earlier run in the same session did them)")
     args = ap.parse_args()
     t_start = time.time()
     dry = args.dry_run
@@ -259,6 +277,9 @@ def main():
     if not dry:
         checks += [lambda: check_mod(2, 1000, 256, 0.125, torch.bfloat16),
                    lambda: check_mod(1, 333, 100, 0.3, torch.float32, "raw")]
+    if args.skip_check:
+        checks = []
+        print("skipped (--skip-check)", flush=True)
     for c in checks:
         try:
             r = c()
@@ -280,6 +301,21 @@ def main():
                 print(traceback.format_exc(limit=3), flush=True)
             torch.cuda.empty_cache()
         dump()
+    if args.tune_mma and not dry:
+        print("== mma tile configs (T=16384, B=1, S=64) ==", flush=True)
+        for d in map(int, args.d.split(",")):
+            try:
+                result["tuned"].append(tune(d, path="mma"))
+            except Exception:  # noqa: BLE001
+                print(traceback.format_exc(limit=3), flush=True)
+            torch.cuda.empty_cache()
+        for sh in moda_shapes:  # the tuned tiles must be as correct as the defaults
+            if sh[4] in map(int, args.d.split(",")) and sh[6] == torch.bfloat16:
+                r = check_moda(*sh, path="mma", dev=dev)
+                r["what"] += " (tuned tiles)"
+                result["checks"].append(r)
+                print(("PASS " if r["ok"] else "FAIL ") + r["what"] + f"  max rel err {r['max_rel_err']}", flush=True)
+        dump()
 
     print("== MoDA (rowwise / mma) vs our dense kernel and SDPA flash (sequence part alone), bf16 ==",
           flush=True)
@@ -290,6 +326,9 @@ def main():
                   for d in map(int, args.d.split(",")) for s in map(int, args.s.split(","))]
     else:
         shapes = PRESET_ISSUE6
+    if args.add and not dry:
+        shapes = list(shapes) + [(t, d, s, 16, 2, b) for t, d, s, b in
+                                 (map(int, x.split(",")) for x in args.add.split(";") if x)]
     per_unit = None  # seconds per (B * T^2 / 16384^2) of work, measured
     for t, d, s, hq, hk, b in shapes:
         elapsed = time.time() - t_start
@@ -324,15 +363,19 @@ def main():
     dump()
 
     print("\n| B | T | heads | D | S | mode | rowwise ms | mma ms | ours dense ms | FA2 seq ms | "
-          "rowwise / dense | **mma / dense** | mma / FA2 | mma speedup | depth FLOP share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "rowwise / dense | **mma / dense** | mma / FA2 | mma speedup | depth FLOP share | depth-traffic floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["bench"]:
         for mode in ("fwd", "fwd+bwd"):
             m = {n: x[mode] for n, x in r["ms"].items()}
             row, mma, od, fa = m["moda_rowwise"], m["moda_mma"], m["ours_dense"], m["sdpa_flash_seq"]
+            # the least a depth segment can add to the dense kernel if its memory traffic is not
+            # hidden under the sequence part's compute: the depth K/V read once in the forward,
+            # read again and their gradients written in the backward
+            floor = (1 if mode == "fwd" else 3) * r["depth_kv_bytes"] / args.bw * 1e3 / od
             print(f"| {r['B']} | {r['T']} | {r['Hq']}:{r['Hk']} | {r['D']} | {r['S']} | {mode} | {row:.3f} | "
                   f"{mma:.3f} | {od:.3f} | {fa:.3f} | {row / od:.2f} | **{mma / od:.2f}** | {mma / fa:.2f} | "
-                  f"{row / mma:.2f}x | {100 * r['depth_flop_share']:.1f}% |")
+                  f"{row / mma:.2f}x | {100 * r['depth_flop_share']:.1f}% | +{100 * floor:.0f}% |")
     for sk in result["skipped"]:
         print(f"skipped B{sk['B']} T{sk['T']} D{sk['D']} S{sk['S']} {sk['Hq']}:{sk['Hk']}: "
               f"{sk['why'].splitlines()[0]}")

@@ -89,3 +89,29 @@ def test_two_line_file_passes_the_right_and_fails_the_wrong(tmp_path):
     }, text
     assert "kit.scale:never: no case and dtype it can run here" in text
     assert "seed=7" in text  # --blockzoo-seed pins the seed printed for replay
+
+
+def test_reference_noise_rule_admits_rounding_of_cancelling_sums_only():
+    """compare(noise=...): a backend may err NOISE_FACTOR x the reference's own fp32 rounding, capped
+    at NOISE_CAP x the table; well-conditioned outputs keep the table's bound."""
+    import torch
+
+    from blockzoo.testing.compare import NOISE_CAP, NOISE_FACTOR, compare
+    from blockzoo.testing.tolerances import Tolerance
+    tol = Tolerance(5e-5, 1e-5)
+    e = torch.tensor([1.0], dtype=torch.float64)
+    ref_err = torch.tensor([1e-4], dtype=torch.float64)  # a cancelling sum: the fp32 reference is 1e-4 off
+    assert not compare(e + 3e-4, e, tol).ok
+    assert compare(e + 3e-4, e, tol, noise=ref_err).ok  # 3e-4 <= 4 x 1e-4
+    assert compare(e + 3e-4, e, tol, noise=ref_err).noise_bound == NOISE_FACTOR * 1e-4
+    assert not compare(e + 5e-4, e, tol, noise=ref_err).ok  # > 4 x the reference's error
+    # a discrete flip between the fp32 and fp64 references is not rounding: the cap holds
+    big = torch.tensor([1.0], dtype=torch.float64)
+    assert compare(e + 0.9 * NOISE_CAP * 5e-5, e, tol, noise=big).ok
+    assert not compare(e + 1.1 * NOISE_CAP * 5e-5, e, tol, noise=big).ok
+    # well-conditioned: a reference rounding far below the table changes nothing
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, generator=g, dtype=torch.float64)
+    tiny = torch.full_like(w, 1e-7)
+    assert not compare(w * (1 + 1e-4), w, tol, noise=tiny).ok
+    assert compare(w * (1 + 5e-6), w, tol, noise=tiny).ok
