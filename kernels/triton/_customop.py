@@ -13,7 +13,7 @@ description of the arguments, so a kernel module writes only its launches:
 
 ``grad_tensors`` are extra differentiable inputs (a memory bank, summary keys/values, the depth
 stream), ``aux_tensors`` are inputs without gradient (routing tables), ``params`` the scalars
-(``int``, ``float`` or ``bool``; by convention the last one is ``scale``). The gradient of ``lse`` is
+(``int``, ``float``, ``bool`` or ``str``). The gradient of ``lse`` is
 not supported by these ops (a clear error names the component).
 
 :func:`resolve_scale` gives the default ``1/sqrt(D)``. Every backward starts the same way:
@@ -35,7 +35,7 @@ from .attention import _alloc, _attn_bwd_pre_kernel, _unit_last
 
 # schema types as torch.library infers them from annotations (int -> SymInt), so the ops keep the
 # schemas they had when each module spelled them out
-_SCHEMA_TYPES = {int: "SymInt", float: "float", bool: "bool"}
+_SCHEMA_TYPES = {int: "SymInt", float: "float", bool: "bool", str: "str"}
 
 
 class AttentionOps(NamedTuple):
@@ -47,7 +47,7 @@ def _schema(args: Sequence[str], params: Sequence[tuple[str, type]], n_out: int)
     parts = [f"Tensor {a}" for a in args]
     for pname, ptype in params:
         if ptype not in _SCHEMA_TYPES:
-            raise TypeError(f"param {pname!r}: type {ptype!r} is not one of int, float, bool")
+            raise TypeError(f"param {pname!r}: type {ptype!r} is not one of int, float, bool, str")
         parts.append(f"{_SCHEMA_TYPES[ptype]} {pname}")
     return f"({', '.join(parts)}) -> ({', '.join(['Tensor'] * n_out)})"
 

@@ -48,7 +48,6 @@ Custom ops: ``blockzoo::moda_fwd(q, k, v, depth_k, depth_v, causal, scale, path)
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -56,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._customop import define_attention_ops, resolve_scale
 from .attention import (
     LOG2E,
     Cfg,
@@ -761,62 +761,9 @@ def _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal: bool, scale: float,
 # torch.library custom ops
 # ---------------------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, depth_k, depth_v, causal, scale, path = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, depth_k, depth_v, o, lse)
-    ctx.set_materialize_grads(False)
-    ctx.causal = causal
-    ctx.scale = scale
-    ctx.path = path
-
-
-def _backward(ctx, do, dlse):
-    q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
-    if dlse is not None:
-        raise NotImplementedError("depth.moda (triton): the gradient of lse is not supported")
-    if do is None:
-        return None, None, None, None, None, None, None, None
-    grads = _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, ctx.causal, ctx.scale, ctx.path)
-    return (*grads, None, None, None)
-
-
-def _define_ops():
-    ns = getattr(torch.ops, "blockzoo", None)
-    if ns is not None and hasattr(ns, "moda_fwd") and hasattr(ns, "moda_bwd"):
-        return ns.moda_fwd, ns.moda_bwd
-
-    @torch.library.custom_op("blockzoo::moda_fwd", mutates_args=())
-    def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, depth_k: torch.Tensor,
-               depth_v: torch.Tensor, causal: bool, scale: float,
-               path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, depth_k, depth_v, causal, scale, path)
-
-    @torch.library.custom_op("blockzoo::moda_bwd", mutates_args=())
-    def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, depth_k: torch.Tensor,
-               depth_v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-               path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, path)
-
-    @fwd_op.register_fake
-    def _(q, k, v, depth_k, depth_v, causal, scale, path):
-        B, Tq, Hq, D = q.shape
-        return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
-
-    @bwd_op.register_fake
-    def _(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, path):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape),
-                depth_k.new_empty(depth_k.shape), depth_k.new_empty(depth_k.shape))
-
-    fwd_op.register_autograd(_backward, setup_context=_setup_context)
-    return fwd_op, bwd_op
-
-
-_fwd_op, _bwd_op = _define_ops()
-
-
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+_fwd_op, _bwd_op = define_attention_ops(
+    "moda", "depth.moda (triton)", _fwd_impl, _bwd_impl, grad_tensors=("depth_k", "depth_v"),
+    params=(("causal", bool), ("scale", float), ("path", str)))
 
 
 def _path(path: str | None) -> str:
@@ -831,17 +778,17 @@ def moda_attention(q, k, v, depth_k, depth_v, causal: bool = True, scale: float 
                    path: str | None = None) -> torch.Tensor:
     """MoDA, autograd-enabled: o [B, Tq, Hq, D] like q. ``path``: the depth-step implementation,
     "auto" (default, :func:`depth_path`), "rowwise" or "mma"; None = :data:`DEPTH_PATH`."""
-    o, _ = _fwd_op(q, k, v, depth_k, depth_v, bool(causal), _scale(q, scale), _path(path))
+    o, _ = _fwd_op(q, k, v, depth_k, depth_v, bool(causal), resolve_scale(q, scale), _path(path))
     return o
 
 
 def moda_fwd(q, k, v, depth_k, depth_v, causal: bool = True, scale: float | None = None,
              path: str | None = None):
     """Forward only: (o, lse fp32 [B, Hq, Tq], natural log)."""
-    return _fwd_op(q, k, v, depth_k, depth_v, bool(causal), _scale(q, scale), _path(path))
+    return _fwd_op(q, k, v, depth_k, depth_v, bool(causal), resolve_scale(q, scale), _path(path))
 
 
 def moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, causal: bool = True, scale: float | None = None,
              path: str | None = None):
     """(dq, dk, dv, d_depth_k, d_depth_v) in the input dtype."""
-    return _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, bool(causal), _scale(q, scale), _path(path))
+    return _bwd_op(do, q, k, v, depth_k, depth_v, o, lse, bool(causal), resolve_scale(q, scale), _path(path))
