@@ -5,6 +5,9 @@
 # and the GPU part of tests/test_kernel_precision.py, with every failure reported (-rf, no -x).
 # From the repo root:
 #   bash bench/gpu_precision.sh [gpu_precision.py options]      (writes under $OUT)
+# Timing run of the K/V pre-pass (issue 4), checks first, about 3 min on an H100:
+#   SKIP_MATRIX=1 bash bench/gpu_precision.sh --skip-accuracy
+# (--skip-check: timings only; --variants / --tune / --quick: see gpu_precision.py --help).
 # SKIP_BENCH=1 / SKIP_MATRIX=1 skip a part; MATRIX_WORKERS (default 8, pytest-xdist: the matrix is
 # dominated by Triton compiles, one per case and dtype) and *_TIMEOUT set the limits.
 set -uo pipefail

@@ -83,7 +83,7 @@ def _append(bufs: dict, name: str, cur: torch.Tensor, x: torch.Tensor) -> torch.
 
 
 def fill_holes(lc: LayerCache, drop: torch.Tensor) -> None:
-    """Evict the tokens at ``drop`` [B, Hk, e] (ascending slot indices, e per row) in place:
+    """Evict the tokens at ``drop`` [B, Hk, e] (distinct slot indices, e per row, any order) in place:
     the tokens in the last e slots that stay move into the dropped slots before them, and the
     cache shrinks by e. O(e) writes instead of a gather of the whole cache; the cache stops being
     in time order (attention over it does not need the order: the new tokens of a step are
@@ -92,8 +92,11 @@ def fill_holes(lc: LayerCache, drop: torch.Tensor) -> None:
     base = n - e
     big = n  # sorts after every slot
     in_tail = drop >= base
-    dropped_tail = torch.zeros(*drop.shape[:2], e, dtype=torch.bool, device=drop.device)
-    dropped_tail.scatter_(-1, (drop - base).clamp_min(0), in_tail)
+    # which tail slots leave; drops before the tail go to a spare column e (scatter_ with repeated
+    # indices keeps an unspecified one of the values on CUDA, so no two drops may share an index)
+    dropped_tail = torch.zeros(*drop.shape[:2], e + 1, dtype=torch.bool, device=drop.device)
+    dropped_tail.scatter_(-1, torch.where(in_tail, drop - base, e), in_tail)
+    dropped_tail = dropped_tail[..., :e]
     tail = torch.arange(base, n, device=drop.device).expand_as(drop)
     movers = torch.sort(torch.where(dropped_tail, big, tail), dim=-1).values
     holes = torch.sort(torch.where(in_tail, big, drop), dim=-1).values

@@ -81,7 +81,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     try:
         spec = load_spec(copy.deepcopy(job["spec"]))
-        torch.manual_seed(0)
+        torch.manual_seed(spec.workload.seed)  # a sweep axis workload.seed: [0, 1, 2] gives seeds
         try:
             model = build(spec)
         except BackendUnavailable as exc:
@@ -118,6 +118,9 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
                 metrics["peak_memory_mb"] = mem / 2**20
         for name, cfg in job.get("tasks", {}).items():
             t_task = time.perf_counter()
+            params = get_registry().tasks[name].params
+            if spec.workload.seed and "seed" not in cfg and params is not None and "seed" in params.model_fields:
+                cfg = {**cfg, "seed": spec.workload.seed}  # the task's data follow workload.seed unless set
             metrics.update(run_task(name, lambda: build(spec), spec.model.vocab, cfg, dev))
             metrics[f"{name}_train_s"] = time.perf_counter() - t_task
         return {"status": "ok", "reason": "", "metrics": metrics, "backends": " ".join(backends),

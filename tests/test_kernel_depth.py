@@ -207,7 +207,7 @@ def test_triton_mma_path_edges(case):
 
 def test_depth_path_rule_and_errors():
     from blockzoo.kernels.triton import moda as tm
-    assert [tm.depth_path(g) for g in (1, 2, 3, 8, 16)] == ["rowwise", "mma", "mma", "mma", "mma"]
+    assert [tm.depth_path(g) for g in (1, 2, 3, 8, 16)] == ["rowwise", "rowwise", "mma", "mma", "mma"]
     assert tm.depth_path(8, "rowwise") == "rowwise" and tm.depth_path(1, "mma") == "mma"
     with pytest.raises(ValueError, match="'tc' is not one of"):
         tm.depth_path(8, "tc")

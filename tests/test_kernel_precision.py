@@ -347,3 +347,65 @@ def test_triton_int8_fused_q_quantisation_equals_the_prepass():
     finally:
         P.CFG["fuse_q"] = old
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("smooth,kind,pv", [(True, "int8", "fp8"), (True, "int8", "fp16"), (False, "int8", "fp8"),
+                                            (False, "fp8", "fp8")])
+def test_triton_kv_prepass_codes_match_reference(smooth, kind, pv, one_launch):
+    """The K/V pre-pass (``quant_kv``: chunked key sums and V channel maxima, then the codes, in a
+    second launch or by the last program of each head) gives the reference's codes and scales
+    bit for bit, for every chunking of the statistics launch. The keys are multiples of 1/64 of modest size so that every fp32 sum of
+    them is exact whatever the order: the smoothed codes then cannot differ by the order in
+    which a GPU reduction adds (any mismatch is a bug, not rounding)."""
+    if not HAVE_TRITON:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    from blockzoo.kernels.triton import precision as P
+    g = torch.Generator().manual_seed(11)
+    B, T, H, D, kb = 2, 101, 3, 40, 32  # ragged last block, D not a power of two
+    k = torch.randint(-512, 512, (B, T, H, D), generator=g) / 64.0
+    k[..., 3] = k[..., 3] * 16 + 100.0  # an outlier channel with a large mean
+    v = torch.randn(B, T, H, D, generator=g)
+    v[:, :, 1, 7] = 0.0  # an all-zero channel: zero scale and codes
+    k, v = k.to(DEV, torch.bfloat16), v.to(DEV, torch.bfloat16)
+    kf = k.float().cpu() - (R.key_mean(k).cpu() if smooth else 0.0)
+    want_kc, want_sk = R.quant_blocks(kf, kb, kind)
+    if pv == "fp8":
+        want_v, want_vs = R.quant_v_channels(v.float().cpu())
+    else:
+        want_v, want_vs = v.float().cpu().to(torch.float16).float(), torch.ones(B, H, D)
+    old = dict(P.CFG)
+    try:
+        P.CFG.update(kv_one_launch=one_launch, kv_one_launch_heads=1, kv_one_launch_blocks=1 << 30)
+        for programs in (1, 7, 1024):  # one chunk per head, two, four (the most for 4 blocks)
+            P.CFG["kv_programs"] = programs
+            kc, sk, vt, vs = P.quant_kv(k, v, kb, kind, smooth=smooth, pv=pv)
+            assert torch.equal(sk.cpu(), want_sk), programs
+            assert torch.equal(kc.float().cpu(), want_kc), programs
+            assert torch.equal(vt.float().cpu().permute(0, 3, 1, 2), want_v), programs
+            assert torch.equal(vs.cpu(), want_vs), programs
+    finally:
+        P.CFG.update(old)
+
+
+def test_triton_int8_kv_prepass_output_equals_the_old_path():
+    """int8's output with the K/V pre-pass of ``quant_kv`` (``CFG["fused_kv"]``; two launches, or one)
+    equals that of the older torch-reduction pre-pass bit for bit where the key mean is exact
+    (keys multiples of 1/64)."""
+    if not HAVE_TRITON:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    from blockzoo.kernels.triton import precision as P
+    g = torch.Generator().manual_seed(5)
+    q, v = (torch.randn(1, 70, h, 40, generator=g).to(DEV, torch.bfloat16) for h in (4, 2))
+    k = (torch.randint(-256, 256, (1, 70, 2, 40), generator=g) / 64.0).to(DEV, torch.bfloat16)
+    old = dict(P.CFG)
+    try:
+        outs = []
+        for fused, one_launch in ((False, False), (True, False), (True, True)):
+            P.CFG.update(fused_kv=fused, kv_one_launch=one_launch, kv_one_launch_heads=1,
+                         kv_one_launch_blocks=1 << 30)
+            outs.append(P.int8_attention(q, k, v, causal=True, q_block=32, k_block=32))
+    finally:
+        P.CFG.update(old)
+    assert torch.equal(outs[1], outs[0])
+    assert torch.equal(outs[2], outs[0])

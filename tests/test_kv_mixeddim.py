@@ -273,3 +273,143 @@ def test_levels_must_divide_the_head_dim():
 def test_registry_lists_the_kernel_backends():
     names = {b.name for b in get_registry().backends_for("token.mixeddim")}
     assert {"reference", "numba", "triton"} <= names
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton split path (several programs per row, each a slice of every level and of the tail)
+def _handmade_store(counts, b, hk, d, levels, seed, dtype):
+    """A store with the given tokens per (level, row) (``counts[l][r]``; every row the same total),
+    random content and positions: ragged levels, empty levels, rows without a level."""
+    g = torch.Generator().manual_seed(seed)
+    R, step = b * hk, d // levels
+    n_row = sum(c[0] for c in counts)
+    assert all(sum(c[r] for c in counts) == n_row for r in range(R))
+    perms = [torch.randperm(n_row, generator=g) for _ in range(R)]  # each row's positions
+    used = [0] * R
+    ks, vs, ps, tok_off, elem_base = [], [], [], [], []
+    n_tok = n_el = 0
+    for lv in range(levels):
+        w = (lv + 1) * step
+        off = [n_tok]
+        for r in range(R):
+            c = counts[lv][r]
+            ks.append(torch.randn(c * w, generator=g))
+            vs.append(torch.randn(c * w, generator=g))
+            ps.append(perms[r][used[r]:used[r] + c])
+            used[r] += c
+            n_tok += c
+            off.append(n_tok)
+        tok_off.append(torch.tensor(off))
+        elem_base.append(n_el)
+        n_el += (off[-1] - off[0]) * w
+    order = [torch.stack([torch.randperm(d, generator=g) for _ in range(R)]) for _ in range(2)]
+    return PackedKV(b, hk, d, levels, order[0], order[1], torch.cat(ks).to(dtype), torch.cat(vs).to(dtype),
+                    torch.cat(ps).long(), torch.rand(n_tok, generator=g), torch.stack(tok_off),
+                    torch.tensor(elem_base, dtype=torch.long))
+
+
+SPLIT_CASES = [  # id, store, b, hk, group, d, levels, tq, extra tail, splits, (BLOCK_N, warps, stages, narrow)
+    # level 2 empty everywhere, row 1 only level 0 (more tokens than one narrow tile), tail > one tile
+    ("handmade-emptylevel-D40-gqa3-tq2", [[70, 150, 20], [40, 0, 50], [0, 0, 0], [40, 0, 80]], 1, 3, 3, 40, 4, 2,
+     20, 3, (16, 1, 1, True)),
+    ("handmade-full-width-tiles", [[70, 150, 20], [40, 0, 50], [0, 0, 0], [40, 0, 80]], 1, 3, 3, 40, 4, 1, 0, 4,
+     (16, 1, 1, False)),
+    ("repacked-T63-D40-gqa3", None, 2, 2, 3, 40, 4, 1, 2, 5, (16, 1, 1, True)),
+    ("repacked-D48-tq3-levels8", None, 1, 2, 2, 48, 8, 3, 1, 2, (16, 1, 1, True)),
+]
+
+
+def _split_case(case, dtype):
+    _, counts, b, hk, grp, d, levels, tq, extra, _, _ = case
+    if counts is None:
+        st, *_ = _store(b, hk, d, levels, 63, 20, seed=3, dtype=dtype)
+    else:
+        st = _handmade_store(counts, b, hk, d, levels, seed=4, dtype=dtype)
+    g = torch.Generator().manual_seed(12)
+    tt = tq + extra
+    tk = torch.randn(b, hk, tt, d, generator=g).to(dtype).to(DEV)
+    tv = torch.randn(b, hk, tt, d, generator=g).to(dtype).to(DEV)
+    q = torch.randn(b, tq, hk * grp, d, generator=g).to(dtype).to(DEV)
+    for name in ("k_order", "v_order", "kbuf", "vbuf", "pos", "acc", "tok_off", "elem_base"):
+        setattr(st, name, getattr(st, name).to(DEV))
+    return st, q, tk, tv
+
+
+def _pooled(fn, q, st, tk, tv, **kw):
+    from blockzoo.plugins.token.mixeddim import permute_queries, unpermute_output
+    qp = permute_queries(q, st.k_order, st.hk)
+    o_n, o_r, sp, stl = fn(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv, **kw)
+    return o_n + unpermute_output(o_r, st.v_order, st.hk), sp, stl
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_triton_split_decode_matches_fp32_reference(case, dtype):
+    from blockzoo.kernels.triton import kv_mixeddim as km
+    st, q, tk, tv = _split_case(case, dtype)
+    splits, cfg = case[-2], case[-1]
+    with poisoned():
+        o, sp, stl = _pooled(km.pooled_decode, q, st, tk, tv, num_splits=splits, cfg=cfg)
+    ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float().cpu(), "vbuf": st.vbuf.float().cpu(),
+                      **{n: getattr(st, n).cpu() for n in ("k_order", "v_order", "pos", "acc", "tok_off",
+                                                            "elem_base")}})
+    want_o, want_sp, want_st = decode_reference(q.float().cpu(), ref, tk.float().cpu(), tv.float().cpu())
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(o.cpu(), want_o, **tol)  # fp32 outputs (o_n + o_r)
+    torch.testing.assert_close(sp.cpu(), want_sp, **tol)
+    torch.testing.assert_close(stl.cpu(), want_st, **tol)
+    # the case really splits: some level (or the tail) of some row has tokens in two splits' chunks
+    assert _levels_split(st, q.shape[1] * case[4], tk.shape[2], splits, cfg)
+
+
+def _levels_split(st, rows, tail, splits, cfg):
+    """Whether some row's level (or the tail) is spread over more than one split, with the
+    kernel's chunking (a level's tokens in chunks of ``ceil(n / S)`` rounded up to whole tiles)."""
+    bn, _, _, narrow = cfg
+    bd, bm = max(16, 1 << (st.d - 1).bit_length()), max(16, 1 << (rows - 1).bit_length())
+    counts = (st.tok_off[:, 1:] - st.tok_off[:, :-1]).cpu()
+    for lv in range(st.levels):
+        wp = min(bd, max(16, 1 << ((lv + 1) * st.step - 1).bit_length())) if narrow else bd
+        tile = max(16, min(bn * (bd // wp), 4096 // bm)) if narrow else bn
+        for n in counts[lv].tolist():
+            if n > math.ceil(math.ceil(n / splits) / tile) * tile:
+                return True
+    return tail > math.ceil(math.ceil(tail / splits) / bn) * bn
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton needs TRITON_INTERPRET=1 or CUDA")
+def test_triton_split_equals_single_program_version():
+    """Several splits, one split and the first (one program per row) kernel agree."""
+    from blockzoo.kernels.triton import kv_mixeddim as km
+    st, q, tk, tv = _split_case(SPLIT_CASES[0], torch.float32)
+    outs = [_pooled(km.pooled_decode, q, st, tk, tv, num_splits=s, cfg=(16, 1, 1, True)) for s in (1, 6)]
+    outs.append(_pooled(km._pooled_decode_single, q, st, tk, tv))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    o, sp, stl = _pooled(km.pooled_decode, q, st, tk, tv, scores=False, num_splits=3)
+    assert sp is None and stl is None
+    torch.testing.assert_close(o, outs[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_default_splits_fill_the_gpu_and_stay_1_for_tiny_shapes(monkeypatch):
+    from blockzoo.kernels.triton import kv_mixeddim as km
+    dev = torch.device("cuda", 0)
+    monkeypatch.setitem(km._SM_COUNT, 0, 132)  # an H100's SM count (no GPU is touched once it is known)
+    sms = km._sm_count(dev)
+    assert km.default_splits(16 * 8, 32768 // 4, 64, dev) == 1  # the benchmark (B=16, Hk=8): rows fill the SMs
+    s = km.default_splits(8, 32768 // 4, 64, dev)  # one sequence, 8 kv heads: split to fill the GPU
+    assert 8 * s >= sms // 2 and s <= km.MAX_SPLITS
+    assert km.default_splits(2, 40, 64, dev) == 1  # tiny rows: no split
+    assert km.default_splits(4 * sms, 10 ** 6, 64, dev) == 1  # enough rows already
+
+
+def test_pooled_decode_rejects_bad_splits():
+    from blockzoo.kernels.triton import kv_mixeddim as km
+    st, q, tk, tv, _ = _case(CASES[0], torch.float32)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+            _pooled(km.pooled_decode, q, st, tk, tv, num_splits=bad)
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of 2"):
+        _pooled(km.pooled_decode, q, st, tk, tv, cfg=(24, 1, 1, True))

@@ -9,6 +9,7 @@ from blockzoo.core.spec import SpecError, json_schema, load_spec
 
 HERE = Path(__file__).parent / "specs"
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "specs").glob("*.yaml"))
+SWEEPS = sorted((Path(__file__).parent.parent / "examples" / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name,line,path,needle", [
@@ -32,6 +33,14 @@ def test_bad_specs_report_file_line_path_and_suggestion(name, line, path, needle
 def test_example_specs_are_valid(path):
     spec = load_spec(path)
     assert spec.name
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_example_sweeps_are_valid(path):
+    """Every bundled sweep file parses, validates and expands to at least one trial."""
+    from blockzoo.core.sweep import load_sweep
+    sw = load_sweep(path)
+    assert sw.trials
 
 
 def test_yaml_syntax_error_has_position():

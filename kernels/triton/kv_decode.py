@@ -45,11 +45,18 @@ The fused H2O step (issue 7): with ``return_logits`` every split also stores its
 ``4 * Hq / (2 * Hk * D * 2)`` of the K+V bytes, 3% at Hq/Hk = 4, D = 128, bf16), so the
 probabilities are ``exp2(lg - lse * log2 e)`` once the combine has the final lse and the score
 kernel's second pass over K is gone. ``h2o_step``: grid ``(T / BLOCK_T, Hk, B)``, each program
-sums the probabilities of its token chunk over the group's (head, query) rows, adds them to
-``acc`` in place and writes the chunk's candidate to leave (lowest acc among the unprotected,
-ties to the newest position); a second launch per (batch, kv head) picks the best candidate and
-moves the newest token into its slot (as ``evict_one``). ``decode_h2o`` is decode + step, what
-``core/cache.py`` runs for token.h2o on this backend.
+sums the probabilities of its token chunk over the group's (head, query) rows (one row at a time
+in row order, so every tiling gives the same bits), adds them to ``acc`` in place and writes the
+chunk's candidate to leave (lowest acc among the unprotected, ties to the newest position); a
+second launch per (batch, kv head) picks the best candidate and moves the newest token into its
+slot (as ``evict_one``), or (``one_launch``) the row's last chunk to finish (atomic counter) does.
+``h2o_chunking`` sizes the chunks (about 4 programs per SM, 256..8192 tokens). ``decode_h2o`` is
+decode + step, what ``core/cache.py`` runs for token.h2o on this backend; its default mode
+"fused" skips the combine kernel: after the split pass ONE kernel (grid of token chunks) merges
+the splits (o, lse; the rows spread over the chunks' programs), recomputes each group row's final
+lse from the partials with the combine's own helper (same bits), accumulates and picks, so a
+step is two launches. Modes "one" / "two" run decode_attention then ``h2o_step``; all three give
+the same bits (tested).
 
 evict_one: the decoding step's eviction in place, one launch: per (batch, kv head) the leaving
 token (lowest score among the unprotected, ties to the newest) gets the newest token's K, V,
@@ -75,7 +82,7 @@ from triton.runtime.errors import OutOfResources
 
 from .._alloc import empty
 from ..select import FEW_EVICTIONS, _sortable_keys, select_topk  # noqa: F401  (torch ops, re-exported)
-from .attention import LOG2E, _block_d, _dot, _dot_acc, _interpreting, _load_tile, _loop_bound, attn_fwd_inner
+from .attention import LOG2E, _block_d, _dot, _dot_acc, _interpreting, _loop_bound, attn_fwd_inner
 
 __all__ = ["decode_attention", "token_scores", "select_topk", "compact", "evict_one", "h2o_step", "decode_h2o",
            "MAX_ROWS", "DECODE_CFG"]
@@ -92,9 +99,18 @@ DECODE_CFG = {
     (64, 4): [(64, 4, 3), (32, 4, 2)], (128, 4): [(64, 4, 3), (32, 4, 2)], (256, 4): [(32, 4, 2), (16, 4, 1)],
 }
 _CHOSEN: dict = {}
-#: h2o_step's default: True = one launch (last-chunk-done counter), False = accumulate + pick kernels
-#: (``BLOCKZOO_H2O_ONE_LAUNCH=1``; off until measured on a GPU by bench/kv_decode_gpu.py)
-H2O_ONE_LAUNCH = os.environ.get("BLOCKZOO_H2O_ONE_LAUNCH", "0") == "1"
+#: decode_h2o's policy path (``BLOCKZOO_H2O_MODE``): "two" = decode, then accumulate + pick kernels;
+#: "one" = decode, then one accumulate kernel whose last chunk per row picks (atomic counter);
+#: "fused" = split pass, then one kernel that combines, accumulates and picks (2 launches per step).
+#: Default "fused" (correct under the interpreter and compiled for sm_90; bench/kv_decode_gpu.py
+#: --policy-only times all three and runs the compiled tests: set "two" here if they fail on the GPU).
+H2O_MODES = ("two", "one", "fused")
+#: decode_h2o "fused": L2 eviction hints in the split pass (``BLOCKZOO_H2O_L2_HINTS=0`` turns them
+#: off; see decode_h2o). On by default: on the H100 (B=16, T=32768, 25%, CUDA-graph timing,
+#: 2026-11-23) they cut the policy's cost from 11.4% to 7.2% of the kept decode at 8:8 heads and
+#: from 19.2% to 18.6% at 32:8 (bench/kv_decode_gpu.py --policy-only).
+H2O_L2_HINTS = os.environ.get("BLOCKZOO_H2O_L2_HINTS", "1") == "1"
+H2O_MODE = os.environ.get("BLOCKZOO_H2O_MODE", "one" if os.environ.get("BLOCKZOO_H2O_ONE_LAUNCH") == "1" else "fused")
 _COUNTERS: dict = {}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT: dict = {}
@@ -104,34 +120,57 @@ _SM_COUNT: dict = {}
 # kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _load_kv(base, rows, stride_row, offs_d, n_rows, D: tl.constexpr, CHECK_ROWS: tl.constexpr,
+             EVEN_D: tl.constexpr, POLICY: tl.constexpr):
+    """``attention._load_tile`` with an L2 eviction hint (POLICY: "" or "evict_first")."""
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0, eviction_policy=POLICY)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0,
+                        eviction_policy=POLICY)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs, eviction_policy=POLICY)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0, eviction_policy=POLICY)
+    return x
+
+
+@triton.jit
 def _split_inner_logits(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, rmask, offs_d,
                         lg_rows, lo, hi, qk_scale, Tk, diag, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+                        MASKED: tl.constexpr, EVEN_D: tl.constexpr, L2_HINTS: tl.constexpr):
     """``attention.attn_fwd_inner`` (causal) that also stores ``qk * qk_scale`` of the valid rows
     (``rmask``) and keys ``< Tk`` at ``lg_rows + key``: the logits the H2O step turns into
-    probabilities with the final lse (:func:`h2o_step`), so that no second pass reads K."""
+    probabilities with the final lse (:func:`h2o_step`), so that no second pass reads K.
+    L2_HINTS: K / V stream through L2 with "evict_first" and the logits are stored "evict_last",
+    so that the policy kernel right after finds them in L2 (they are 3% of the bytes)."""
+    KV_POLICY: tl.constexpr = "evict_first" if L2_HINTS else ""
+    LG_POLICY: tl.constexpr = "evict_last" if L2_HINTS else ""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n0
-        k = _load_tile(k_base, cols, stride_kn, offs_d, Tk, D, MASKED, EVEN_D)
+        k = _load_kv(k_base, cols, stride_kn, offs_d, Tk, D, MASKED, EVEN_D, KV_POLICY)
         s = _dot(q, tl.trans(k)) * qk_scale
         lg_ptrs = lg_rows[:, None] + cols[None, :]
         if MASKED:
-            tl.store(lg_ptrs, s, mask=rmask[:, None] & (cols[None, :] < Tk))
+            tl.store(lg_ptrs, s, mask=rmask[:, None] & (cols[None, :] < Tk), eviction_policy=LG_POLICY)
             valid = (cols[None, :] < Tk) & (cols[None, :] <= offs_m[:, None] + diag)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            tl.store(lg_ptrs, s, mask=rmask[:, None])
+            tl.store(lg_ptrs, s, mask=rmask[:, None], eviction_policy=LG_POLICY)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sub = m_new
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_tile(v_base, cols, stride_vn, offs_d, Tk, D, MASKED, EVEN_D)
+        v = _load_kv(v_base, cols, stride_vn, offs_d, Tk, D, MASKED, EVEN_D, KV_POLICY)
         acc = _dot_acc(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, m_i, l_i
@@ -142,7 +181,8 @@ def _decode_split_kernel(Q, K, V, OP, LP, LG,
                          s_qb, s_qt, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                          Hq, Tq, T, GROUP, split_len, S, qk_scale, diag, n_full, LDT,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NEG_SCALE: tl.constexpr, LOGITS: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NEG_SCALE: tl.constexpr, LOGITS: tl.constexpr,
+                         L2_HINTS: tl.constexpr):
     EVEN_D: tl.constexpr = D == BLOCK_D
     sid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -168,9 +208,11 @@ def _decode_split_kernel(Q, K, V, OP, LP, LG,
     if LOGITS:  # the same sweep, also writing every row's scaled logits (log2 units) to LG
         lg_rows = LG + ((b * Hq + h) * Tq + qi).to(tl.int64) * LDT  # [BLOCK_M] row starts
         acc, m_i, l_i = _split_inner_logits(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, rmask, offs_d,
-                                            lg_rows, lo, u_end, qk_scale, T, diag, D, BLOCK_N, False, EVEN_D)
+                                            lg_rows, lo, u_end, qk_scale, T, diag, D, BLOCK_N, False, EVEN_D,
+                                            L2_HINTS)
         acc, m_i, l_i = _split_inner_logits(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, rmask, offs_d,
-                                            lg_rows, u_end, hi, qk_scale, T, diag, D, BLOCK_N, True, EVEN_D)
+                                            lg_rows, u_end, hi, qk_scale, T, diag, D, BLOCK_N, True, EVEN_D,
+                                            L2_HINTS)
     else:
         acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
                                        lo, u_end, qk_scale, T, diag, D, BLOCK_N,
@@ -189,30 +231,52 @@ def _decode_split_kernel(Q, K, V, OP, LP, LG,
 
 
 @triton.jit
+def _row_lse(LP, base, S, valid):
+    """Final log-sum-exp (natural log) of one (batch, head, query) row from its splits' partial
+    lse (log2 units, ``LP[base : base + S]``); ``valid`` False gives -inf. ``base`` / ``valid``
+    may be row vectors (then each row is computed by the same operations, elementwise). Also the row's max and
+    sum of weights ``exp2(lse_s - max)``. The splits are visited one at a time in order (scalar
+    loads; S is small), so the bits do not depend on the launch's warps or tiles: the combine and
+    the fused H2O combine compute the same lse."""
+    m = tl.where(valid, float("-inf"), float("-inf"))  # (the shape of valid: a scalar or a row vector)
+    for s in range(0, _loop_bound(S)):
+        m = tl.maximum(m, tl.load(LP + base + s, mask=valid, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.where(valid, 0.0, 0.0)
+    for s in range(0, _loop_bound(S)):
+        tot += tl.math.exp2(tl.load(LP + base + s, mask=valid, other=float("-inf")) - m_safe)
+    tot_safe = tl.where(tot == 0.0, 1.0, tot)
+    lse = tl.where(tot == 0.0, float("-inf"), (m_safe + tl.math.log2(tot_safe)) * 0.6931471805599453)
+    return lse, m_safe, tot_safe
+
+
+@triton.jit
+def _combine_row(OP, LP, Out, LSE, b, h, qi, Hq, Tq, S, s_ob, s_ot, s_oh,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the S split partials of row (b, h, qi): o (q's dtype) and lse (natural log), the
+    splits added one at a time in order (the same bits in any launch configuration)."""
+    prow = (b * Hq + h) * Tq + qi
+    base = prow * S
+    lse, m_safe, tot_safe = _row_lse(LP, base, S, prow >= 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    o = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, _loop_bound(S)):
+        w = tl.math.exp2(tl.load(LP + base + s) - m_safe)
+        o += w * tl.load(OP + (base + s) * D + offs_d, mask=dmask, other=0.0)
+    o = o / tot_safe
+    tl.store(Out + b * s_ob + qi * s_ot + h.to(tl.int64) * s_oh + offs_d, o.to(Out.dtype.element_ty), mask=dmask)
+    tl.store(LSE + prow, lse)
+
+
+@triton.jit
 def _decode_combine_kernel(OP, LP, Out, LSE, s_ob, s_ot, s_oh, Hq, Tq, S,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)  # h * Tq + qi
     b = tl.program_id(1).to(tl.int64)
     h = row // Tq
     qi = row - h * Tq
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    base = (b * Hq * Tq + row) * S
-    smask = offs_s < S
-    lse_s = tl.load(LP + base + offs_s, mask=smask, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse_s - m_safe)
-    tot = tl.sum(w, 0)
-    o_s = tl.load(OP + (base + offs_s)[:, None] * D + offs_d[None, :],
-                  mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-    o = tl.sum(o_s * w[:, None], 0)
-    tot_safe = tl.where(tot == 0.0, 1.0, tot)
-    o = o / tot_safe
-    lse = tl.where(tot == 0.0, float("-inf"), (m_safe + tl.math.log2(tot_safe)) * 0.6931471805599453)
-    tl.store(Out + b * s_ob + qi * s_ot + h.to(tl.int64) * s_oh + offs_d, o.to(Out.dtype.element_ty),
-             mask=offs_d < D)
-    tl.store(LSE + (b * Hq + h) * Tq + qi, lse)
+    _combine_row(OP, LP, Out, LSE, b, h, qi, Hq, Tq, S, s_ob, s_ot, s_oh, D, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -320,58 +384,131 @@ def _evict_one_kernel(SC, POS, K, V, ACC, s_sb, s_sh, s_pb, s_ph, s_kb, s_kh, s_
 
 
 @triton.jit
-def _h2o_accum_kernel(LG, LSE, ACC, POS, CS, CP, CI, s_ab, s_ah, s_pb, s_ph, LDT,
-                      Hq, Tq, T, GROUP, diag, n_chunks, seen, sinks, recent,
-                      CNT, K, V, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                      BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, EVICT: tl.constexpr,
-                      ONE_LAUNCH: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """H2O step, part 1: chunk ``c`` of the tokens of (batch ``b``, kv head ``hk``):
-    ``acc += sum over the group's (head, query) rows of exp2(lg - lse * log2 e)`` (visible keys
-    only), in place; with EVICT, the chunk's candidate to leave (lowest accumulated score among
-    the unprotected, ties to the newest position) and its slot go to CS / CP / CI."""
-    c = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = offs < T
-    nrows = GROUP * Tq
-    row0 = (b * Hq + hk * GROUP) * Tq  # the group's rows (head, query) are contiguous in LG / LSE
+def _group_prob_sum(LG, LSE, LP, row0, nrows, Tq, S, LDT, diag, offs, tmask,
+                    FROM_PARTIALS: tl.constexpr, UNROLL: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``sum over the group's (head, query) rows r < nrows of exp2(lg_r - lse_r * log2 e)`` for the
+    tokens ``offs`` (visible keys only), rows added one at a time in row order (the same bits for
+    any tile size / warp count / UNROLL: a row is taken out of the [UNROLL, BLOCK_T] tile by a sum
+    with zeros, which is exact). The rows' lse are read from LSE (natural log), or with
+    FROM_PARTIALS computed from the split partials LP by the combine's own helper (the same bits
+    as the lse the combine stores). The logits tile is loaded before the lse are computed."""
     tot = tl.zeros([BLOCK_T], dtype=tl.float32)
-    r_ = tl.arange(0, BLOCK_R)
-    for r0 in range(0, _loop_bound(nrows), BLOCK_R):
-        r = r0 + r_
-        rm = r < nrows
+    rr = tl.arange(0, UNROLL)
+    for r0 in range(0, _loop_bound(nrows), UNROLL):
+        r = r0 + rr
+        rok = r < nrows
         qi = r % Tq
-        lse = tl.load(LSE + row0 + r, mask=rm, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        m2 = rm[:, None] & tmask[None, :]
+        m2 = rok[:, None] & tmask[None, :]
         lg = tl.load(LG + (row0 + r)[:, None] * LDT + offs[None, :], mask=m2, other=float("-inf"))
+        if FROM_PARTIALS:
+            lse, _m, _t = _row_lse(LP, (row0 + r) * S, S, rok)
+        else:
+            lse = tl.load(LSE + row0 + r, mask=rok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         valid = m2 & (offs[None, :] <= qi[:, None] + diag)
-        tot += tl.sum(tl.where(valid, tl.math.exp2(lg - lse2[:, None]), 0.0), 0)
-    a_ptrs = ACC + b * s_ab + hk.to(tl.int64) * s_ah + offs
-    a = tl.load(a_ptrs, mask=tmask, other=0.0) + tot
-    tl.store(a_ptrs, a, mask=tmask)
+        p = tl.where(valid, tl.math.exp2(lg - lse2[:, None]), 0.0)
+        for u in tl.static_range(UNROLL):
+            tot = tot + tl.sum(tl.where(rr[:, None] == u, p, 0.0), 0)
+    return tot
+
+
+@triton.jit
+def _load_acc_pos(ACC, POS, b, hk, offs, tmask, s_ab, s_ah, s_pb, s_ph, EVICT: tl.constexpr):
+    """The chunk's running scores and (EVICT) positions, issued before the logits."""
+    a = tl.load(ACC + b * s_ab + hk.to(tl.int64) * s_ah + offs, mask=tmask, other=0.0)
     if EVICT:
         p = tl.load(POS + b * s_pb + hk.to(tl.int64) * s_ph + offs, mask=tmask, other=0).to(tl.int64)
+    else:
+        p = offs.to(tl.int64)
+    return a, p
+
+
+@triton.jit
+def _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, Hk, c, offs, tmask, T, n_chunks,
+                       seen, sinks, recent, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                       EVICT: tl.constexpr, ONE_LAUNCH: tl.constexpr, D: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``acc = a + tot`` for chunk ``c`` of row (b, hk) (``a``, ``p``: its acc and positions from
+    :func:`_load_acc_pos`); with EVICT the chunk's candidate to leave (lowest accumulated score
+    among the unprotected, ties to the newest position) and its slot go to CS / CP / CI, and with
+    ONE_LAUNCH the row's last chunk to finish (a per-row counter in CNT, left at 0) picks the best
+    candidate and moves the newest token into its slot."""
+    a = a + tot
+    tl.store(ACC + b * s_ab + hk.to(tl.int64) * s_ah + offs, a, mask=tmask)
+    if EVICT:
         free = tmask & (p >= sinks) & (p < seen - recent)
         sc = tl.where(free, a, float("inf"))
         bm = tl.min(sc, 0)
         cand = free & (sc == bm)
         bp = tl.max(tl.where(cand, p, -1), 0)
         bi = tl.max(tl.where(cand & (p == bp), offs, -1), 0).to(tl.int32)
-        ci = (b * tl.num_programs(1) + hk) * n_chunks + c
+        row = b * Hk + hk
+        ci = row * n_chunks + c
         tl.store(CS + ci, bm)
         tl.store(CP + ci, bp)
         tl.store(CI + ci, bi)
         if ONE_LAUNCH:  # the row's last chunk to finish (counter) also picks and moves
             tl.debug_barrier()  # every thread stored its part before the release
-            row = b * tl.num_programs(1) + hk
             done = tl.atomic_add(CNT + row, 1, sem="acq_rel", scope="gpu")
             if done == n_chunks - 1:
                 _pick_and_move(CS, CP, CI, row * n_chunks, n_chunks, POS, K, V, ACC, b, hk.to(tl.int64),
                                s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ab, s_ah, T, D, BLOCK_C,
                                BLOCK_D, True)
                 tl.atomic_xchg(CNT + row, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
+
+@triton.jit
+def _h2o_accum_kernel(LG, LSE, ACC, POS, CS, CP, CI, s_ab, s_ah, s_pb, s_ph, LDT,
+                      Hq, Tq, T, GROUP, diag, n_chunks, seen, sinks, recent,
+                      CNT, K, V, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                      UNROLL: tl.constexpr, BLOCK_T: tl.constexpr, EVICT: tl.constexpr,
+                      ONE_LAUNCH: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """H2O step, part 1: chunk ``c`` of the tokens of (batch ``b``, kv head ``hk``):
+    ``acc += sum over the group's (head, query) rows of exp2(lg - lse * log2 e)`` (visible keys
+    only), in place; with EVICT, the chunk's candidate to leave and its slot go to CS / CP / CI
+    (and with ONE_LAUNCH the last chunk of the row picks and moves)."""
+    c = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs < T
+    row0 = (b * Hq + hk * GROUP) * Tq  # the group's rows (head, query) are contiguous in LG / LSE
+    a, p = _load_acc_pos(ACC, POS, b, hk, offs, tmask, s_ab, s_ah, s_pb, s_ph, EVICT)
+    tot = _group_prob_sum(LG, LSE, LSE, row0, GROUP * Tq, Tq, 1, LDT, diag, offs, tmask, False, UNROLL, BLOCK_T)
+    _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, tl.num_programs(1), c, offs, tmask, T,
+                       n_chunks, seen, sinks, recent, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                       EVICT, ONE_LAUNCH, D, BLOCK_C, BLOCK_D)
+
+
+@triton.jit
+def _h2o_combine_kernel(OP, LP, Out, LSE, LG, ACC, POS, CS, CP, CI, CNT, K, V,
+                        s_ob, s_ot, s_oh, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                        Hq, Tq, T, GROUP, S, LDT, diag, n_chunks, seen, sinks, recent,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                        UNROLL: tl.constexpr, BLOCK_T: tl.constexpr, EVICT: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """The split-K combine and the whole H2O step in one launch after the split pass. Grid
+    ``(n_chunks, Hk, B)``: program (c, hk, b) merges the partials of its share of the group's rows
+    (rows ``c, c + n_chunks, ...``: o and lse, as :func:`_decode_combine_kernel`), then for token
+    chunk ``c`` recomputes every group row's final lse from the partials (the same helper, so the
+    same bits as the stored lse), adds the probabilities ``exp2(lg - lse * log2 e)`` into acc and,
+    with EVICT, writes the chunk's candidate; the row's last chunk to finish picks and moves."""
+    c = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    nrows = GROUP * Tq
+    for r in range(_loop_bound(c), _loop_bound(nrows), _loop_bound(n_chunks)):
+        g = r // Tq
+        _combine_row(OP, LP, Out, LSE, b, hk * GROUP + g, r - g * Tq, Hq, Tq, S, s_ob, s_ot, s_oh,
+                     D, BLOCK_D, BLOCK_S)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs < T
+    row0 = (b * Hq + hk * GROUP) * Tq
+    a, p = _load_acc_pos(ACC, POS, b, hk, offs, tmask, s_ab, s_ah, s_pb, s_ph, EVICT)
+    tot = _group_prob_sum(LG, LSE, LP, row0, nrows, Tq, S, LDT, diag, offs, tmask, True, UNROLL, BLOCK_T)
+    _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, tl.num_programs(1), c, offs, tmask, T,
+                       n_chunks, seen, sinks, recent, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                       EVICT, True, D, BLOCK_C, BLOCK_D)
 
 
 @triton.jit
@@ -501,15 +638,36 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         kf = k.float().repeat_interleave(G, 1)
         lg = torch.einsum("bqhd,bhkd->bhqk", q.float(), kf) * (scale * LOG2E)
         return o, lse, lg.contiguous()
+    sp = _split_pass(q, k, v, scale, num_splits, cfg, return_logits)
+    if sp.S:
+        _decode_combine_kernel[(Hq * Tq, B)](
+            sp.op, sp.lp, sp.o, sp.lse, sp.o.stride(0), sp.o.stride(1), sp.o.stride(2), Hq, Tq, sp.S,
+            D=D, BLOCK_D=sp.BD, BLOCK_S=sp.BS, num_warps=4 if not _interpreting() else 1)
+    return (sp.o, sp.lse, sp.lg) if return_logits else (sp.o, sp.lse)
+
+
+class _Split:
+    """The split pass's outputs: o / lse (to be written by a combine), the logits, the partials."""
+    __slots__ = ("o", "lse", "lg", "ldt", "op", "lp", "S", "BD", "BS")
+
+
+def _split_pass(q, k, v, scale, num_splits, cfg, return_logits, l2_hints=False) -> _Split:
+    """Allocate o, lse (and lg) and run the split kernel; ``S == 0``: nothing to combine (empty)."""
+    B, Tq, Hq, D = q.shape
+    Hk, T = k.shape[1], k.shape[2]
+    G = Hq // Hk
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    o = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
-    lse = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    sp = _Split()
+    sp.o = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    sp.lse = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     # logits rows padded to 16 floats (aligned rows: vector stores and loads); returned as a view
-    ldt = triton.cdiv(T, 16) * 16
-    lg = empty((B, Hq, Tq, ldt), dtype=torch.float32, device=q.device)[..., :T] if return_logits else lse
-    if o.numel() == 0:
-        lse.fill_(float("-inf"))
-        return (o, lse, lg) if return_logits else (o, lse)
+    sp.ldt = ldt = triton.cdiv(T, 16) * 16
+    sp.lg = lg = (empty((B, Hq, Tq, ldt), dtype=torch.float32, device=q.device)[..., :T] if return_logits
+                  else sp.lse)
+    sp.S = 0
+    if sp.o.numel() == 0:
+        sp.lse.fill_(float("-inf"))
+        return sp
     BD = _block_d(D)
     bucket = 64 if BD <= 64 else (128 if BD <= 128 else 256)
     key = (bucket, 2 if q.element_size() <= 2 else 4)
@@ -537,13 +695,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             v.stride(0), v.stride(1), v.stride(2),
             Hq, Tq, T, G, split_len, S, scale * LOG2E, diag, n_full, ldt,
             D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NEG_SCALE=scale < 0, LOGITS=return_logits,
-            num_warps=warps, num_stages=stages)
+            L2_HINTS=bool(return_logits and l2_hints), num_warps=warps, num_stages=stages)
         return op_, lp, S
 
     err = None
     for c in cands:  # the first candidate that fits (OutOfResources: shared memory)
         try:
-            op_, lp, S = launch(c)
+            sp.op, sp.lp, sp.S = launch(c)
         except OutOfResources as e:
             err = e
             continue
@@ -552,10 +710,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         break
     else:
         raise err
-    _decode_combine_kernel[(Hq * Tq, B)](
-        op_, lp, o, lse, o.stride(0), o.stride(1), o.stride(2), Hq, Tq, S,
-        D=D, BLOCK_D=BD, BLOCK_S=max(2, triton.next_power_of_2(S)), num_warps=4 if not _interpreting() else 1)
-    return (o, lse, lg) if return_logits else (o, lse)
+    sp.BD, sp.BS = BD, max(2, triton.next_power_of_2(sp.S))
+    return sp
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
@@ -651,19 +807,26 @@ def evict_one(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         num_warps=4 if not _interpreting() else 1)
 
 
-def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor, seen: int, sinks: int, recent: int, evict: bool,
-             cfg: tuple[int, int] | None = None, one_launch: bool | None = None) -> None:
-    """The H2O policy step after :func:`decode_attention` (``return_logits=True``), in place:
-    ``acc [B, Hk, n] += `` the attention each cached token received (summed over the queries and
-    the query heads of its kv group; ``exp2(lg - lse * log2 e)`` over the visible keys), and with
-    ``evict`` the token that leaves (lowest accumulated score among the unprotected, ties to the
-    newest position; as :func:`evict_one` with ``scores = acc``) gets the newest token's K, V,
-    position and acc; the caller then keeps the first n-1 slots. Two launches: the accumulate
-    (chunks of tokens, each writing its candidate) and the per-row pick-and-move. ``cfg`` =
-    (tokens per chunk, warps) of the accumulate overrides the default (the benchmark sweeps it).
-    ``one_launch`` (default: :data:`H2O_ONE_LAUNCH`): the last chunk of a row to finish (a
-    per-row atomic counter, reset by it) does the pick-and-move, so the step is one launch."""
+def h2o_chunking(rows: int, n: int, group_rows: int, device: torch.device) -> tuple[int, int]:
+    """(tokens per chunk, warps) of the H2O step kernels for ``rows`` = B * Hk rows of ``n``
+    tokens with ``group_rows`` = G * Tq logit rows each: the largest power-of-two chunk (at most
+    8192 tokens) that still gives about 8 programs per SM, so that each program streams long
+    contiguous runs of logits / acc / positions; 4 warps up to 1024 tokens, 8 above. On the H100
+    (B=16, 8192 kept, 32:8 and 8:8 heads; bench/kv_decode_gpu.py --policy-only, 2026-11-23) this
+    gives (1024, 4), the fastest of (1024, 4), (2048, 8), (4096, 8) and (8192, 8) in every mode
+    (4 programs per SM, (2048, 8), cost 3-8 points of a decode step more)."""
+    if _interpreting():
+        return 32, 1
+    want = max(1, 8 * _sm_count(device))
+    bt = triton.next_power_of_2(max(1, triton.cdiv(rows * n, want)))
+    if bt > n:  # never more than one chunk's worth beyond the row
+        bt = triton.next_power_of_2(n)
+    bt = max(256, min(8192, bt))
+    return bt, (4 if bt <= 1024 else 8)
+
+
+def _h2o_launch_args(lg, lse, acc, pos, k, v, evict, cfg):
+    """Checks shared by h2o_step and the fused combine; returns the launch geometry."""
     _check_device(lg, lse, acc, pos, k, v)
     B, Hk, n, D = k.shape
     if lg.dim() != 4 or lg.shape[0] != B or lg.shape[3] != n or lg.shape[1] % Hk:
@@ -675,38 +838,55 @@ def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.
                          f"{tuple(pos.shape)} must be {(B, Hk, n)}")
     if acc.dtype != torch.float32 or lg.dtype != torch.float32:
         raise TypeError(f"h2o_step: acc and lg must be float32; got {acc.dtype}, {lg.dtype}")
-    ldt = lg.stride(2)
-    if lg.stride(3) != 1 or lg.stride(1) != Tq * ldt or lg.stride(0) != Hq * Tq * ldt or ldt < n:
-        lg = lg.contiguous()  # the kernel wants equally spaced rows (decode_attention's lg has them)
-        ldt = n
     if acc.stride(-1) != 1 or pos.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("h2o_step needs unit-stride token axes for acc / positions and unit-stride head dims")
-    if n == 0:
-        return
-    lse = lse.contiguous()
     G = Hq // Hk
     rows = G * Tq
-    if _interpreting():
-        BR, BT, warps = min(triton.next_power_of_2(rows), 4), 32, 1
-    else:
-        BR = min(triton.next_power_of_2(rows), 16)
-        BT, warps = max(256, min(1024, 4096 // BR)), 4
+    BT, warps = h2o_chunking(B * Hk, n, rows, k.device)
     if cfg is not None:
         BT, warps = cfg
         if BT < 16 or BT & (BT - 1):
             raise ValueError(f"h2o_step: cfg tokens per chunk must be a power of two >= 16, got {BT}")
+    unroll = min(triton.next_power_of_2(rows), 2 if _interpreting() else 8)
     n_chunks = triton.cdiv(n, BT)
-    cs = empty((B, Hk, n_chunks), dtype=torch.float32, device=k.device) if evict else acc
-    cp = empty((B, Hk, n_chunks), dtype=torch.int64, device=k.device) if evict else pos
-    ci = empty((B, Hk, n_chunks), dtype=torch.int32, device=k.device) if evict else pos
-    one = bool(H2O_ONE_LAUNCH if one_launch is None else one_launch) and evict
-    cnt = _counters(B * Hk, k.device) if one else pos
+    cs = empty((B, Hk, max(n_chunks, 1)), dtype=torch.float32, device=k.device) if evict else acc
+    cp = empty((B, Hk, max(n_chunks, 1)), dtype=torch.int64, device=k.device) if evict else pos
+    ci = empty((B, Hk, max(n_chunks, 1)), dtype=torch.int32, device=k.device) if evict else pos
     BC, BDv = max(2, min(triton.next_power_of_2(n_chunks), 1024)), triton.next_power_of_2(D)
+    return B, Hk, n, D, Hq, Tq, G, BT, warps, unroll, n_chunks, cs, cp, ci, BC, BDv
+
+
+def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, seen: int, sinks: int, recent: int, evict: bool,
+             cfg: tuple[int, int] | None = None, one_launch: bool | None = None) -> None:
+    """The H2O policy step after :func:`decode_attention` (``return_logits=True``), in place:
+    ``acc [B, Hk, n] += `` the attention each cached token received (summed over the queries and
+    the query heads of its kv group; ``exp2(lg - lse * log2 e)`` over the visible keys), and with
+    ``evict`` the token that leaves (lowest accumulated score among the unprotected, ties to the
+    newest position; as :func:`evict_one` with ``scores = acc``) gets the newest token's K, V,
+    position and acc; the caller then keeps the first n-1 slots. Two launches: the accumulate
+    (chunks of tokens, each writing its candidate) and the per-row pick-and-move. ``cfg`` =
+    (tokens per chunk, warps) of the accumulate overrides :func:`h2o_chunking` (the benchmark
+    sweeps it). ``one_launch`` (default: :data:`H2O_MODE` == "one"): the last chunk of a row to
+    finish (a per-row atomic counter, reset by it) does the pick-and-move, so the step is one
+    launch. The rows are summed one at a time in row order, so every tile size and variant (and
+    :func:`decode_h2o`'s fused combine) gives the same bits."""
+    (B, Hk, n, D, Hq, Tq, G, BT, warps, unroll, n_chunks, cs, cp, ci, BC, BDv) = _h2o_launch_args(
+        lg, lse, acc, pos, k, v, evict, cfg)
+    ldt = lg.stride(2)
+    if lg.stride(3) != 1 or lg.stride(1) != Tq * ldt or lg.stride(0) != Hq * Tq * ldt or ldt < n:
+        lg = lg.contiguous()  # the kernel wants equally spaced rows (decode_attention's lg has them)
+        ldt = n
+    if n == 0:
+        return
+    lse = lse.contiguous()
+    one = bool((H2O_MODE == "one") if one_launch is None else one_launch) and evict
+    cnt = _counters(B * Hk, k.device) if one else pos
     _h2o_accum_kernel[(n_chunks, Hk, B)](
         lg, lse, acc, pos, cs, cp, ci, acc.stride(0), acc.stride(1), pos.stride(0), pos.stride(1), ldt,
         Hq, Tq, n, G, n - Tq, n_chunks, seen, sinks, recent,
         cnt, k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        BLOCK_R=BR, BLOCK_T=BT, EVICT=evict, ONE_LAUNCH=one, D=D, BLOCK_C=BC, BLOCK_D=BDv, num_warps=warps)
+        UNROLL=unroll, BLOCK_T=BT, EVICT=evict, ONE_LAUNCH=one, D=D, BLOCK_C=BC, BLOCK_D=BDv, num_warps=warps)
     if not evict or one:
         return
     _h2o_evict_kernel[(B * Hk,)](
@@ -726,19 +906,61 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
 
 def decode_h2o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor,
                seen: int, keep: int, sinks: int, recent: int, scale: float | None = None,
-               num_splits: int | None = None, cfg: tuple[int, int, int] | None = None
-               ) -> tuple[torch.Tensor, bool]:
+               num_splits: int | None = None, cfg: tuple[int, int, int] | None = None,
+               mode: str | None = None, step_cfg: tuple[int, int] | None = None,
+               l2_hints: bool | None = None) -> tuple[torch.Tensor, bool]:
     """One H2O decoding step over the cache k, v [B, Hk, n, D] (its last Tq entries are the new
-    tokens; pos, acc [B, Hk, n]): the decode pass writes its logits, :func:`h2o_step` accumulates
+    tokens; pos, acc [B, Hk, n]): the decode pass writes its logits, the policy step accumulates
     the attention into ``acc`` and, when exactly one token is over the budget (``n == keep + 1``),
     evicts it in place. Returns (o [B, Tq, Hq, D], evicted): after ``evicted`` the caller keeps
-    the first n-1 slots; otherwise (``n <= keep``, or several tokens over) only acc changed."""
+    the first n-1 slots; otherwise (``n <= keep``, or several tokens over) only acc changed.
+
+    ``mode`` (default :data:`H2O_MODE`, env ``BLOCKZOO_H2O_MODE``): ``"fused"`` = split pass, then
+    ONE kernel that merges the splits (o, lse), accumulates and evicts (the last chunk of a row to
+    finish picks; 2 launches per step in all); ``"one"`` = decode (split + combine), then
+    :func:`h2o_step` in one launch; ``"two"`` = decode, then :func:`h2o_step`'s accumulate and
+    pick kernels. All three give the same o, lse, acc and evictions. ``step_cfg`` = (tokens per
+    chunk, warps) of the policy kernel (default :func:`h2o_chunking`). ``l2_hints`` (default
+    :data:`H2O_L2_HINTS`; "fused" mode only): the split pass streams K / V with L2 "evict_first"
+    and stores the logits "evict_last", so the policy kernel reads them from L2."""
     if keep < sinks + recent and k.shape[2] > keep:
         raise ValueError(f"keep={keep} is smaller than the {sinks + recent} protected tokens (sinks + recent)")
-    o, lse, lg = decode_attention(q, k, v, scale, num_splits, cfg, return_logits=True)
+    mode = H2O_MODE if mode is None else mode
+    if mode not in H2O_MODES:
+        raise ValueError(f"decode_h2o: mode must be one of {H2O_MODES}, got {mode!r}")
     evict = k.shape[2] == keep + 1
-    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict)
+    B, Tq, Hq, D, Hk, T = _check_decode(q, k, v)
+    if mode == "fused" and (Hq // Hk) * Tq <= MAX_ROWS and T >= Tq:
+        hints = H2O_L2_HINTS if l2_hints is None else bool(l2_hints)
+        return _decode_h2o_fused(q, k, v, pos, acc, seen, sinks, recent, scale, num_splits, cfg, evict,
+                                 step_cfg, hints), evict
+    o, lse, lg = decode_attention(q, k, v, scale, num_splits, cfg, return_logits=True)
+    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict, cfg=step_cfg, one_launch=mode == "one")
     return o, evict
+
+
+def _decode_h2o_fused(q, k, v, pos, acc, seen, sinks, recent, scale, num_splits, cfg, evict, step_cfg, hints):
+    """decode_h2o's "fused" mode: the split pass, then :func:`_h2o_combine_kernel` (combine +
+    accumulate + candidates + the last chunk's pick-and-move) in one launch."""
+    D = q.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    sp = _split_pass(q, k, v, scale, num_splits, cfg, True, hints)
+    lg = sp.lg
+    (B, Hk, n, D, Hq, Tq, G, BT, warps, unroll, n_chunks, cs, cp, ci, BC, BDv) = _h2o_launch_args(
+        lg, sp.lse, acc, pos, k, v, evict, step_cfg)
+    if not sp.S or n == 0:  # nothing to merge (no query rows): the unfused step does the rest
+        h2o_step(lg, sp.lse, acc, pos, k, v, seen, sinks, recent, evict, cfg=step_cfg)
+        return sp.o
+    cnt = _counters(B * Hk, k.device) if evict else pos
+    o = sp.o
+    _h2o_combine_kernel[(n_chunks, Hk, B)](
+        sp.op, sp.lp, o, sp.lse, lg, acc, pos, cs, cp, ci, cnt, k, v,
+        o.stride(0), o.stride(1), o.stride(2), acc.stride(0), acc.stride(1), pos.stride(0), pos.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        Hq, Tq, n, G, sp.S, sp.ldt, n - Tq, n_chunks, seen, sinks, recent,
+        D=D, BLOCK_D=sp.BD, BLOCK_S=sp.BS, UNROLL=unroll, BLOCK_T=BT, EVICT=evict, BLOCK_C=BC,
+        num_warps=warps)
+    return o
 
 
 def protected_mask_for(positions: torch.Tensor, seen: int, sinks: int, recent: int) -> torch.Tensor:

@@ -94,16 +94,17 @@ DEPTH_PATH = os.environ.get("BLOCKZOO_MODA_DEPTH", "auto")
 
 
 def depth_path(group: int, path: str = "auto") -> str:
-    """The depth path a call takes. ``auto``: "mma" when the GQA group (Hq / Hk) is >= 2, else
+    """The depth path a call takes. ``auto``: "mma" when the GQA group (Hq / Hk) is >= 3, else
     "rowwise". The mma path packs P = 16 / GP positions per tensor-core tile (GP = the group padded
     to a power of two), so its wasted depth work is P-fold: 2x at GQA 8:1, 8x at 2:1, 16x without
-    GQA, where one row-wise dot per slot is not worse (rule pending the H100 numbers of
-    bench/gpu_depth.py, which times both paths)."""
+    GQA. On the H100 (bench/gpu_depth.py, tuned tiles, 2026-11-23) mma was 1.1-2.2x faster in
+    forward+backward at GQA 8:1 and 1.24x at 4:1, and rowwise 1.33x faster at 2:1 (B=1, T=4096,
+    D=64, S=32); without GQA the two runs disagreed (rowwise 0.94x / 1.15x of mma)."""
     if path not in PATHS:
         raise ValueError(f"depth path {path!r} is not one of {PATHS}")
     if path != "auto":
         return path
-    return "mma" if group >= 2 else "rowwise"
+    return "mma" if group >= 3 else "rowwise"
 
 
 class MCfg(NamedTuple):
@@ -128,13 +129,14 @@ def _cfg(kind: str, block_d: int, esize: int) -> MCfg:
     if (kind, block_d, esize) in CFGS:
         return MCfg(*CFGS[(kind, block_d, esize)])
     if kind.endswith("_mma"):
-        # compiled for sm_90 without spills at GQA 8:1 (docs/components/moda.md); untuned on a GPU
-        if esize > 2:  # fp32: D > 64 spills in the backward (tf32x3 triples the dots)
+        if esize > 2:  # fp32 (untuned): D > 64 spills in the backward (tf32x3 triples the dots)
             return MCfg(64, 32, 4, 2) if block_d <= 64 else MCfg(32, 32, 4, 2, 0, 16)
+        # bf16/fp16: the best of bench/gpu_depth.py --tune-mma on an H100 (T=16384, S=64, GQA 8:1,
+        # 2026-11-23; 6 forward and 5 backward candidates); head dim 256 untuned
         if block_d <= 64:
-            return MCfg(128, 64, 4, 2) if kind == "fwd_mma" else MCfg(64, 64, 4, 2)
+            return MCfg(128, 128, 8, 3) if kind == "fwd_mma" else MCfg(64, 64, 4, 3)
         if block_d <= 128:
-            return MCfg(128, 64, 8, 2) if kind == "fwd_mma" else MCfg(64, 64, 4, 2)
+            return MCfg(128, 128, 8, 3) if kind == "fwd_mma" else MCfg(128, 128, 8, 2)
         return MCfg(64, 32, 4, 2)
     if esize > 2:  # fp32 (untuned)
         return MCfg(32, 32, 4, 2) if block_d > 64 else MCfg(64, 32, 4, 2)

@@ -62,13 +62,25 @@ from .attention import (
 )
 from .attention import _check as _check_qkv
 
-__all__ = ["int8_attention", "qaas_attention", "qaas_forward", "quantise", "record_decisions", "CFG"]
+__all__ = ["int8_attention", "qaas_attention", "qaas_forward", "quantise", "quant_kv", "record_decisions", "CFG"]
 
 INTERP = _interpreting()
 #: (num_warps, num_stages) of the attention kernel; BLOCK_M/BLOCK_N are the params' q_block/k_block.
 #: warps=None: 8 for q_block >= 128, else 4 (H100 measurements in docs/performance.md).
 #: fuse_q: int8's attention kernel quantises its Q block itself (no Q pre-pass pass over memory).
-CFG = {"warps": None, "stages": 3, "fuse_q": True}
+#: fused_kv: K and V are quantised by the two-launch pre-pass :func:`quant_kv` (statistics, then
+#: codes); False: the older path (torch reductions + :func:`quantise` + :func:`_quant_v`), kept
+#: for timing comparisons. kv_programs: about how many programs the statistics launch spreads
+#: over (it picks chunks of whole key blocks per (batch, head), a power of two of them).
+#: kv_one_launch: finish the statistics and write the codes inside the statistics launch (the last
+#: program of each (batch, head) does its whole head, serially; :func:`_kv_stats_kernel` FINISH)
+#: when there are at least kv_one_launch_heads (batch, head) pairs to spread those finishers over
+#: and a head has at most kv_one_launch_blocks key blocks (the finisher's serial work); else the
+#: second launch :func:`_kv_codes_kernel`. Off: on the H100 (bench/gpu_precision.py, 2026-11-23)
+#: the one-launch pre-pass took 0.435 ms at B=8 T=4096 H=16 D=128 and 0.744 ms at B=2 T=16384
+#: against 0.323 / 0.328 ms for the two launches (the per-head serial finisher is the bottleneck).
+CFG = {"warps": None, "stages": 3, "fuse_q": True, "fused_kv": True, "kv_programs": 1024,
+       "kv_one_launch": False, "kv_one_launch_heads": 64, "kv_one_launch_blocks": 64}
 
 if INTERP:
     @triton.jit
@@ -163,6 +175,150 @@ def _quant_v_kernel(V, INV, C, s_vb, s_vt, s_vh, s_cb, s_ch, s_cd, T, H,
     codes = _to_code(x * inv[None, :], 1, FP8_NATIVE)
     ptrs = C + b * s_cb + h.to(tl.int64) * s_ch + offs_d[:, None] * s_cd + rows[None, :]
     tl.store(ptrs, tl.trans(codes), mask=(offs_d[:, None] < D) & (rows[None, :] < T))
+
+
+@triton.jit
+def _quant_tile(x, QMAX: tl.constexpr, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """Codes and fp32 scale of one fp32 tile (zeros where masked): :func:`_quant_kernel`'s rule."""
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    inv = tl.where(amax > 0, tl.math.div_rn(QMAX + tl.zeros_like(amax), tl.where(amax > 0, amax, 1.0)), 0.0)
+    return _to_code(x * inv, KIND, FP8_NATIVE), tl.math.div_rn(amax, QMAX + tl.zeros_like(amax))
+
+
+@triton.jit
+def _kv_finals(KSUM, VMAX, b, h, H, t_f, offs_d, BLOCK_D: tl.constexpr, NCH: tl.constexpr,
+               K_SUM: tl.constexpr, V_AMAX: tl.constexpr):
+    """Finish the NCH chunk partials of (b, h) in a fixed order: the key mean ``sum / T`` (IEEE
+    division; zeros without K_SUM) and the V channel max |v| and ``448 / amax`` (0 where amax = 0).
+    Loads bypass L1 (``.cg``): the partials may have been written by other programs of this launch."""
+    parts = ((b * H + h) * NCH + tl.arange(0, NCH))[:, None] * BLOCK_D + offs_d[None, :]
+    mu = tl.zeros([BLOCK_D], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if K_SUM:
+        ksum = tl.sum(tl.load(KSUM + parts, cache_modifier=".cg"), 0)
+        mu = tl.math.div_rn(ksum, tl.zeros_like(ksum) + t_f)  # t_f: T as fp32 (exact)
+    if V_AMAX:
+        amax = tl.max(tl.load(VMAX + parts, cache_modifier=".cg"), 0)
+    inv = tl.where(amax > 0, tl.math.div_rn(448.0 + tl.zeros_like(amax), tl.where(amax > 0, amax, 1.0)), 0.0)
+    return mu, amax, inv
+
+
+@triton.jit
+def _kv_codes_block(k_base, v_base, kc_base, vt_base, SK, b, h, blk, mu, inv, offs_d,
+                    s_kt, s_vt, s_ct, s_td, T, H, NB,
+                    D: tl.constexpr, BLOCK: tl.constexpr, EVEN_D: tl.constexpr,
+                    K_CODES: tl.constexpr, V_CODES: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """Codes of key block ``blk`` that need the finished statistics. K_CODES: INT8 codes of the
+    smoothed block ``k - mu`` and its scale (:func:`_quant_kernel`'s operations); V_CODES: FP8
+    codes ``fp8(v * inv)`` of the same rows, stored transposed at ``vt_base`` ([D, T], unit t)."""
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    if K_CODES:
+        x = _load_tile(k_base, rows, s_kt, offs_d, T, D, True, EVEN_D)
+        x = tl.where((rows[:, None] < T) & (offs_d[None, :] < D), x.to(tl.float32) - mu[None, :], 0.0)
+        codes, sc = _quant_tile(x, 127.0, 0, FP8_NATIVE)
+        _store_tile(kc_base, codes, rows, s_ct, offs_d, T, D, EVEN_D)
+        tl.store(SK + (b * NB + blk) * H + h, sc)
+    if V_CODES:
+        y = _load_tile(v_base, rows, s_vt, offs_d, T, D, True, EVEN_D)
+        vc = _to_code(y.to(tl.float32) * inv[None, :], 1, FP8_NATIVE)
+        tl.store(vt_base + offs_d[:, None] * s_td + rows[None, :], tl.trans(vc),
+                 mask=(offs_d[:, None] < D) & (rows[None, :] < T))
+
+
+@triton.jit
+def _kv_stats_kernel(K, V, KC, SK, VT, VS, KSUM, VMAX, CNT,
+                     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_cb, s_ct, s_ch, s_tb, s_th, s_td,
+                     T, H, NB, BPC, t_f,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, NCH: tl.constexpr,
+                     K_SUM: tl.constexpr, K_CODES: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr,
+                     V_AMAX: tl.constexpr, V_F16: tl.constexpr, FINISH: tl.constexpr,
+                     FP8_NATIVE: tl.constexpr):
+    """K/V pre-pass, first launch: one program per (chunk of BPC blocks of BLOCK rows, head, batch)
+    reads its K and V rows once. K_SUM: per-channel partial sum of K (fp32) -> KSUM[b, h, chunk];
+    V_AMAX: per-channel partial max |V| -> VMAX[b, h, chunk]. What needs no global statistic is
+    finished here: K_CODES (unsmoothed K: block codes and scales, as :func:`_quant_kernel`) and
+    V_F16 (fp16 V written transposed, unit scales).
+
+    FINISH (one launch in all): each program then counts itself in on CNT[b, h] (an acq_rel
+    atomic after a barrier, so its partials are visible first); the last of the NCH programs of
+    (b, h) finishes the statistics and writes the codes of all NB blocks of that head
+    (:func:`_kv_codes_block`; K and V were read moments before by its siblings, mostly from
+    L2). CNT is zeroed by the host for each call. No program waits for another, so any order of
+    execution is correct (the interpreter runs the programs one after another)."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK)
+    k_base = K + b * s_kb + h.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + h.to(tl.int64) * s_vh
+    kc_base = KC + b * s_cb + h.to(tl.int64) * s_ch
+    vt_base = VT + b * s_tb + h.to(tl.int64) * s_th
+    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    vmax = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(0, _loop_bound(BPC)):
+        blk = c * BPC + j
+        rows = blk * BLOCK + offs_r
+        if K_SUM or K_CODES:
+            x = _load_tile(k_base, rows, s_kt, offs_d, T, D, True, EVEN_D).to(tl.float32)
+            if K_SUM:
+                ksum += tl.sum(x, 0)
+            if K_CODES:
+                codes, sc = _quant_tile(x, QMAX, KIND, FP8_NATIVE)
+                _store_tile(kc_base, codes, rows, s_ct, offs_d, T, D, EVEN_D)
+                tl.store(SK + (b * NB + blk) * H + h, sc, mask=blk < NB)
+        if V_AMAX or V_F16:
+            y = _load_tile(v_base, rows, s_vt, offs_d, T, D, True, EVEN_D)
+            if V_AMAX:
+                vmax = tl.maximum(vmax, tl.max(tl.abs(y.to(tl.float32)), 0))
+            if V_F16:
+                tl.store(vt_base + offs_d[:, None] * s_td + rows[None, :], tl.trans(y.to(tl.float32).to(tl.float16)),
+                         mask=(offs_d[:, None] < D) & (rows[None, :] < T))
+    part = ((b * H + h) * NCH + c) * BLOCK_D + offs_d
+    if K_SUM:
+        tl.store(KSUM + part, ksum)
+    if V_AMAX:
+        tl.store(VMAX + part, vmax)
+    if V_F16:
+        tl.store(VS + (b * H + h) * D + offs_d, tl.zeros([BLOCK_D], dtype=tl.float32) + 1.0,
+                 mask=(offs_d < D) & (c == 0))
+    if FINISH:
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        arrived = tl.atomic_add(CNT + b * H + h, 1, sem="acq_rel", scope="gpu")
+        if arrived == NCH - 1:
+            mu, amax, inv = _kv_finals(KSUM, VMAX, b, h, H, t_f, offs_d, BLOCK_D, NCH, K_SUM, V_AMAX)
+            for blk in range(0, _loop_bound(NB)):
+                _kv_codes_block(k_base, v_base, kc_base, vt_base, SK, b, h, blk, mu, inv, offs_d,
+                                s_kt, s_vt, s_ct, s_td, T, H, NB, D, BLOCK, EVEN_D, K_SUM, V_AMAX, FP8_NATIVE)
+            if V_AMAX:
+                tl.store(VS + (b * H + h) * D + offs_d, tl.math.div_rn(amax, 448.0 + tl.zeros_like(amax)),
+                         mask=offs_d < D)
+
+
+@triton.jit
+def _kv_codes_kernel(K, V, KC, SK, VT, VS, KSUM, VMAX,
+                     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_cb, s_ct, s_ch, s_tb, s_th, s_td,
+                     T, H, NB, t_f,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, NCH: tl.constexpr,
+                     K_CODES: tl.constexpr, V_CODES: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """K/V pre-pass, second launch (without FINISH): one program per (block of BLOCK rows, head,
+    batch) finishes the partials of :func:`_kv_stats_kernel` (:func:`_kv_finals`) and writes the
+    codes that need them (:func:`_kv_codes_block`); block 0 also writes the V descale
+    ``amax / 448``."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mu, amax, inv = _kv_finals(KSUM, VMAX, b, h, H, t_f, offs_d, BLOCK_D, NCH, K_CODES, V_CODES)
+    _kv_codes_block(K + b * s_kb + h.to(tl.int64) * s_kh, V + b * s_vb + h.to(tl.int64) * s_vh,
+                    KC + b * s_cb + h.to(tl.int64) * s_ch, VT + b * s_tb + h.to(tl.int64) * s_th, SK, b, h, blk,
+                    mu, inv, offs_d, s_kt, s_vt, s_ct, s_td, T, H, NB, D, BLOCK, EVEN_D, K_CODES, V_CODES,
+                    FP8_NATIVE)
+    if V_CODES:
+        tl.store(VS + (b * H + h) * D + offs_d, tl.math.div_rn(amax, 448.0 + tl.zeros_like(amax)),
+                 mask=(offs_d < D) & (blk == 0))
 
 
 @triton.jit
@@ -387,6 +543,68 @@ def _quant_v(v: torch.Tensor, pv: str):
     return vt, amax / qm
 
 
+def _kv_chunks(B: int, H: int, nb: int) -> int:
+    """Chunks per (batch, head) of the statistics launch: a power of two <= nb and <= 64."""
+    want = max(1, -(-int(CFG["kv_programs"]) // max(1, B * H)))
+    nch = 1
+    while nch * 2 <= min(want, nb, 64):
+        nch *= 2
+    return nch
+
+
+def quant_kv(k: torch.Tensor, v: torch.Tensor, k_block: int, kind: str = "int8", smooth: bool = False,
+             pv: str = "fp8"):
+    """K and V quantised in two launches that each read K and V once (or one launch, see below).
+
+    Returns (kc [B, Tk, Hk, D], sk fp32 [B, nb, Hk], vt [B, Hk, D, Tk], vs fp32 [B, Hk, D]) with
+    exactly the rules of :func:`quantise` (K blocks of ``k_block`` rows, ``kind`` "int8" / "fp8",
+    ``smooth``: minus the per-(batch, head) key mean, int8 only) and :func:`_quant_v` (``pv``
+    "fp8": per-channel FP8 codes; "fp16": fp16 V, unit scales). :func:`_kv_stats_kernel` reads K
+    and V once for the per-chunk key sums and V channel maxima (and writes whatever needs no
+    global statistic); :func:`_kv_codes_kernel` reads them again for the codes that do, or (``CFG``
+    ``kv_one_launch``, enough heads) the last statistics program of each head does. The mean
+    is ``(sum of the chunk sums) / Tk`` in fp32 (IEEE division); its summation order differs
+    from torch's ``mean``, as any two GPU reductions do."""
+    if smooth and kind != "int8":
+        raise ValueError(f"quant_kv: smooth=True is int8's key smoothing; got kind={kind!r}")
+    if pv not in ("fp8", "fp16"):
+        raise ValueError(f"quant_kv: pv must be 'fp8' or 'fp16'; got {pv!r}")
+    B, T, H, D = k.shape
+    k, v = _unit_last(k), _unit_last(v)
+    native = not INTERP
+    dev = k.device
+    cdt = (torch.int8 if kind == "int8" else torch.float8_e4m3fn) if native else torch.float32
+    vdt = torch.float16 if pv == "fp16" else (torch.float8_e4m3fn if native else torch.float32)
+    nb = triton.cdiv(T, k_block)
+    kc = _alloc((B, T, H, D), cdt, dev)
+    sk = _alloc((B, nb, H), torch.float32, dev)
+    vt = _alloc((B, H, D, T), vdt, dev)
+    vs = _alloc((B, H, D), torch.float32, dev)
+    if kc.numel() == 0:
+        return kc, sk, vt, vs  # nothing to read (the attention launch returns before using them)
+    bd = _bd(D)
+    nch = _kv_chunks(B, H, nb)
+    v_amax = pv == "fp8"
+    part = _alloc((2, B, H, nch, bd), torch.float32, dev) if (smooth or v_amax) else sk
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+               kc.stride(0), kc.stride(1), kc.stride(2), vt.stride(0), vt.stride(1), vt.stride(2))
+    warps = 4 if INTERP or k_block * bd < 16384 else 8
+    finish = ((smooth or v_amax) and bool(CFG["kv_one_launch"]) and B * H >= int(CFG["kv_one_launch_heads"])
+              and nb <= int(CFG["kv_one_launch_blocks"]))
+    cnt = torch.zeros(B * H, dtype=torch.int32, device=dev) if finish else sk
+    _kv_stats_kernel[(nch, H, B)](
+        k, v, kc, sk, vt, vs, part[0], part[-1], cnt, *strides, T, H, nb, triton.cdiv(nb, nch), float(T),
+        D=D, BLOCK_D=bd, BLOCK=k_block, NCH=nch, K_SUM=smooth, K_CODES=not smooth, KIND=0 if kind == "int8" else 1,
+        QMAX=127.0 if kind == "int8" else 448.0, V_AMAX=v_amax, V_F16=pv == "fp16", FINISH=finish,
+        FP8_NATIVE=native, num_warps=warps)
+    if (smooth or v_amax) and not finish:
+        _kv_codes_kernel[(nb, H, B)](
+            k, v, kc, sk, vt, vs, part[0], part[-1], *strides, T, H, nb, float(T),
+            D=D, BLOCK_D=bd, BLOCK=k_block, NCH=nch, K_CODES=smooth, V_CODES=v_amax, FP8_NATIVE=native,
+            num_warps=warps)
+    return kc, sk, vt, vs
+
+
 def _launch(qc, kc, vt, sq, sk, vs, lt, gamma, B, Tq, Hq, D, Tk, Hk, causal, q_block, k_block, qk_int, pmode,
             out_dtype, device, record=None, q_mult=None):
     o = _alloc((B, Tq, Hq, D), out_dtype, device)
@@ -426,8 +644,11 @@ def _int8_fwd_impl(q, k, v, causal: bool, scale: float, q_block: int, k_block: i
         qc, sq, q_mult = _unit_last(q), None, scale * LOG2E
     else:
         (qc, sq), q_mult = quantise(q, q_block, "int8", mult=scale * LOG2E), None
-    kc, sk = quantise(k, k_block, "int8", mean=key_mean(k) if smooth_k and Tk > 0 else None)
-    vt, vs = _quant_v(v, pv)
+    if CFG["fused_kv"]:
+        kc, sk, vt, vs = quant_kv(k, v, k_block, "int8", smooth=smooth_k, pv=pv)
+    else:
+        kc, sk = quantise(k, k_block, "int8", mean=key_mean(k) if smooth_k and Tk > 0 else None)
+        vt, vs = _quant_v(v, pv)
     return _launch(qc, kc, vt, sq, sk, vs.contiguous(), None, None, B, Tq, Hq, D, Tk, Hk, causal, q_block, k_block,
                    True, 0 if pv == "fp8" else 1, q.dtype, q.device, q_mult=q_mult)
 
@@ -503,9 +724,14 @@ def qaas_forward(q, k, v, tau, gamma, causal: bool = True, scale: float | None =
     Tk, Hk = k.shape[1], k.shape[2]
     scale = 1.0 / (D ** 0.5) if scale is None else float(scale)
     qc, sq = quantise(q, q_block, "fp8")
-    kc, sk = quantise(k, k_block, "fp8")
-    sq = (sq * torch.tensor(scale * LOG2E, dtype=torch.float32, device=q.device)).contiguous()
-    vt, vs = _quant_v(v, "fp8")
+    # the softmax scale into Q's descale, in fp32 (a Python scalar is cast to fp32, as the
+    # reference's fp32 tensor; no host-to-device copy)
+    sq = sq.mul_(scale * LOG2E)
+    if CFG["fused_kv"]:
+        kc, sk, vt, vs = quant_kv(k, v, k_block, "fp8", smooth=False, pv="fp8")
+    else:
+        kc, sk = quantise(k, k_block, "fp8")
+        vt, vs = _quant_v(v, "fp8")
     lt = log2_tau(tau).to(q.device).contiguous()
     g = gamma.detach().float().contiguous()
     record = {"codes": (qc, sq, kc, sk), "log2_tau": lt} if _RECORDS else None

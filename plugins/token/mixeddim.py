@@ -306,8 +306,9 @@ def register_backends(registry) -> None:
         "numba": Capabilities(devices=("cpu",), dtypes=CPU_FLOATS, grad=False, requires=("numba>=0.60",),
                               rules=(_gqa_rule,)),
     }
-    docs = {"triton": "one-softmax Triton decode over the packed per-width pools (one program per (batch, kv "
-                      "head), scores in a second pass with the final lse); scorer = the h2o kernels",
+    docs = {"triton": "one-softmax split-K Triton decode over the packed per-width pools (splits of every level "
+                      "per (batch, kv head), a combine, scores in a split pass with the final lse); scorer = the "
+                      "h2o kernels",
             "numba": "Numba decode over the packed per-width pools, one task per (batch, kv head); scorer = the "
                      "h2o kernels"}
     for kind, prio in (("triton", 30), ("numba", 20)):
