@@ -20,13 +20,10 @@ from _bootstrap import ensure_blockzoo  # noqa: E402
 
 ensure_blockzoo()
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from _sm90 import compile_sm90  # noqa: E402
 
 from blockzoo.kernels.triton import kv_decode as kd  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
 # pointer arguments of every kernel (the rest are i32 scalars, qk_scale fp32)
 PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OP": "*fp32", "LP": "*fp32", "LG": "*fp32", "Out": "*bf16",
        "LSE": "*fp32", "SC": "*fp32", "IDX": "*i64", "X": "*bf16", "Y": "*bf16", "POS": "*i64", "ACC": "*fp32",
@@ -35,21 +32,7 @@ FLOAT = {"qk_scale"}
 
 
 def compile_one(fn, const, warps, stages=3, ptr=None):
-    ptr = {**PTR, **(ptr or {})}
-    sig = {}
-    for n in fn.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n in ptr:
-            sig[n] = ptr[n]
-        elif n in FLOAT:
-            sig[n] = "fp32"
-        else:
-            sig[n] = "i32"
-    t0 = time.time()
-    ck = triton.compile(ASTSource(fn, sig, constexprs=const), target=TARGET,
-                        options={"num_warps": warps, "num_stages": stages})
-    return len(ck.asm["cubin"]), time.time() - t0
+    return compile_sm90(fn, const, {**PTR, **(ptr or {})}, warps, stages, FLOAT)
 
 
 def cases():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.pop("TRITON_INTERPRET", None)
@@ -22,12 +21,10 @@ from _bootstrap import ensure_blockzoo  # noqa: E402
 ensure_blockzoo()
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from _sm90 import compile_sm90  # noqa: E402
 
 from blockzoo.kernels.triton import kv_mixeddim as km  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
 PTR = {"Q": "*bf16", "QP": "*bf16", "KB": "*bf16", "VB": "*bf16", "TOK": "*i64", "EB": "*i64", "TK": "*bf16",
        "TV": "*bf16", "OR": "*fp32", "ON": "*fp32", "LSE2": "*fp32", "SP": "*fp32", "ST": "*fp32",
        "PR": "*fp32", "PN": "*fp32", "PL": "*fp32"}
@@ -38,20 +35,7 @@ BENCH_CFGS = [(64, 4, 3, True), (32, 4, 3, True), (128, 4, 3, True), (64, 8, 3, 
 
 
 def compile_one(fn, const, warps, stages=3):
-    sig = {}
-    for n in fn.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n in PTR:
-            sig[n] = PTR[n]
-        elif n in FLOAT:
-            sig[n] = "fp32"
-        else:
-            sig[n] = "i32"
-    t0 = time.time()
-    ck = triton.compile(ASTSource(fn, sig, constexprs=const), target=TARGET,
-                        options={"num_warps": warps, "num_stages": stages})
-    return len(ck.asm["cubin"]), time.time() - t0
+    return compile_sm90(fn, const, PTR, warps, stages, FLOAT)
 
 
 def cases():

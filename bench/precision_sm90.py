@@ -25,36 +25,17 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 ensure_blockzoo()
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from _sm90 import compile_sm90  # noqa: E402
 
 from blockzoo.kernels.triton import precision as P  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"mult", "q_mult", "t_f"}
 
 
-def _sig(fn, const: dict, ptrs: dict) -> dict:
-    sig = {}
-    for n in fn.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n in ptrs:
-            sig[n] = ptrs[n]
-        elif n in FLOATS:
-            sig[n] = "fp32"
-        else:
-            sig[n] = "i32"
-    return sig
-
-
 def _compile(name: str, fn, const: dict, ptrs: dict, warps: int, stages: int = 1) -> bool:
-    t0 = time.time()
     try:
-        ck = triton.compile(ASTSource(fn, _sig(fn, const, ptrs), constexprs=const), target=TARGET,
-                            options={"num_warps": warps, "num_stages": stages})
-        n = len(ck.asm["cubin"])
-        print(f"ok   {name:60s} cubin {n:7d} B  {time.time() - t0:5.1f} s", flush=True)
+        n, dt = compile_sm90(fn, const, ptrs, warps, stages, FLOATS)
+        print(f"ok   {name:60s} cubin {n:7d} B  {dt:5.1f} s", flush=True)
         return True
     except Exception as e:  # noqa: BLE001
         print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)

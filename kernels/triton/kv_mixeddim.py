@@ -53,12 +53,38 @@ import triton.language as tl
 from .._alloc import empty
 from ..numba.kv_mixeddim import check_pooled
 from .attention import LOG2E, _dot, _dot_acc, _interpreting, _loop_bound
+from .kv_decode import _SM_COUNT, _sm_count  # noqa: F401  (one SM-count cache for the decode kernels)
 
 __all__ = ["pooled_decode", "default_splits", "default_cfg", "MAX_SPLITS"]
 
 
 # ---------------------------------------------------------------------------------------------
 # the first version: one program per row (kept as the benchmark's baseline)
+@triton.jit
+def _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """A program's query rows: row ``m`` is query head ``hk * GROUP + m // Tq``, query ``m % Tq``
+    of the kv head's group. Returns (row index r = b * Hk + hk, rows, query index, row mask, the
+    rows' element offsets in Q / QP, head-dim offsets and mask)."""
+    r = b * Hk + hk
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // Tq
+    qi = rows - g * Tq
+    h = (hk * GROUP + g).to(tl.int64)
+    rmask = rows < GROUP * Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = b.to(tl.int64) * s_qb + qi * s_qt + h * s_qh
+    return r, rows, qi, rmask, q_rows, offs_d, offs_d < D
+
+
+@triton.jit
+def _tail_span(sid, S, Tt, BLOCK_N: tl.constexpr):
+    """Split ``sid``'s slice [lo, hi) of the full-width tail (whole key blocks, the last ragged)."""
+    chunk = tl.cdiv(tl.cdiv(Tt, S), BLOCK_N) * BLOCK_N
+    lo = sid * chunk
+    return lo, tl.minimum(lo + chunk, Tt)
+
+
 @triton.jit
 def _pooled_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, OR, ON, LSE2, SP, ST,
                    s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, s_ob, s_ot, s_oh,
@@ -67,16 +93,9 @@ def _pooled_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, OR, ON, LSE2, SP, ST,
                    SCORES: tl.constexpr):
     hk = tl.program_id(0)
     b = tl.program_id(1)
-    r = b * Hk + hk
-    rows = tl.arange(0, BLOCK_M)
-    g = rows // Tq
-    qi = rows - g * Tq
-    h = (hk * GROUP + g).to(tl.int64)
-    rmask = rows < GROUP * Tq
-    offs_d = tl.arange(0, BLOCK_D)
+    r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    dmask = offs_d < D
-    q_off = b.to(tl.int64) * s_qb + qi[:, None] * s_qt + h[:, None] * s_qh + offs_d[None, :]
+    q_off = q_rows[:, None] + offs_d[None, :]
     q = tl.load(Q + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)
     qp = tl.load(QP + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -130,6 +149,7 @@ def _pooled_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, OR, ON, LSE2, SP, ST,
         acc_r = acc_r * alpha[:, None]
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
+    h = (hk * GROUP + rows // Tq).to(tl.int64)
     o_off = b.to(tl.int64) * s_ob + qi[:, None] * s_ot + h[:, None] * s_oh + offs_d[None, :]
     omask = rmask[:, None] & dmask[None, :]
     tl.store(OR + o_off, acc_r / l_safe[:, None], mask=omask)
@@ -253,15 +273,7 @@ def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
     sid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    r = b * Hk + hk
-    rows = tl.arange(0, BLOCK_M)
-    g = rows // Tq
-    qi = rows - g * Tq
-    h = (hk * GROUP + g).to(tl.int64)
-    rmask = rows < GROUP * Tq
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q_rows = b.to(tl.int64) * s_qb + qi * s_qt + h * s_qh  # [BLOCK_M] element offsets (Q, QP alike)
+    r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -272,9 +284,7 @@ def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
     # the split's slice of the full-width tail (bottom-right causal), natural order
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     diag = Tt - Tq
-    chunk = tl.cdiv(tl.cdiv(Tt, S), BLOCK_N) * BLOCK_N
-    lo = sid * chunk
-    hi = tl.minimum(lo + chunk, Tt)
+    lo, hi = _tail_span(sid, S, Tt, BLOCK_N)
     tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
     tv_base = TV + b.to(tl.int64) * s_tvb + hk.to(tl.int64) * s_tvh
     offs_n = tl.arange(0, BLOCK_N)
@@ -372,24 +382,14 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST,
     sid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    r = b * Hk + hk
-    rows = tl.arange(0, BLOCK_M)
-    g = rows // Tq
-    qi = rows - g * Tq
-    h = (hk * GROUP + g).to(tl.int64)
-    rmask = rows < GROUP * Tq
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q_rows = b.to(tl.int64) * s_qb + qi * s_qt + h * s_qh
+    r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
     lse2 = tl.load(LSE2 + r * BLOCK_M + rows, mask=rmask, other=float("inf"))
     for lev in tl.static_range(L):
         _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, sid, S, qk_scale, lev, STEP, BLOCK_D, BLOCK_M,
                      BLOCK_N, NARROW, EB_ALIGN)
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     diag = Tt - Tq
-    chunk = tl.cdiv(tl.cdiv(Tt, S), BLOCK_N) * BLOCK_N
-    lo = sid * chunk
-    hi = tl.minimum(lo + chunk, Tt)
+    lo, hi = _tail_span(sid, S, Tt, BLOCK_N)
     tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
@@ -405,16 +405,6 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST,
 
 #: most splits (the combine holds one [BLOCK_S, BLOCK_D] tile)
 MAX_SPLITS = 64
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
 
 
 def default_splits(rows: int, tokens_per_row: int, block_n: int, device: torch.device) -> int:
