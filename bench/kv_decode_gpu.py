@@ -223,15 +223,20 @@ def sweep_ours(q, k, v, cfgs, splits):
     return best, rows
 
 
-def run_shape(B, T, Hq, Hk, D, budget, res, smoke):
-    dt = torch.bfloat16
-    keep = math.ceil(T * budget)
+def _decode_inputs(res, B, T, Hq, Hk, D, n, seed):
+    """The shape's key and result dict, the generator, and bf16 inputs: one query [B, 1, Hq, D] and a
+    cache of ``n`` tokens k, v [B, Hk, n, D]."""
     key = f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-D{D}"
     r = res.setdefault("shapes", {}).setdefault(key, {})
-    g = torch.Generator(device=DEV).manual_seed(1)
-    q = torch.randn(B, 1, Hq, D, device=DEV, generator=g, dtype=dt)
-    k = torch.randn(B, Hk, T, D, device=DEV, generator=g, dtype=dt)
-    v = torch.randn(B, Hk, T, D, device=DEV, generator=g, dtype=dt)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q, k, v = (torch.randn(*shape, device=DEV, generator=g, dtype=torch.bfloat16)
+               for shape in ((B, 1, Hq, D), (B, Hk, n, D), (B, Hk, n, D)))
+    return key, r, g, q, k, v
+
+
+def run_shape(B, T, Hq, Hk, D, budget, res, smoke):
+    keep = math.ceil(T * budget)
+    _, r, g, q, k, v = _decode_inputs(res, B, T, Hq, Hk, D, T, seed=1)
     kv_bytes_full = 2 * k.numel() * k.element_size()
     if smoke:
         cfgs, splits = [None], [None, 2]
@@ -408,15 +413,9 @@ def policy_variants(B, T, Hq, Hk, D, budget, res, smoke):
     same o / acc / positions / K / V bits as the two-launch default, the eviction the torch
     selector makes on the accumulated scores, the protected tokens kept, and the fp32 reference's
     accumulated scores / evictions."""
-    dt = torch.bfloat16
     keep = math.ceil(T * budget)
     t1, seen = keep + 1, T + 1
-    key = f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-D{D}"
-    r = res.setdefault("shapes", {}).setdefault(key, {})
-    g = torch.Generator(device=DEV).manual_seed(2)
-    q = torch.randn(B, 1, Hq, D, device=DEV, generator=g, dtype=dt)
-    k1 = torch.randn(B, Hk, t1, D, device=DEV, generator=g, dtype=dt)
-    v1 = torch.randn(B, Hk, t1, D, device=DEV, generator=g, dtype=dt)
+    key, r, g, q, k1, v1 = _decode_inputs(res, B, T, Hq, Hk, D, t1, seed=2)
     pos = torch.arange(t1, device=DEV).expand(B, Hk, t1).contiguous()
     pos[..., -1] = seen - 1
     acc0 = torch.rand(B, Hk, t1, device=DEV, generator=g)

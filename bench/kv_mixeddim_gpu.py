@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """token.mixeddim on one GPU (about 60-90 s, mostly ~20 Triton compiles): decode attention over the packed
 per-width pools against our split-K decode over the full cache and over a token-evicted cache of
-the same bytes; the pooled decode's first version (one program per row) against the split one.
+the same bytes (the removed first version, one program per row, is in docs/performance.md).
 
 1. correctness first (the run stops if it fails): the Triton pooled decode (o and per-token
    scores) against the fp32 reference (zero-padded unpack + dense decode) on small odd shapes
@@ -12,7 +12,6 @@ the same bytes; the pooled decode's first version (one program per row) against 
    - ``full``: ``kv_decode.decode_attention`` over the full cache [B, Hk, T, D];
    - ``evict``: the same kernel over budget * T tokens (a token policy at the same bytes);
    - ``zeroed``: the same kernel over the tokens mixeddim keeps, at full width (the zeroed layout);
-   - ``single`` / ``single+scores``: the first pooled kernel (one program per (batch, kv head));
    - ``pooled`` / ``pooled+scores``: ``kv_mixeddim.pooled_decode`` (split) at its defaults, plus the
      torch glue around it (query permutation, output unpermutation) as ``pooled_step``;
    - a sweep of the split count (1 .. 16) and of the tile config ``(BLOCK_N, warps, stages,
@@ -111,13 +110,13 @@ def main():
     small = [("T37-D40-gqa3-tq2", 2, 2, 6, 37, 40, 4, 12, 2, torch.float32, 1e-4),
              ("T37-D40-gqa3-tq2-bf16", 2, 2, 6, 37, 40, 4, 12, 2, torch.bfloat16, 2e-2)]
     # forced splits at the default tile config (no extra compile; fp32) and with full-width tiles
-    # (bf16), the first version (both); few variants: every one is a Triton compile
+    # (bf16); few variants: every one is a Triton compile
     cfg_small = km.default_cfg(40, 6)
     variants = {torch.float32: [("-split3", km.pooled_decode, {"num_splits": 3})],
                 torch.bfloat16: [("-split3-wide", km.pooled_decode, {"num_splits": 3, "cfg": (*cfg_small[:3], False)})]}
     for name, B, Hk, Hq, T, D, lv, keep, tq, dt, tol in small:
         st, q, k, v = make(B, Hk, Hq, T, D, lv, keep, dt, tq=tq, sinks=2, recent=3)
-        for suffix, fn, kw in [("", None, {}), *variants[dt], ("-single", km._pooled_decode_single, {})]:
+        for suffix, fn, kw in [("", None, {}), *variants[dt]]:
             errs, ok = check(st, q, k, v, tq, tol, fn, **kw)
             res["checks"][name + suffix] = {**errs, "ok": ok}
             if not ok:
@@ -143,16 +142,10 @@ def main():
         return lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv, None,
                                         scores, **kw)
 
-    def single(scores):
-        return lambda: km._pooled_decode_single(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv,
-                                                None, scores)
-
     t = {
         "full": bench(lambda: kd.decode_attention(q, k, v)),
         "evict": bench(lambda: kd.decode_attention(q, kept_k, kept_v)),
         "zeroed": bench(lambda: kd.decode_attention(q, zk, zv)),
-        "single": bench(single(False)),
-        "single+scores": bench(single(True)),
         "pooled": bench(pooled()),
         "pooled+scores": bench(pooled(True)),
         "pooled_step": bench(lambda: decode_kernel("triton", q, st, tk, tv, None, True)),

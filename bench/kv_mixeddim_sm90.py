@@ -43,9 +43,6 @@ def cases():
     out = []
     for tq in ({"Tq": 1}, {}):
         tqs = "Tq=1" if tq else "Tq=i32"
-        for scores in (False, True):
-            out.append((f"single SCORES={scores} {tqs}", km._pooled_kernel,
-                        dict(D=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, SCORES=scores, **tq), 4, 3))
         shapes = [(4, 32, 128, 16, BENCH_CFGS if tq else BENCH_CFGS[:1]),
                   (4, 10, 40, 16, [(64, 4, 3, True), (64, 4, 3, False)]),
                   (4, 32, 128, 64, [(64, 4, 3, True)])]

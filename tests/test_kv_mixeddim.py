@@ -379,12 +379,11 @@ def _levels_split(st, rows, tail, splits, cfg):
 
 
 @pytest.mark.skipif(not TRITON, reason="Triton needs TRITON_INTERPRET=1 or CUDA")
-def test_triton_split_equals_single_program_version():
-    """Several splits, one split and the first (one program per row) kernel agree."""
+def test_triton_split_counts_agree():
+    """Several splits and one split agree; scores=False gives the same output."""
     from blockzoo.kernels.triton import kv_mixeddim as km
     st, q, tk, tv = _split_case(SPLIT_CASES[0], torch.float32)
     outs = [_pooled(km.pooled_decode, q, st, tk, tv, num_splits=s, cfg=(16, 1, 1, True)) for s in (1, 6)]
-    outs.append(_pooled(km._pooled_decode_single, q, st, tk, tv))
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

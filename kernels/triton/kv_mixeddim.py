@@ -38,8 +38,8 @@ reads K once more (half of the first pass's bytes).
 ``S`` (``num_splits``, default :func:`default_splits`) is chosen so that ``B * Hk * S`` is about 4
 programs per SM, each split >= 4 tiles of the average row; 1 for tiny shapes. ``cfg`` =
 ``(BLOCK_N, num_warps, num_stages, narrow)`` overrides the tile config. The first version (one
-program per row, the scores pass inside the kernel, full-width masked tiles) stays as
-``_pooled_decode_single`` for the benchmark's comparison and one test.
+program per row, the scores pass inside the kernel, full-width masked tiles; 0.60 ms against
+0.33-0.38 ms for this one on the H100 shape of docs/performance.md) was removed in session 6.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ __all__ = ["pooled_decode", "default_splits", "default_cfg", "MAX_SPLITS"]
 
 
 # ---------------------------------------------------------------------------------------------
-# the first version: one program per row (kept as the benchmark's baseline)
+# shared by the kernels below
 @triton.jit
 def _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr):
@@ -78,111 +78,22 @@ def _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D: tl.constexpr, BLOCK_D
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step over a tile of log2-scaled scores ``s`` (masked entries -inf):
+    (p = exp2(s - m_new), the rescale factor of the old state, m_new, the updated row sums)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _tail_span(sid, S, Tt, BLOCK_N: tl.constexpr):
     """Split ``sid``'s slice [lo, hi) of the full-width tail (whole key blocks, the last ragged)."""
     chunk = tl.cdiv(tl.cdiv(Tt, S), BLOCK_N) * BLOCK_N
     lo = sid * chunk
     return lo, tl.minimum(lo + chunk, Tt)
-
-
-@triton.jit
-def _pooled_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, OR, ON, LSE2, SP, ST,
-                   s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, s_ob, s_ot, s_oh,
-                   Hk, Tq, Tt, GROUP, L, STEP, R, qk_scale,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SCORES: tl.constexpr):
-    hk = tl.program_id(0)
-    b = tl.program_id(1)
-    r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    q_off = q_rows[:, None] + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)
-    qp = tl.load(QP + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_n = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # pass 1a: the pools, level by level (runtime widths)
-    for lev in range(0, _loop_bound(L)):
-        w = (lev + 1) * STEP
-        row0 = TOK + lev * (R + 1)
-        tb = tl.load(row0).to(tl.int32)
-        t0 = tl.load(row0 + r).to(tl.int32)
-        t1 = tl.load(row0 + r + 1).to(tl.int32)
-        eb = tl.load(EB + lev)
-        for start in range(_loop_bound(t0), _loop_bound(t1), BLOCK_N):
-            cols = start + offs_n
-            cmask = cols < t1
-            el = eb + (cols - tb).to(tl.int64)[:, None] * w + offs_d[None, :]
-            kvmask = cmask[:, None] & (offs_d[None, :] < w)
-            k = tl.load(KB + el, mask=kvmask, other=0.0)
-            s = _dot(qp, tl.trans(k)) * qk_scale
-            s = tl.where(cmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(VB + el, mask=kvmask, other=0.0)
-            acc_r = _dot_acc(p.to(v.dtype), v, acc_r * alpha[:, None])
-            acc_n = acc_n * alpha[:, None]
-            m_i = m_new
-    # pass 1b: the full-width tail (bottom-right causal)
-    diag = Tt - Tq
-    tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
-    tv_base = TV + b.to(tl.int64) * s_tvb + hk.to(tl.int64) * s_tvh
-    for start in range(0, Tt, BLOCK_N):
-        cols = start + offs_n
-        cmask = cols < Tt
-        kvmask = cmask[:, None] & dmask[None, :]
-        k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :], mask=kvmask, other=0.0)
-        s = _dot(q, tl.trans(k)) * qk_scale
-        valid = cmask[None, :] & (cols[None, :] <= qi[:, None] + diag)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(tv_base + cols[:, None].to(tl.int64) * s_tvt + offs_d[None, :], mask=kvmask, other=0.0)
-        acc_n = _dot_acc(p.to(v.dtype), v, acc_n * alpha[:, None])
-        acc_r = acc_r * alpha[:, None]
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    h = (hk * GROUP + rows // Tq).to(tl.int64)
-    o_off = b.to(tl.int64) * s_ob + qi[:, None] * s_ot + h[:, None] * s_oh + offs_d[None, :]
-    omask = rmask[:, None] & dmask[None, :]
-    tl.store(OR + o_off, acc_r / l_safe[:, None], mask=omask)
-    tl.store(ON + o_off, acc_n / l_safe[:, None], mask=omask)
-    lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("inf"))
-    tl.store(LSE2 + (b * Hk + hk) * BLOCK_M + rows, lse2)
-    if SCORES:
-        # pass 2: the probabilities with the final lse, summed over the program's rows
-        for lev in range(0, _loop_bound(L)):
-            w = (lev + 1) * STEP
-            row0 = TOK + lev * (R + 1)
-            tb = tl.load(row0).to(tl.int32)
-            t0 = tl.load(row0 + r).to(tl.int32)
-            t1 = tl.load(row0 + r + 1).to(tl.int32)
-            eb = tl.load(EB + lev)
-            for start in range(_loop_bound(t0), _loop_bound(t1), BLOCK_N):
-                cols = start + offs_n
-                cmask = cols < t1
-                el = eb + (cols - tb).to(tl.int64)[:, None] * w + offs_d[None, :]
-                k = tl.load(KB + el, mask=cmask[:, None] & (offs_d[None, :] < w), other=0.0)
-                s = _dot(qp, tl.trans(k)) * qk_scale
-                p = tl.math.exp2(s - lse2[:, None])
-                p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
-                tl.store(SP + cols, tl.sum(p, 0), mask=cmask)
-        for start in range(0, Tt, BLOCK_N):
-            cols = start + offs_n
-            cmask = cols < Tt
-            k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :],
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            s = _dot(q, tl.trans(k)) * qk_scale
-            p = tl.math.exp2(s - lse2[:, None])
-            p = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), p, 0.0)
-            tl.store(ST + (b * Hk + hk).to(tl.int64) * Tt + cols, tl.sum(p, 0), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,11 +159,7 @@ def _pool_level(acc_r, acc_n, m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R
         k = tl.load(KB + el, mask=kvmask, other=0.0)
         s = _dot(qp, tl.trans(k)) * qk_scale
         s = tl.where(cmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         v = tl.load(VB + el, mask=kvmask, other=0.0)
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
@@ -296,11 +203,7 @@ def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
         k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :], mask=kvmask, other=0.0)
         s = _dot(q, tl.trans(k)) * qk_scale
         s = tl.where(cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         v = tl.load(tv_base + cols[:, None].to(tl.int64) * s_tvt + offs_d[None, :], mask=kvmask, other=0.0)
         acc_n = _dot_acc(p.to(v.dtype), v, acc_n * alpha[:, None])
         m_i = m_new
@@ -495,41 +398,4 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
         q, qp, kb, tok, eb, tail_k, lse2, s_pool, s_tail,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         hk, tq, tt, G, R, S, scale * LOG2E, **common, num_warps=warps, num_stages=stages)
-    return o_n, o_r, s_pool[:n_tok], s_tail[..., :tt]
-
-
-def _pooled_decode_single(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, tok_off: torch.Tensor,
-                  elem_base: torch.Tensor, step: int, tail_k: torch.Tensor, tail_v: torch.Tensor,
-                  scale: float | None = None, scores: bool = True):
-    """:func:`pooled_decode`'s first version (one program per row, no split; the benchmark's
-    baseline): the same contract without ``num_splits`` / ``cfg``."""
-    b, tq, hq, d, hk, levels = check_pooled(q, qp, kbuf, vbuf, tok_off, elem_base, step, tail_k, tail_v)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    G = hq // hk
-    q, qp = q.contiguous(), qp.contiguous().to(q.dtype)
-    if tail_k.stride(-1) != 1:
-        tail_k = tail_k.contiguous()
-    if tail_v.stride(-1) != 1:
-        tail_v = tail_v.contiguous()
-    dev = q.device
-    tt = tail_k.shape[2]
-    n_tok = int(tok_off[-1, -1]) if levels else 0
-    o_r = empty((b, tq, hq, d), dtype=torch.float32, device=dev)
-    o_n = empty((b, tq, hq, d), dtype=torch.float32, device=dev)
-    BM = max(16, triton.next_power_of_2(G * tq))
-    BD = max(16, triton.next_power_of_2(d))
-    lse2 = empty((b * hk, BM), dtype=torch.float32, device=dev)
-    s_pool = empty((max(n_tok, 1),), dtype=torch.float32, device=dev)
-    s_tail = empty((b, hk, max(tt, 1)), dtype=torch.float32, device=dev)
-    kb = kbuf if kbuf.numel() else torch.zeros(1, dtype=tail_k.dtype, device=dev)
-    vb = vbuf if vbuf.numel() else torch.zeros(1, dtype=tail_v.dtype, device=dev)
-    bn, warps = (16, 1) if _interpreting() else ((64, 4) if BD <= 128 else (32, 4))
-    _pooled_kernel[(hk, b)](
-        q, qp, kb, vb, tok_off.contiguous(), elem_base.contiguous(), tail_k, tail_v, o_r, o_n, lse2, s_pool, s_tail,
-        q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
-        tail_v.stride(0), tail_v.stride(1), tail_v.stride(2), o_r.stride(0), o_r.stride(1), o_r.stride(2),
-        hk, tq, tt, G, levels, step, b * hk, scale * LOG2E,
-        D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, SCORES=scores, num_warps=warps)
-    if not scores:
-        return o_n, o_r, None, None
     return o_n, o_r, s_pool[:n_tok], s_tail[..., :tt]
