@@ -13,16 +13,15 @@ compaction) as a share of a decode step; peak memory of each; achieved HBM bandw
    - the H2O step at the 25% budget on a cache of 8193 tokens: token scores (our kernel),
      accumulate, select (top-k vs the reference's sort), compact k, v, pos, acc (Triton gather vs
      torch gather); total as % of our decode step on the kept cache;
-   - the H2O policy variants (issue 7), each as a whole step ``kv_decode.decode_h2o`` on a cache of
-     keep + 1 = 8193 tokens (one leaves) minus the kept decode alone, both timed by CUDA graph
-     (``do_bench_cudagraph``: no host launch overhead; each step streams 0.5 GB of K/V, so its
-     policy data starts cold): mode "two" (decode, accumulate kernel, pick kernel), "one"
-     (decode, one accumulate kernel whose last chunk per row picks), "fused" (split pass, then one
-     kernel that merges the splits, accumulates and picks), at the chunk rule
-     (``kv_decode.h2o_chunking``) and fixed (tokens per chunk, warps), "fused" also with L2 hints;
-     each variant is first checked on fresh copies: same o / acc / positions / K / V bits as the
-     two-launch path, the torch selector's eviction on the accumulated scores, protected tokens
-     kept, the cache's kept tokens distinct; evictions vs the fp32 reference (``plugins/token``);
+   - the H2O policy step (issue 7), as a whole step ``kv_decode.decode_h2o`` (split pass, then one
+     kernel that merges the splits, accumulates and picks) on a cache of keep + 1 = 8193 tokens
+     (one leaves) minus the kept decode alone, both timed by CUDA graph (``do_bench_cudagraph``:
+     no host launch overhead; each step streams 0.5 GB of K/V, so its policy data starts cold),
+     at the chunk rule (``kv_decode.h2o_chunking``) and fixed (tokens per chunk, warps), with and
+     without L2 hints; each variant is first checked on fresh copies: same o / acc / positions /
+     K / V bits as ``decode_attention`` + ``h2o_step`` (the two-launch path), the torch selector's
+     eviction on the accumulated scores, protected tokens kept, the cache's kept tokens distinct;
+     evictions vs the fp32 reference (``plugins/token``);
    - torch.cuda.max_memory_allocated above the inputs for each, and GB/s of K+V read per second
      against a device copy measured in the same run.
 
@@ -142,26 +141,20 @@ def correctness(res, policy_only=False):
             kd.h2o_step(lg, lse, aa, pp, kk, vv, seen, 4, 8, True)
             want = LayerCache(k=kd_.clone(), v=vd.clone(), pos=pos.to(DEV).clone(), acc=acc1.clone(), seen=seen)
             fill_holes(want, drop_few(want.acc, want.pos, seen, t - 1, 4, 8))
-            k1_, v1_, p1_, a1_ = kd_.clone(), vd.clone(), pos.to(DEV).clone(), acc0.to(DEV).clone()
-            kd.h2o_step(lg, lse, a1_, p1_, k1_, v1_, seen, 4, 8, True, one_launch=True)
-            one_same = all(bool(torch.equal(x, y)) for x, y in ((p1_, pp), (a1_, aa), (k1_, kk), (v1_, vv)))
-            one_same = one_same and not bool(kd._COUNTERS[kd_.device].any())
-            # decode_h2o in each mode (the fused mode merges the splits in the policy kernel)
-            modes_same = {}
-            for mode in kd.H2O_MODES:
-                k2_, v2_, p2_, a2_ = kd_.clone(), vd.clone(), pos.to(DEV).clone(), acc0.to(DEV).clone()
-                o2, ev2 = kd.decode_h2o(qd, k2_, v2_, p2_, a2_, seen, t - 1, 4, 8, None, 3, mode=mode)
-                modes_same[mode] = (bool(ev2) and bool(torch.equal(o2, o0)) and all(
-                    bool(torch.equal(x, y)) for x, y in ((p2_, pp), (a2_, aa), (k2_, kk), (v2_, vv))))
-            modes_same["counters_zero"] = not bool(kd._COUNTERS[kd_.device].any())
+            # decode_h2o (merges the splits in the policy kernel): the same bits as decode + h2o_step
+            k2_, v2_, p2_, a2_ = kd_.clone(), vd.clone(), pos.to(DEV).clone(), acc0.to(DEV).clone()
+            o2, ev2 = kd.decode_h2o(qd, k2_, v2_, p2_, a2_, seen, t - 1, 4, 8, None, 3)
+            fused_same = (bool(ev2) and bool(torch.equal(o2, o0)) and all(
+                bool(torch.equal(x, y)) for x, y in ((p2_, pp), (a2_, aa), (k2_, kk), (v2_, vv))))
+            counters_zero = not bool(kd._COUNTERS[kd_.device].any())
             evict_same = (bool(torch.equal(pp[..., :t - 1], want.pos)) and rel(aa[..., :t - 1], want.acc) < 1e-6
                           and bool(torch.equal(kk[:, :, :t - 1], want.k)) and bool(torch.equal(vv[:, :, :t - 1], want.v)))
             e_lg, e_acc = rel(lg, want_lg), rel(acc1, want_acc)
             out.append({"fused_h2o": [b, tq, hq, hk, t, d], "dtype": str(dt), "o_lse_unchanged": same,
                         "err_logits": e_lg, "err_acc": e_acc, "evict_equals_torch_path": evict_same,
-                        "one_launch_equals_two": one_same, "decode_h2o_modes_equal": modes_same,
-                        "ok": same and e_lg < 1e-5 and e_acc < 1e-5 and evict_same and one_same
-                        and all(modes_same.values())})
+                        "decode_h2o_equals_step": fused_same, "counters_zero": counters_zero,
+                        "ok": same and e_lg < 1e-5 and e_acc < 1e-5 and evict_same and fused_same
+                        and counters_zero})
     # selection and compaction
     for t, keep in (() if policy_only else sel_shapes):
         scores = torch.randint(-50, 50, (4, 8, t), generator=g).float().to(DEV)
@@ -361,15 +354,13 @@ def run_shape(B, T, Hq, Hk, D, budget, res, smoke):
         del dst
 
 
-#: (mode, (tokens per chunk, warps) or None = h2o_chunking's rule, L2 hints) of decode_h2o, timed as
+#: ((tokens per chunk, warps) or None = h2o_chunking's rule, L2 hints) of decode_h2o, timed as
 #: whole steps
-VARIANTS = [("two", None, False), ("two", (2048, 8), False), ("one", None, False),
-            ("fused", None, False), ("fused", (512, 4), False), ("fused", (1024, 8), False),
-            ("fused", (2048, 8), False), ("fused", (512, 4), True), ("fused", None, True),
-            ("fused", (2048, 8), True)]
-SMOKE_VARIANTS = [("two", None, False), ("one", None, False), ("fused", None, False), ("fused", (64, 1), True)]
+VARIANTS = [(None, False), ((512, 4), False), ((1024, 8), False), ((2048, 8), False), ((512, 4), True),
+            (None, True), ((2048, 8), True)]
+SMOKE_VARIANTS = [(None, False), ((64, 1), True)]
 SINKS, RECENT = 4, 8
-#: after this many seconds of the run, only the rule's config of each mode is still timed
+#: after this many seconds of the run, only the rule's configs are still timed
 VARIANT_DEADLINE_S = float(os.environ.get("VARIANT_DEADLINE_S", "120"))
 T_START = time.time()
 
@@ -410,9 +401,9 @@ def policy_variants(B, T, Hq, Hk, D, budget, res, smoke):
     """The H2O step at the budget (cache of keep + 1 tokens after the step's append: one leaves)
     for every VARIANTS entry, as whole steps (decode + policy in one call): policy = step - the
     kept decode alone (both by CUDA graph). Each variant is first checked on fresh copies: the
-    same o / acc / positions / K / V bits as the two-launch default, the eviction the torch
-    selector makes on the accumulated scores, the protected tokens kept, and the fp32 reference's
-    accumulated scores / evictions."""
+    same o / acc / positions / K / V bits as decode_attention + h2o_step (the two-launch path),
+    the eviction the torch selector makes on the accumulated scores, the protected tokens kept,
+    and the fp32 reference's accumulated scores / evictions."""
     keep = math.ceil(T * budget)
     t1, seen = keep + 1, T + 1
     key, r, g, q, k1, v1 = _decode_inputs(res, B, T, Hq, Hk, D, t1, seed=2)
@@ -423,12 +414,13 @@ def policy_variants(B, T, Hq, Hk, D, budget, res, smoke):
     G = Hq // Hk
     pol = {"cache_tokens": t1, "keep": keep, "rule_cfg": kd.h2o_chunking(B * Hk, t1, G, q.device),
            "lg_bytes": B * Hq * t1 * 4, "acc_bytes": B * Hk * t1 * 4, "pos_bytes": B * Hk * t1 * 8}
-    # the expected step: accumulate (two-launch kernels, no eviction), then the torch selector
+    # the expected step: decode with logits, h2o_step's accumulate (no eviction), then the torch selector
     acc_a = acc0.clone()
-    kd.decode_h2o(q, k1, v1, pos, acc_a, seen, t1, SINKS, RECENT, mode="two")
+    o_want, lse_a, lg_a = kd.decode_attention(q, k1, v1, return_logits=True)
+    kd.h2o_step(lg_a, lse_a, acc_a, pos, k1, v1, seen, SINKS, RECENT, False)
+    del lse_a, lg_a
     dst = expected_eviction(acc_a, pos, seen)
     want_k, want_v, want_p, want_a = apply_eviction(dst, k1, v1, pos, acc_a)
-    o_two, _ = kd.decode_attention(q, k1, v1)
     # the fp32 reference (plugins/token/reference.py): probabilities, accumulated scores, eviction
     _, p_ref = ref_decode(q.float(), k1.float(), v1.float())
     ref_acc = acc0 + per_kv_head(p_ref, Hk)
@@ -443,19 +435,18 @@ def policy_variants(B, T, Hq, Hk, D, budget, res, smoke):
     if CUDA:  # the earlier runs' method (eager, L2 flushed before each call), for comparison
         pol["decode_eager_ms"] = bench(lambda: kd.decode_attention(q, k1, v1))
     rows = []
-    for mode, cfg, hints in (SMOKE_VARIANTS if smoke else VARIANTS):
-        row = {"mode": mode, "cfg": cfg or pol["rule_cfg"], "rule": cfg is None, "l2_hints": hints}
+    for cfg, hints in (SMOKE_VARIANTS if smoke else VARIANTS):
+        row = {"cfg": cfg or pol["rule_cfg"], "rule": cfg is None, "l2_hints": hints}
         if CUDA and time.time() - T_START > VARIANT_DEADLINE_S and cfg is not None:  # keep the run short
             row.update(ok=False, error=f"skipped: past {VARIANT_DEADLINE_S} s")
             rows.append(row)
             continue
         try:
             kk, vv, pp, aa = k1.clone(), v1.clone(), pos.clone(), acc0.clone()
-            o, ev = kd.decode_h2o(q, kk, vv, pp, aa, seen, keep, SINKS, RECENT, mode=mode, step_cfg=cfg,
-                                  l2_hints=hints)
+            o, ev = kd.decode_h2o(q, kk, vv, pp, aa, seen, keep, SINKS, RECENT, step_cfg=cfg, l2_hints=hints)
             n = keep
             row["evicted"] = bool(ev)
-            row["o_equal"] = bool(torch.equal(o, o_two))
+            row["o_equal"] = bool(torch.equal(o, o_want))
             row["same_as_expected"] = (bool(torch.equal(pp[..., :n], want_p[..., :n]))
                                        and bool(torch.equal(aa[..., :n], want_a[..., :n]))
                                        and bool(torch.equal(kk[:, :, :n], want_k[:, :, :n]))
@@ -471,8 +462,8 @@ def policy_variants(B, T, Hq, Hk, D, budget, res, smoke):
             del kk, vv
             bufs = (k1.clone(), v1.clone(), pos.clone(), acc0.clone())  # stepped in place, again and again
 
-            def step(m=mode, c=cfg, h=hints, bufs=bufs):
-                return kd.decode_h2o(q, *bufs, seen, keep, SINKS, RECENT, mode=m, step_cfg=c, l2_hints=h)
+            def step(c=cfg, h=hints, bufs=bufs):
+                return kd.decode_h2o(q, *bufs, seen, keep, SINKS, RECENT, step_cfg=c, l2_hints=h)
             row["step_ms"] = gtime(step)
             if CUDA and cfg is None:
                 row["step_eager_ms"] = bench(step)
@@ -484,7 +475,7 @@ def policy_variants(B, T, Hq, Hk, D, budget, res, smoke):
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         what = f"policy {row['policy_pct']:.1f}%" if "policy_pct" in row else row.get("error", "")
-        print(f"  {key} {mode} {row['cfg']}{' L2 hints' if hints else ''} ({time.time() - T_START:.0f} s): "
+        print(f"  {key} {row['cfg']}{' L2 hints' if hints else ''} ({time.time() - T_START:.0f} s): "
               f"{what} ok={row['ok']}", flush=True)
     pol["variants"] = rows
     good = [x for x in rows if x["ok"] and "policy_pct" in x]
@@ -536,19 +527,19 @@ def table(res):
                      f"+ logits {pol['logits_extra_ms']:+.4f} ms; rule cfg {pol['rule_cfg']}; acc vs fp32 ref "
                      f"{pol['acc_rel_err_vs_fp32_reference']:.1e}, evictions = fp32 ref in "
                      f"{100 * pol['evictions_equal_fp32_reference']:.1f}% of rows")
-        lines.append("| mode | (tokens/chunk, warps) | step ms | policy ms | policy % of kept decode | checks |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| (tokens/chunk, warps) | step ms | policy ms | policy % of kept decode | checks |")
+        lines.append("|---|---|---|---|---|")
         for x in pol["variants"]:
             cfg = f"{tuple(x['cfg'])}{' rule' if x['rule'] else ''}{' +L2 hints' if x.get('l2_hints') else ''}"
             if "policy_pct" not in x:
-                lines.append(f"| {x['mode']} | {cfg} | - | - | - | {x.get('error', 'failed')[:60]} |")
+                lines.append(f"| {cfg} | - | - | - | {x.get('error', 'failed')[:60]} |")
                 continue
             eager = f" (eager {x['step_eager_ms']:.4f})" if "step_eager_ms" in x else ""
-            lines.append(f"| {x['mode']} | {cfg} | {x['step_ms']:.4f}{eager} | {x['policy_ms']:.4f} | "
+            lines.append(f"| {cfg} | {x['step_ms']:.4f}{eager} | {x['policy_ms']:.4f} | "
                          f"**{x['policy_pct']:.1f}%** | {'ok' if x['ok'] else 'FAIL'} |")
         b = pol["best"]
         if b:
-            lines.append(f"best: {b['mode']} {tuple(b['cfg'])}{' +L2 hints' if b.get('l2_hints') else ''}: policy {b['policy_pct']:.1f}% (target <= 10%: "
+            lines.append(f"best: {tuple(b['cfg'])}{' +L2 hints' if b.get('l2_hints') else ''}: policy {b['policy_pct']:.1f}% (target <= 10%: "
                          f"{'met' if b['policy_pct'] <= 10 else 'NOT met'})")
     if "tests" in res:
         lines.append(f"\ncompiled tests/test_kernel_kv_decode.py: {res['tests']}")

@@ -51,13 +51,11 @@ def cases():
                     dict(D=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, **tq), 4, 3, None))
         for bt, w in ((256, 4), (1024, 4), (2048, 8), (4096, 8), (8192, 8)):
             for unroll in (1, 4, 8):
-                for evict, one in ((False, False), (True, False), (True, True)):
-                    if (bt, unroll) != (2048, 4) and not (evict and one) and bt != 1024:
+                for evict in (False, True):
+                    if (bt, unroll) != (2048, 4) and bt != 1024:
                         continue
-                    out.append((f"h2o_accum BT={bt} w={w} UNROLL={unroll} EVICT={evict} ONE={one} {tqs}",
-                                kd._h2o_accum_kernel,
-                                dict(UNROLL=unroll, BLOCK_T=bt, EVICT=evict, ONE_LAUNCH=one, D=128, BLOCK_C=64,
-                                     BLOCK_D=128, **tq), w, 3, None))
+                    out.append((f"h2o_accum BT={bt} w={w} UNROLL={unroll} EVICT={evict} {tqs}",
+                                kd._h2o_accum_kernel, dict(UNROLL=unroll, BLOCK_T=bt, EVICT=evict, **tq), w, 3, None))
                 for evict in (False, True):
                     out.append((f"h2o_combine BT={bt} w={w} UNROLL={unroll} EVICT={evict} {tqs}",
                                 kd._h2o_combine_kernel,

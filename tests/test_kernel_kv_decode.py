@@ -374,16 +374,12 @@ def test_h2o_step_equals_reference_accumulate_and_eviction(backend, shape):
         # (the accumulate-only and the evicting launch are two compiled variants: on a GPU their sums
         # may round differently in the last bit)
         torch.testing.assert_close(aa[..., :t - 1].cpu(), want.acc, rtol=2e-7, atol=0)
-        if backend == "triton":  # the one-launch variant (last chunk to finish picks): the same result
-            k1, v1, p1, a1 = k.clone(), v.clone(), pos.clone(), acc0.clone()
-            kern.h2o_step(lg, lse, a1, p1, k1, v1, seen, sinks, recent, True, one_launch=True)
-            assert torch.equal(p1, pp) and torch.equal(a1, aa) and torch.equal(k1, kk) and torch.equal(v1, vv)
-            assert not kern._COUNTERS[k.device].any()  # the counters are left at 0 for the next call
+        if backend == "triton":
             # other chunk sizes (several chunks, one chunk for the whole row): the same bits, since
             # the group's rows are added one at a time in row order whatever the tiling
             for cfg in ((16, 1), (128, 1)):
                 k1, v1, p1, a1 = k.clone(), v.clone(), pos.clone(), acc0.clone()
-                kern.h2o_step(lg, lse, a1, p1, k1, v1, seen, sinks, recent, True, cfg=cfg, one_launch=cfg[0] == 16)
+                kern.h2o_step(lg, lse, a1, p1, k1, v1, seen, sinks, recent, True, cfg=cfg)
                 assert torch.equal(p1, pp) and torch.equal(a1, aa) and torch.equal(k1, kk) and torch.equal(v1, vv)
         assert torch.equal(kk[:, :, :t - 1].cpu(), want.k) and torch.equal(vv[:, :, :t - 1].cpu(), want.v)
 
@@ -446,41 +442,56 @@ def test_h2o_generation_takes_the_fused_step(backend, budget, monkeypatch):
         torch.testing.assert_close(a.acc.gather(-1, order), b.acc, rtol=1e-5, atol=1e-5)
 
 
+def _count_calls(monkeypatch, mod, name):
+    """Replace ``mod.name`` by a wrapper that counts its calls; returns the counter (a list)."""
+    calls = []
+    real = getattr(mod, name)
+
+    def counting(*a, **kw):
+        calls.append(name)
+        return real(*a, **kw)
+    monkeypatch.setattr(mod, name, counting)
+    return calls
+
+
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="Triton kernel: needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("shape", H2O_SHAPES, ids=lambda s: "B{}-Tq{}-H{}:{}-T{}-D{}-S{}".format(*s))
-def test_triton_decode_h2o_modes_agree(shape):
-    """decode_h2o's three policy paths ("two": accumulate + pick kernels; "one": one accumulate
-    launch whose last chunk per row picks; "fused": the split pass, then ONE kernel that merges the
-    splits and accumulates and picks) give the same o, lse-derived acc, positions, K and V bits,
-    with and without an eviction, for several chunk sizes; the evicting step is the torch
-    selector's on the accumulated scores (protected sinks / recent kept); the counters end at 0."""
+def test_triton_decode_h2o_fused_equals_decode_then_step(shape, monkeypatch):
+    """decode_h2o takes the fused path (the split pass, then ONE kernel that merges the splits,
+    accumulates and picks; h2o_step is not called) and gives the same o, acc, positions, K and V
+    bits as decode_attention(return_logits=True) + h2o_step (accumulate + pick kernels), with and
+    without an eviction, for several chunk sizes; the evicting step is the torch selector's on the
+    accumulated scores (protected sinks / recent kept); the counters end at 0."""
     from blockzoo.core.cache import LayerCache, fill_holes
     from blockzoo.kernels.select import drop_few
     from blockzoo.kernels.triton import kv_decode as kern
     b, tq, hq, hk, t, d, splits = shape
     dev = _dev("triton")
+    steps = _count_calls(monkeypatch, kern, "h2o_step")
     for i, dtype in enumerate((torch.float32, torch.bfloat16)):
         q, k, v, pos, acc0, seen, sinks, recent = _h2o_case(shape, dtype, dev, seed=31 + 5 * i + t, ties=i == 1)
         want_o = decode_attention(q.cpu().float(), k.cpu().float(), v.cpu().float())[0]
         for keep in (t - 1, t):  # one over the budget: evicts; at the budget: accumulates only
-            got = {}
-            for mode, cfg in (("two", None), ("one", None), ("fused", None), ("fused", (16, 1)), ("fused", (128, 1))):
+            # the unfused composition: decode (split + combine), then h2o_step's two kernels
+            kk, vv, pp, aa = k.clone(), v.clone(), pos.clone(), acc0.clone()
+            with poisoned():
+                o, lse, lg = kern.decode_attention(q, kk, vv, None, splits, return_logits=True)
+                kern.h2o_step(lg, lse, aa, pp, kk, vv, seen, sinks, recent, keep == t - 1)
+            base = (o, kk, vv, pp, aa)
+            assert_close(base[0].cpu(), want_o.to(dtype), tolerance(dtype, "fwd", "triton", dev), "o")
+            n_steps = len(steps)
+            for cfg in (None, (16, 1), (128, 1)):
                 kk, vv, pp, aa = k.clone(), v.clone(), pos.clone(), acc0.clone()
                 with poisoned():
-                    o, ev = kern.decode_h2o(q, kk, vv, pp, aa, seen, keep, sinks, recent, None, splits,
-                                            mode=mode, step_cfg=cfg)
+                    o, ev = kern.decode_h2o(q, kk, vv, pp, aa, seen, keep, sinks, recent, None, splits, step_cfg=cfg)
                 assert ev is (keep == t - 1)
-                got[(mode, cfg)] = (o, kk, vv, pp, aa)
-            base = got[("two", None)]
-            assert_close(base[0].cpu(), want_o.to(dtype), tolerance(dtype, "fwd", "triton", dev), "o")
-            for key, val in got.items():
-                for name, x, y in zip(("o", "k", "v", "pos", "acc"), val, base, strict=True):
-                    assert torch.equal(x, y), (key, name, keep, dtype)
+                for name, x, y in zip(("o", "k", "v", "pos", "acc"), (o, kk, vv, pp, aa), base, strict=True):
+                    assert torch.equal(x, y), (cfg, name, keep, dtype)
+            assert len(steps) == n_steps  # the fused kernel did the policy step, not the fallback
             assert not kern._COUNTERS[k.device].any()
             if keep == t - 1:  # the torch selector on the accumulated scores
                 acc1 = acc0.clone()
-                kern.decode_h2o(q, k.clone(), v.clone(), pos.clone(), acc1, seen, t, sinks, recent, None, splits,
-                                mode="fused")
+                kern.decode_h2o(q, k.clone(), v.clone(), pos.clone(), acc1, seen, t, sinks, recent, None, splits)
                 want = LayerCache(k=k.cpu().clone(), v=v.cpu().clone(), pos=pos.cpu().clone(), acc=acc1.cpu().clone(),
                                   seen=seen)
                 fill_holes(want, drop_few(want.acc, want.pos, seen, keep, sinks, recent))
@@ -490,25 +501,35 @@ def test_triton_decode_h2o_modes_agree(shape):
                 kept, before = pp[..., :keep].cpu(), pos.cpu()
                 assert torch.equal((kept < sinks).sum(-1), (before < sinks).sum(-1))  # every sink kept
                 assert torch.equal((kept >= seen - recent).sum(-1), (before >= seen - recent).sum(-1))  # and recent
-    with pytest.raises(ValueError, match="mode must be one of"):
-        kern.decode_h2o(q, k.clone(), v.clone(), pos.clone(), acc0.clone(), seen, t - 1, sinks, recent, mode="three")
 
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="Triton kernel: needs a GPU or TRITON_INTERPRET=1")
-def test_triton_decode_h2o_fused_large_group_falls_back():
-    """More than MAX_ROWS query rows per kv head: no split pass, so the fused mode takes the
-    two-launch path (the same result)."""
+def test_triton_decode_h2o_large_group_falls_back(monkeypatch):
+    """More than MAX_ROWS query rows per kv head: no split pass, so decode_h2o takes the
+    two-launch path (decode_attention + h2o_step, not the fused kernel) with the same result as
+    calling those two, and evicts the torch selector's token."""
+    from blockzoo.core.cache import LayerCache, fill_holes
+    from blockzoo.kernels.select import drop_few
     from blockzoo.kernels.triton import kv_decode as kern
     shape = (1, kern.MAX_ROWS // 2 + 1, 2, 1, 70, 16, None)
     q, k, v, pos, acc0, seen, sinks, recent = _h2o_case(shape, torch.float32, _dev("triton"), seed=9)
-    out = []
-    for mode in ("two", "fused"):
-        kk, vv, pp, aa = k.clone(), v.clone(), pos.clone(), acc0.clone()
-        o, ev = kern.decode_h2o(q, kk, vv, pp, aa, seen, 69, sinks, recent, mode=mode)
-        assert ev
-        out.append((o, pp, aa, kk))
-    for x, y in zip(*out, strict=True):
+    kk, vv, pp, aa = k.clone(), v.clone(), pos.clone(), acc0.clone()
+    o0, lse, lg = kern.decode_attention(q, kk, vv, return_logits=True)
+    kern.h2o_step(lg, lse, aa, pp, kk, vv, seen, sinks, recent, True)
+    want = (o0, pp, aa, kk, vv)
+    steps = _count_calls(monkeypatch, kern, "h2o_step")
+    fused = _count_calls(monkeypatch, kern, "_decode_h2o_fused")
+    kk, vv, pp, aa = k.clone(), v.clone(), pos.clone(), acc0.clone()
+    o, ev = kern.decode_h2o(q, kk, vv, pp, aa, seen, 69, sinks, recent)
+    assert ev
+    assert steps == ["h2o_step"] and not fused
+    for x, y in zip((o, pp, aa, kk, vv), want, strict=True):
         assert torch.equal(x, y)
+    acc1 = acc0.clone()
+    kern.h2o_step(lg, lse, acc1, pos.clone(), k.clone(), v.clone(), seen, sinks, recent, False)
+    ref = LayerCache(k=k.cpu().clone(), v=v.cpu().clone(), pos=pos.cpu().clone(), acc=acc1.cpu().clone(), seen=seen)
+    fill_holes(ref, drop_few(ref.acc, ref.pos, seen, 69, sinks, recent))
+    assert torch.equal(pp[..., :69].cpu(), ref.pos) and torch.equal(kk[:, :, :69].cpu(), ref.k)
 
 
 def test_triton_h2o_chunking_rule():

@@ -44,19 +44,20 @@ The fused H2O step (issue 7): with ``return_logits`` every split also stores its
 ``qk * scale * log2 e`` (fp32, ``[B, Hq, Tq, T]``, rows padded to 16 floats; for Tq = 1 that is
 ``4 * Hq / (2 * Hk * D * 2)`` of the K+V bytes, 3% at Hq/Hk = 4, D = 128, bf16), so the
 probabilities are ``exp2(lg - lse * log2 e)`` once the combine has the final lse and the score
-kernel's second pass over K is gone. ``h2o_step``: grid ``(T / BLOCK_T, Hk, B)``, each program
-sums the probabilities of its token chunk over the group's (head, query) rows (one row at a time
-in row order, so every tiling gives the same bits), adds them to ``acc`` in place and writes the
-chunk's candidate to leave (lowest acc among the unprotected, ties to the newest position); a
-second launch per (batch, kv head) picks the best candidate and moves the newest token into its
-slot (as ``evict_one``), or (``one_launch``) the row's last chunk to finish (atomic counter) does.
-``h2o_chunking`` sizes the chunks (about 4 programs per SM, 256..8192 tokens). ``decode_h2o`` is
-decode + step, what ``core/cache.py`` runs for token.h2o on this backend; its default mode
-"fused" skips the combine kernel: after the split pass ONE kernel (grid of token chunks) merges
-the splits (o, lse; the rows spread over the chunks' programs), recomputes each group row's final
-lse from the partials with the combine's own helper (same bits), accumulates and picks, so a
-step is two launches. Modes "one" / "two" run decode_attention then ``h2o_step``; all three give
-the same bits (tested).
+kernel's second pass over K is gone. ``h2o_step`` (after :func:`decode_attention`): grid
+``(T / BLOCK_T, Hk, B)``, each program sums the probabilities of its token chunk over the group's
+(head, query) rows (one row at a time in row order, so every tiling gives the same bits), adds
+them to ``acc`` in place and writes the chunk's candidate to leave (lowest acc among the
+unprotected, ties to the newest position); a second launch per (batch, kv head) picks the best
+candidate and moves the newest token into its slot (as ``evict_one``). ``h2o_chunking`` sizes the
+chunks (about 8 programs per SM, 256..8192 tokens). ``decode_h2o`` is the whole step, what
+``core/cache.py`` runs for token.h2o on this backend; it skips the combine kernel: after the split
+pass ONE kernel (grid of token chunks) merges the splits (o, lse; the rows spread over the chunks'
+programs), recomputes each group row's final lse from the partials with the combine's own helper
+(same bits), accumulates, writes the chunks' candidates, and the last chunk of each row to finish
+(a per-row atomic counter, left at 0) picks and moves, so a step is two launches. It gives the
+same bits as ``decode_attention`` + ``h2o_step`` (tested), which it falls back to when there is no
+split pass (more than ``MAX_ROWS`` query rows per kv head).
 
 evict_one: the decoding step's eviction in place, one launch: per (batch, kv head) the leaving
 token (lowest score among the unprotected, ties to the newest) gets the newest token's K, V,
@@ -99,18 +100,11 @@ DECODE_CFG = {
     (64, 4): [(64, 4, 3), (32, 4, 2)], (128, 4): [(64, 4, 3), (32, 4, 2)], (256, 4): [(32, 4, 2), (16, 4, 1)],
 }
 _CHOSEN: dict = {}
-#: decode_h2o's policy path (``BLOCKZOO_H2O_MODE``): "two" = decode, then accumulate + pick kernels;
-#: "one" = decode, then one accumulate kernel whose last chunk per row picks (atomic counter);
-#: "fused" = split pass, then one kernel that combines, accumulates and picks (2 launches per step).
-#: Default "fused" (correct under the interpreter and compiled for sm_90; bench/kv_decode_gpu.py
-#: --policy-only times all three and runs the compiled tests: set "two" here if they fail on the GPU).
-H2O_MODES = ("two", "one", "fused")
-#: decode_h2o "fused": L2 eviction hints in the split pass (``BLOCKZOO_H2O_L2_HINTS=0`` turns them
+#: decode_h2o: L2 eviction hints in the split pass (``BLOCKZOO_H2O_L2_HINTS=0`` turns them
 #: off; see decode_h2o). On by default: on the H100 (B=16, T=32768, 25%, CUDA-graph timing,
 #: 2026-11-23) they cut the policy's cost from 11.4% to 7.2% of the kept decode at 8:8 heads and
 #: from 19.2% to 18.6% at 32:8 (bench/kv_decode_gpu.py --policy-only).
 H2O_L2_HINTS = os.environ.get("BLOCKZOO_H2O_L2_HINTS", "1") == "1"
-H2O_MODE = os.environ.get("BLOCKZOO_H2O_MODE", "one" if os.environ.get("BLOCKZOO_H2O_ONE_LAUNCH") == "1" else "fused")
 _COUNTERS: dict = {}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT: dict = {}
@@ -424,15 +418,11 @@ def _load_acc_pos(ACC, POS, b, hk, offs, tmask, s_ab, s_ah, s_pb, s_ph, EVICT: t
 
 
 @triton.jit
-def _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, Hk, c, offs, tmask, T, n_chunks,
-                       seen, sinks, recent, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                       EVICT: tl.constexpr, ONE_LAUNCH: tl.constexpr, D: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _acc_and_candidate(tot, a, p, ACC, CS, CP, CI, b, hk, Hk, c, offs, tmask, n_chunks,
+                       seen, sinks, recent, s_ab, s_ah, EVICT: tl.constexpr):
     """``acc = a + tot`` for chunk ``c`` of row (b, hk) (``a``, ``p``: its acc and positions from
     :func:`_load_acc_pos`); with EVICT the chunk's candidate to leave (lowest accumulated score
-    among the unprotected, ties to the newest position) and its slot go to CS / CP / CI, and with
-    ONE_LAUNCH the row's last chunk to finish (a per-row counter in CNT, left at 0) picks the best
-    candidate and moves the newest token into its slot."""
+    among the unprotected, ties to the newest position) and its slot go to CS / CP / CI."""
     a = a + tot
     tl.store(ACC + b * s_ab + hk.to(tl.int64) * s_ah + offs, a, mask=tmask)
     if EVICT:
@@ -447,26 +437,16 @@ def _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, Hk, c,
         tl.store(CS + ci, bm)
         tl.store(CP + ci, bp)
         tl.store(CI + ci, bi)
-        if ONE_LAUNCH:  # the row's last chunk to finish (counter) also picks and moves
-            tl.debug_barrier()  # every thread stored its part before the release
-            done = tl.atomic_add(CNT + row, 1, sem="acq_rel", scope="gpu")
-            if done == n_chunks - 1:
-                _pick_and_move(CS, CP, CI, row * n_chunks, n_chunks, POS, K, V, ACC, b, hk.to(tl.int64),
-                               s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ab, s_ah, T, D, BLOCK_C,
-                               BLOCK_D, True)
-                tl.atomic_xchg(CNT + row, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
 def _h2o_accum_kernel(LG, LSE, ACC, POS, CS, CP, CI, s_ab, s_ah, s_pb, s_ph, LDT,
                       Hq, Tq, T, GROUP, diag, n_chunks, seen, sinks, recent,
-                      CNT, K, V, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                      UNROLL: tl.constexpr, BLOCK_T: tl.constexpr, EVICT: tl.constexpr,
-                      ONE_LAUNCH: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                      UNROLL: tl.constexpr, BLOCK_T: tl.constexpr, EVICT: tl.constexpr):
     """H2O step, part 1: chunk ``c`` of the tokens of (batch ``b``, kv head ``hk``):
     ``acc += sum over the group's (head, query) rows of exp2(lg - lse * log2 e)`` (visible keys
     only), in place; with EVICT, the chunk's candidate to leave and its slot go to CS / CP / CI
-    (and with ONE_LAUNCH the last chunk of the row picks and moves)."""
+    (part 2, :func:`_h2o_evict_kernel`, picks and moves)."""
     c = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -475,9 +455,8 @@ def _h2o_accum_kernel(LG, LSE, ACC, POS, CS, CP, CI, s_ab, s_ah, s_pb, s_ph, LDT
     row0 = (b * Hq + hk * GROUP) * Tq  # the group's rows (head, query) are contiguous in LG / LSE
     a, p = _load_acc_pos(ACC, POS, b, hk, offs, tmask, s_ab, s_ah, s_pb, s_ph, EVICT)
     tot = _group_prob_sum(LG, LSE, LSE, row0, GROUP * Tq, Tq, 1, LDT, diag, offs, tmask, False, UNROLL, BLOCK_T)
-    _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, tl.num_programs(1), c, offs, tmask, T,
-                       n_chunks, seen, sinks, recent, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                       EVICT, ONE_LAUNCH, D, BLOCK_C, BLOCK_D)
+    _acc_and_candidate(tot, a, p, ACC, CS, CP, CI, b, hk, tl.num_programs(1), c, offs, tmask, n_chunks,
+                       seen, sinks, recent, s_ab, s_ah, EVICT)
 
 
 @triton.jit
@@ -506,9 +485,18 @@ def _h2o_combine_kernel(OP, LP, Out, LSE, LG, ACC, POS, CS, CP, CI, CNT, K, V,
     row0 = (b * Hq + hk * GROUP) * Tq
     a, p = _load_acc_pos(ACC, POS, b, hk, offs, tmask, s_ab, s_ah, s_pb, s_ph, EVICT)
     tot = _group_prob_sum(LG, LSE, LP, row0, nrows, Tq, S, LDT, diag, offs, tmask, True, UNROLL, BLOCK_T)
-    _acc_and_candidate(tot, a, p, ACC, POS, CS, CP, CI, CNT, K, V, b, hk, tl.num_programs(1), c, offs, tmask, T,
-                       n_chunks, seen, sinks, recent, s_ab, s_ah, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                       EVICT, True, D, BLOCK_C, BLOCK_D)
+    Hk = tl.num_programs(1)
+    _acc_and_candidate(tot, a, p, ACC, CS, CP, CI, b, hk, Hk, c, offs, tmask, n_chunks,
+                       seen, sinks, recent, s_ab, s_ah, EVICT)
+    if EVICT:  # the row's last chunk to finish (a per-row counter in CNT, left at 0) picks and moves
+        row = b * Hk + hk
+        tl.debug_barrier()  # every thread stored its part before the release
+        done = tl.atomic_add(CNT + row, 1, sem="acq_rel", scope="gpu")
+        if done == n_chunks - 1:
+            _pick_and_move(CS, CP, CI, row * n_chunks, n_chunks, POS, K, V, ACC, b, hk.to(tl.int64),
+                           s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ab, s_ah, T, D, BLOCK_C,
+                           BLOCK_D, True)
+            tl.atomic_xchg(CNT + row, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
@@ -813,8 +801,8 @@ def h2o_chunking(rows: int, n: int, group_rows: int, device: torch.device) -> tu
     8192 tokens) that still gives about 8 programs per SM, so that each program streams long
     contiguous runs of logits / acc / positions; 4 warps up to 1024 tokens, 8 above. On the H100
     (B=16, 8192 kept, 32:8 and 8:8 heads; bench/kv_decode_gpu.py --policy-only, 2026-11-23) this
-    gives (1024, 4), the fastest of (1024, 4), (2048, 8), (4096, 8) and (8192, 8) in every mode
-    (4 programs per SM, (2048, 8), cost 3-8 points of a decode step more)."""
+    gives (1024, 4), the fastest of (1024, 4), (2048, 8), (4096, 8) and (8192, 8) in every step
+    variant then measured (4 programs per SM, (2048, 8), cost 3-8 points of a decode step more)."""
     if _interpreting():
         return 32, 1
     want = max(1, 8 * _sm_count(device))
@@ -858,7 +846,7 @@ def _h2o_launch_args(lg, lse, acc, pos, k, v, evict, cfg):
 
 def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, seen: int, sinks: int, recent: int, evict: bool,
-             cfg: tuple[int, int] | None = None, one_launch: bool | None = None) -> None:
+             cfg: tuple[int, int] | None = None) -> None:
     """The H2O policy step after :func:`decode_attention` (``return_logits=True``), in place:
     ``acc [B, Hk, n] += `` the attention each cached token received (summed over the queries and
     the query heads of its kv group; ``exp2(lg - lse * log2 e)`` over the visible keys), and with
@@ -867,9 +855,7 @@ def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.
     position and acc; the caller then keeps the first n-1 slots. Two launches: the accumulate
     (chunks of tokens, each writing its candidate) and the per-row pick-and-move. ``cfg`` =
     (tokens per chunk, warps) of the accumulate overrides :func:`h2o_chunking` (the benchmark
-    sweeps it). ``one_launch`` (default: :data:`H2O_MODE` == "one"): the last chunk of a row to
-    finish (a per-row atomic counter, reset by it) does the pick-and-move, so the step is one
-    launch. The rows are summed one at a time in row order, so every tile size and variant (and
+    sweeps it). The rows are summed one at a time in row order, so every tile size (and
     :func:`decode_h2o`'s fused combine) gives the same bits."""
     (B, Hk, n, D, Hq, Tq, G, BT, warps, unroll, n_chunks, cs, cp, ci, BC, BDv) = _h2o_launch_args(
         lg, lse, acc, pos, k, v, evict, cfg)
@@ -880,14 +866,11 @@ def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.
     if n == 0:
         return
     lse = lse.contiguous()
-    one = bool((H2O_MODE == "one") if one_launch is None else one_launch) and evict
-    cnt = _counters(B * Hk, k.device) if one else pos
     _h2o_accum_kernel[(n_chunks, Hk, B)](
         lg, lse, acc, pos, cs, cp, ci, acc.stride(0), acc.stride(1), pos.stride(0), pos.stride(1), ldt,
         Hq, Tq, n, G, n - Tq, n_chunks, seen, sinks, recent,
-        cnt, k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        UNROLL=unroll, BLOCK_T=BT, EVICT=evict, ONE_LAUNCH=one, D=D, BLOCK_C=BC, BLOCK_D=BDv, num_warps=warps)
-    if not evict or one:
+        UNROLL=unroll, BLOCK_T=BT, EVICT=evict, num_warps=warps)
+    if not evict:
         return
     _h2o_evict_kernel[(B * Hk,)](
         cs, cp, ci, pos, k, v, acc, pos.stride(0), pos.stride(1), k.stride(0), k.stride(1), k.stride(2),
@@ -896,7 +879,7 @@ def h2o_step(lg: torch.Tensor, lse: torch.Tensor, acc: torch.Tensor, pos: torch.
 
 
 def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters (one per row) kept per device; the one-launch H2O step leaves them 0."""
+    """Zeroed int32 counters (one per row) kept per device; decode_h2o's fused kernel leaves them 0."""
     c = _COUNTERS.get(device)
     if c is None or c.numel() < n:
         c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
@@ -907,7 +890,7 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
 def decode_h2o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor,
                seen: int, keep: int, sinks: int, recent: int, scale: float | None = None,
                num_splits: int | None = None, cfg: tuple[int, int, int] | None = None,
-               mode: str | None = None, step_cfg: tuple[int, int] | None = None,
+               step_cfg: tuple[int, int] | None = None,
                l2_hints: bool | None = None) -> tuple[torch.Tensor, bool]:
     """One H2O decoding step over the cache k, v [B, Hk, n, D] (its last Tq entries are the new
     tokens; pos, acc [B, Hk, n]): the decode pass writes its logits, the policy step accumulates
@@ -915,32 +898,28 @@ def decode_h2o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
     evicts it in place. Returns (o [B, Tq, Hq, D], evicted): after ``evicted`` the caller keeps
     the first n-1 slots; otherwise (``n <= keep``, or several tokens over) only acc changed.
 
-    ``mode`` (default :data:`H2O_MODE`, env ``BLOCKZOO_H2O_MODE``): ``"fused"`` = split pass, then
-    ONE kernel that merges the splits (o, lse), accumulates and evicts (the last chunk of a row to
-    finish picks; 2 launches per step in all); ``"one"`` = decode (split + combine), then
-    :func:`h2o_step` in one launch; ``"two"`` = decode, then :func:`h2o_step`'s accumulate and
-    pick kernels. All three give the same o, lse, acc and evictions. ``step_cfg`` = (tokens per
-    chunk, warps) of the policy kernel (default :func:`h2o_chunking`). ``l2_hints`` (default
-    :data:`H2O_L2_HINTS`; "fused" mode only): the split pass streams K / V with L2 "evict_first"
-    and stores the logits "evict_last", so the policy kernel reads them from L2."""
+    The split pass, then ONE kernel that merges the splits (o, lse), accumulates and evicts (the
+    last chunk of a row to finish picks; 2 launches per step in all): the same o, acc and
+    evictions as :func:`decode_attention` (``return_logits=True``) + :func:`h2o_step`, which it
+    runs instead when there is no split pass (more than :data:`MAX_ROWS` query rows per kv head).
+    ``step_cfg`` = (tokens per chunk, warps) of the policy kernel (default :func:`h2o_chunking`).
+    ``l2_hints`` (default :data:`H2O_L2_HINTS`): the split pass streams K / V with L2
+    "evict_first" and stores the logits "evict_last", so the policy kernel reads them from L2."""
     if keep < sinks + recent and k.shape[2] > keep:
         raise ValueError(f"keep={keep} is smaller than the {sinks + recent} protected tokens (sinks + recent)")
-    mode = H2O_MODE if mode is None else mode
-    if mode not in H2O_MODES:
-        raise ValueError(f"decode_h2o: mode must be one of {H2O_MODES}, got {mode!r}")
     evict = k.shape[2] == keep + 1
     B, Tq, Hq, D, Hk, T = _check_decode(q, k, v)
-    if mode == "fused" and (Hq // Hk) * Tq <= MAX_ROWS and T >= Tq:
+    if (Hq // Hk) * Tq <= MAX_ROWS and T >= Tq:
         hints = H2O_L2_HINTS if l2_hints is None else bool(l2_hints)
         return _decode_h2o_fused(q, k, v, pos, acc, seen, sinks, recent, scale, num_splits, cfg, evict,
                                  step_cfg, hints), evict
     o, lse, lg = decode_attention(q, k, v, scale, num_splits, cfg, return_logits=True)
-    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict, cfg=step_cfg, one_launch=mode == "one")
+    h2o_step(lg, lse, acc, pos, k, v, seen, sinks, recent, evict, cfg=step_cfg)
     return o, evict
 
 
 def _decode_h2o_fused(q, k, v, pos, acc, seen, sinks, recent, scale, num_splits, cfg, evict, step_cfg, hints):
-    """decode_h2o's "fused" mode: the split pass, then :func:`_h2o_combine_kernel` (combine +
+    """decode_h2o's fused step: the split pass, then :func:`_h2o_combine_kernel` (combine +
     accumulate + candidates + the last chunk's pick-and-move) in one launch."""
     D = q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
