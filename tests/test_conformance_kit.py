@@ -115,3 +115,87 @@ def test_reference_noise_rule_admits_rounding_of_cancelling_sums_only():
     tiny = torch.full_like(w, 1e-7)
     assert not compare(w * (1 + 1e-4), w, tol, noise=tiny).ok
     assert compare(w * (1 + 5e-6), w, tol, noise=tiny).ok
+
+
+def _lazy_registry(calls):
+    """A private registry: ``lazy.scale`` (x * alpha) and ``lazy.cancel`` ((x + 1000) - 1000, whose
+    fp32 reference rounds every element), references counting their fp64 evaluations."""
+    import torch
+    from pydantic import BaseModel, ConfigDict
+
+    from blockzoo.registry import Backend, Capabilities, Case, Component, Inputs
+    from blockzoo.registry.registry import Registry
+
+    class P(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        alpha: float = 2.0
+
+    def counted(fn, key):
+        def run(x, **kw):
+            calls[key] += x.dtype == torch.float64
+            return fn(x, **kw)
+        return run
+
+    def wrong_grad(x, alpha=2.0):  # the right forward, a gradient 1% too large
+        y = x * (0.01 * alpha)
+        return x * alpha + (y - y.detach())
+
+    def describe(x, params=None):
+        return Inputs.from_tensors({"x": x})
+
+    caps = Capabilities(devices=("cpu",), dtypes=(torch.float32,))
+    reg = Registry()
+    for cid, ref in (("lazy.scale", lambda x, alpha=2.0: x * alpha),
+                     ("lazy.cancel", lambda x, alpha=2.0: (x + 1000.0) - 1000.0)):
+        reg.add_component(Component(id=cid, slot="mlp", params=P, describe=describe,
+                                    cases=lambda: [Case("n", {"x": (4, 64)})]))
+        reg.add_backend(Backend(cid, "reference", counted(ref, cid)))
+    reg.add_backend(Backend("lazy.scale", "good", lambda x, alpha=2.0: (x.double() * alpha).to(x.dtype), caps))
+    reg.add_backend(Backend("lazy.scale", "wrong", lambda x, alpha=2.0: x * alpha * 1.01, caps))
+    reg.add_backend(Backend("lazy.scale", "wrong_grad", wrong_grad, caps))
+    # exact, unlike the fp32 reference
+    reg.add_backend(Backend("lazy.cancel", "exact", lambda x, alpha=2.0: x * 1.0, caps))
+    return reg
+
+
+def test_fp64_oracle_runs_only_when_the_table_fails(monkeypatch):
+    """check() evaluates the reference in fp64 (for the noise rule) only when a comparison fails
+    the table, and then once, forward and backward together; the verdicts are the rule's."""
+    import collections
+
+    import pytest
+    import torch
+
+    from blockzoo.registry import Case
+    from blockzoo.testing import compare, conformance, tolerance
+    from blockzoo.testing.conformance import ConformanceCase, check
+
+    calls = collections.Counter()
+    monkeypatch.setattr(conformance, "get_registry", lambda: _lazy_registry(calls))
+    case = Case("n", {"x": (4, 64)})
+
+    def run(cid, backend, fp64_runs):
+        calls.clear()
+        try:
+            return check(ConformanceCase(cid, backend, case, torch.float32, "cpu"), seed=3)
+        finally:
+            assert calls[cid] == fp64_runs, (cid, backend, calls)
+
+    # passes the table: no fp64 run
+    reports = run("lazy.scale", "good", 0)
+    assert [r.name for r in reports] == ["out[0]", "grad[x]"]
+    assert all(r.ok and not r.noise_bound for r in reports)
+
+    # fails the table (forward and gradient, or only the gradient): one fp64 run
+    with pytest.raises(AssertionError, match=r"2 of 2 comparisons failed"):
+        run("lazy.scale", "wrong", 1)
+    only_grad = r"1 of 2 comparisons failed.*\n.*out\[0\]: ok.*\n.*grad\[x\]: MISMATCH"
+    with pytest.raises(AssertionError, match=only_grad):
+        run("lazy.scale", "wrong_grad", 1)
+
+    # the fp32 reference's own rounding fails the table; the fp64 run (once) admits it
+    reports = run("lazy.cancel", "exact", 1)
+    fwd, grad = reports
+    assert fwd.ok and fwd.noise_bound > 0 and grad.ok
+    x = conformance.make_inputs(case, torch.float32, "cpu", 3)["x"].detach()
+    assert not compare(x, (x + 1000.0) - 1000.0, tolerance(torch.float32, "fwd")).ok
