@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -40,7 +41,8 @@ from blockzoo.core.composer import build  # noqa: E402
 from blockzoo.core.spec import load_spec  # noqa: E402
 from blockzoo.core.tasks import mqar_batch  # noqa: E402
 
-KEYS = {"pairs": int, "batch": int, "lr": float, "d_model": int, "layers": int, "seq": int}
+KEYS = {"pairs": int, "batch": int, "lr": float, "d_model": int, "layers": int, "seq": int, "seed": int,
+        "sched": str}
 
 
 def parse_grid(text: str, defaults: dict) -> list[dict]:
@@ -63,15 +65,20 @@ def train(base_spec: dict, cfg: dict, a) -> dict:
     if cfg.get("layers"):
         spec["model"]["n_layers"] = cfg["layers"]
     spec = load_spec(spec)
-    torch.manual_seed(a.seed)
+    seed = cfg["seed"]
+    torch.manual_seed(seed)
     dev = a.device
     model = build(spec).to(dev)
     vocab, batch, seq, pairs, lr = spec.model.vocab, cfg["batch"], cfg["seq"], cfg["pairs"], cfg["lr"]
     graph = a.graph and dev.startswith("cuda")
     lr_t = torch.tensor(lr, device=dev) if graph else lr
     opt = torch.optim.AdamW(model.parameters(), lr=lr_t, weight_decay=0.0, betas=(0.9, 0.98), capturable=graph)
-    warm = max(1, min(500, a.steps // 10))
-    gen, egen = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(10_000)
+    if cfg["sched"] not in ("constant", "cosine"):
+        raise SystemExit(f"sched must be 'constant' or 'cosine'; got {cfg['sched']!r}")
+    # constant: linear warmup (<= 500 steps) then constant; cosine: the sweep's schedule
+    # (core/tasks.py: warmup over steps // 10, then cosine to 0 at --steps)
+    warm = max(1, min(500, a.steps // 10)) if cfg["sched"] == "constant" else max(1, a.steps // 10)
+    gen, egen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(10_000)
     evx, evy = (t.to(dev) for t in mqar_batch(egen, 512, seq, pairs, vocab))
     sx, sy = (t.to(dev) for t in mqar_batch(gen, batch, seq, pairs, vocab))
 
@@ -105,6 +112,8 @@ def train(base_spec: dict, cfg: dict, a) -> dict:
         sx.copy_(x, non_blocking=True)
         sy.copy_(y, non_blocking=True)
         cur = lr * min(1.0, step / warm)
+        if cfg["sched"] == "cosine":
+            cur = lr * min(1.0, step / warm) * 0.5 * (1 + math.cos(math.pi * (step - 1) / a.steps))
         if graph:
             lr_t.fill_(cur)
             g.replay()
@@ -150,7 +159,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=150.0, help="per setting")
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--target", type=float, default=0.9, help="accuracy whose first step is reported")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="model init and training data")
+    ap.add_argument("--sched", default="constant", help="constant or cosine (the sweep's schedule)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.spec:
@@ -159,15 +169,16 @@ def main():
         here = os.path.dirname(os.path.abspath(__file__))
         base = yaml.safe_load(open(os.path.join(here, "..", "examples", "sweeps", "temf_gpu.yaml")))["base"]
     defaults = {"pairs": a.pairs, "batch": a.batch, "lr": a.lr, "d_model": a.d_model, "layers": a.layers,
-                "seq": a.seq}
+                "seq": a.seq, "seed": a.seed, "sched": a.sched}
     runs = parse_grid(a.grid, defaults) if a.grid else [defaults]
     results = [train(base, cfg, a) for cfg in runs]
     print(f"\nmqar probe on {a.device} ({'CUDA graph' if a.graph else 'eager'}), target acc {a.target}:")
-    print("| pairs | batch | lr | d_model | layers | steps run | ms/step | steps to target | final acc |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| pairs | batch | lr | sched | d_model | layers | seed | steps run | ms/step | steps to target | final acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = r["cfg"]
-        print(f"| {c['pairs']} | {c['batch']} | {c['lr']:g} | {c['d_model'] or 'spec'} | {c['layers'] or 'spec'} | "
+        print(f"| {c['pairs']} | {c['batch']} | {c['lr']:g} | {c['sched']} | {c['d_model'] or 'spec'} | "
+              f"{c['layers'] or 'spec'} | {c['seed']} | "
               f"{r['steps']} | {r['ms_per_step']:.2f} | {r['steps_to_target'] or '-'} | {r['final_acc']:.3f} |")
     if a.json:
         with open(a.json, "w") as f:

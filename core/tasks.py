@@ -19,7 +19,7 @@ import sysconfig
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,21 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     eval_batches: int = Field(4, ge=1)
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning rate after a linear warmup over steps // 10: cosine to 0 at the "
+        "last step, or constant")
+    cuda_graph: bool = Field(
+        False, description="on CUDA, capture one whole training step (forward, backward, clipping, AdamW "
+        "with a tensor learning rate) in a CUDA graph and replay it: small models are bound by kernel "
+        "launches. The model's training forward must not synchronise with the host. No effect on the CPU")
+
+
+def _lr_factor(cfg: TrainConfig, s: int) -> float:
+    """Learning-rate multiplier of optimizer step ``s`` (0-based)."""
+    warm = min(1.0, (s + 1) / max(1, cfg.steps // 10))
+    if cfg.schedule == "constant":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
 
 
 #: trained weights of the last few trainings in this process, keyed by (spec without its ``kv:``
@@ -81,9 +96,10 @@ def _train(model: torch.nn.Module, sample: Callable[[torch.Generator], tuple[tor
 
 def _train_steps(model, sample, cfg: TrainConfig, device: str) -> float:
     gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.cuda_graph and torch.device(device).type == "cuda" and cfg.steps > 0:
+        return _train_steps_graph(model, sample, cfg, device, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.steps):
@@ -95,6 +111,60 @@ def _train_steps(model, sample, cfg: TrainConfig, device: str) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+    return float(loss.detach())
+
+
+#: eager steps before the capture (they train: same schedule; they also create AdamW's state)
+_GRAPH_EAGER_STEPS = 3
+
+
+def _train_steps_graph(model, sample, cfg: TrainConfig, device: str, gen: torch.Generator) -> float:
+    """:func:`_train_steps` with each step replayed from one CUDA graph: the same batches, learning
+    rates, clipping and AdamW update (``capturable``, with the rate in a device tensor)."""
+    lr_t = torch.tensor(cfg.lr * _lr_factor(cfg, 0), dtype=torch.float32, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_t, weight_decay=cfg.weight_decay, betas=(0.9, 0.98),
+                            capturable=True)
+    x0, y0 = sample(gen)
+    sx, sy = x0.to(device), y0.to(device)
+
+    def step():
+        logits = model(sx)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), sy.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    model.train()
+    eager = min(cfg.steps, _GRAPH_EAGER_STEPS)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up steps on a side stream, as capture requires
+        for s in range(eager):
+            if s:
+                x, y = sample(gen)
+                sx.copy_(x)
+                sy.copy_(y)
+            lr_t.fill_(cfg.lr * _lr_factor(cfg, s))
+            opt.zero_grad(set_to_none=True)
+            loss = step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if cfg.steps == eager:
+        return float(loss.detach())
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            loss = step()
+    except RuntimeError as e:
+        raise RuntimeError(f"cuda_graph: this model's training step cannot be captured in a CUDA graph ({e}); "
+                           "set cuda_graph: false in the task config") from e
+    for s in range(eager, cfg.steps):
+        x, y = sample(gen)
+        sx.copy_(x, non_blocking=True)
+        sy.copy_(y, non_blocking=True)
+        lr_t.fill_(cfg.lr * _lr_factor(cfg, s))
+        graph.replay()
     return float(loss.detach())
 
 
