@@ -179,10 +179,8 @@ def prepass_check(dev: str, dry: bool = False) -> list[dict]:
         k = torch.randn(b, t, h, d, generator=g) * (1 + 20 * torch.rand(1, 1, h, d, generator=g))
         k = (k + 3 * torch.randn(1, 1, h, d, generator=g)).to(dev, dt)  # outlier channels, nonzero means
         v = (torch.randn(b, t, h, d, generator=g) * (1 + 5 * torch.rand(1, 1, h, d, generator=g))).to(dev, dt)
-        for kind, smooth, one in (("int8", True, False), ("int8", True, True), ("int8", False, False),
-                                  ("fp8", False, False), ("fp8", False, True)):
-            kc, sk, vt, vs = _with_cfg(lambda: P.quant_kv(k, v, kb, kind, smooth=smooth, pv="fp8"),
-                                       kv_one_launch=one, kv_one_launch_heads=1, kv_one_launch_blocks=1 << 30)
+        for kind, smooth in (("int8", True), ("int8", False), ("fp8", False)):
+            kc, sk, vt, vs = P.quant_kv(k, v, kb, kind, smooth=smooth, pv="fp8")
             kf = k.float() - (R.key_mean(k) if smooth else 0.0)
             wkc, wsk = R.quant_blocks(kf, kb, kind)
             wv, wvs = R.quant_v_channels(v.float())
@@ -195,10 +193,10 @@ def prepass_check(dev: str, dry: bool = False) -> list[dict]:
             else:
                 k_ok = n_off == 0 and sk_rel == 0.0
             row = {"check": "kv-prepass-vs-reference", "shape": [b, t, h, d], "k_block": kb, "dtype": str(dt),
-                   "kind": kind, "smooth": smooth, "one_launch": one, "k_codes_off": n_off, "k_codes_max_off": float(dk.max()),
+                   "kind": kind, "smooth": smooth, "k_codes_off": n_off, "k_codes_max_off": float(dk.max()),
                    "sk_max_rel": sk_rel, "v_exact": v_ok, "ok": bool(k_ok and v_ok)}
             rows.append(row)
-            print(("ok  " if row["ok"] else "FAIL") + f" kv-prepass {kind} smooth={smooth} one_launch={one} B{b} T{t} H{h} D{d} "
+            print(("ok  " if row["ok"] else "FAIL") + f" kv-prepass {kind} smooth={smooth} B{b} T{t} H{h} D{d} "
                   f"kb{kb} {str(dt)[6:]}: K codes off {n_off} (max {float(dk.max()):.0f}), sk rel {sk_rel:.1e}, "
                   f"V exact {v_ok}", flush=True)
     return rows
@@ -217,13 +215,10 @@ def _timer(dev: str):
 
 INT8_CFG = (64, 128, 4, 3)   # precision.int8's default blocks (q_block/k_block) and CFG warps/stages
 QAAS_CFG = (128, 64, 8, 3)   # precision.qaas's default blocks
-INT8_IMPLS = ("int8-prepass", "int8-prepass-1launch", "int8-prepass-2launch", "int8-prepass-old", "int8",
-              "int8-1launch", "int8-2launch", "int8-oldkv", "int8-unfusedQ", "int8-pv16")
-QAAS_IMPLS = ("qaas-prepass", "qaas-prepass-2launch", "qaas-prepass-old", "qaas", "qaas-2launch", "qaas-oldkv",
-              "qaas-fp8P", "qaas-fp8P-oldkv")
-DEFAULT_SKIP = ("int8-unfusedQ", "int8-pv16", "qaas-2launch", "qaas-oldkv", "qaas-fp8P-oldkv")
-PREPASS = ("-prepass", "-prepass-1launch", "-prepass-2launch", "-prepass-old")
-ONE = dict(kv_one_launch=True, kv_one_launch_heads=1, kv_one_launch_blocks=1 << 30)  # one launch at any shape
+INT8_IMPLS = ("int8-prepass", "int8-prepass-old", "int8", "int8-oldkv", "int8-unfusedQ", "int8-pv16")
+QAAS_IMPLS = ("qaas-prepass", "qaas-prepass-old", "qaas", "qaas-oldkv", "qaas-fp8P", "qaas-fp8P-oldkv")
+DEFAULT_SKIP = ("int8-unfusedQ", "int8-pv16", "qaas-oldkv", "qaas-fp8P-oldkv")
+PREPASS = ("-prepass", "-prepass-old")
 
 
 def bench(dev: str, tune: str, quick: bool, variants: str = "", dry: bool = False) -> list[dict]:
@@ -267,27 +262,16 @@ def bench(dev: str, tune: str, quick: bool, variants: str = "", dry: bool = Fals
                     continue
                 fns = {
                     "int8-prepass": lambda: _prepass_int8(q, k, v, qb, kb),
-                    "int8-prepass-1launch": lambda: _with_cfg(lambda: _prepass_int8(q, k, v, qb, kb), **ONE),
-                    "int8-prepass-2launch": lambda: _with_cfg(lambda: _prepass_int8(q, k, v, qb, kb),
-                                                              kv_one_launch=False),
                     "int8-prepass-old": lambda: _with_cfg(lambda: _prepass_int8(q, k, v, qb, kb), fused_kv=False),
                     "int8": lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb, k_block=kb),
-                    "int8-1launch": lambda: _with_cfg(lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb,
-                                                                               k_block=kb), **ONE),
-                    "int8-2launch": lambda: _with_cfg(lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb,
-                                                                               k_block=kb), kv_one_launch=False),
                     "int8-oldkv": lambda: _with_cfg(lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb,
                                                                              k_block=kb), fused_kv=False),
                     "int8-unfusedQ": lambda: _unfused(lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb,
                                                                                k_block=kb)),
                     "int8-pv16": lambda: P.int8_attention(q, k, v, causal=causal, q_block=qb, k_block=kb, pv="fp16"),
                     "qaas-prepass": lambda: _prepass_qaas(q, k, v, qb, kb),
-                    "qaas-prepass-2launch": lambda: _with_cfg(lambda: _prepass_qaas(q, k, v, qb, kb),
-                                                              kv_one_launch=False),
                     "qaas-prepass-old": lambda: _with_cfg(lambda: _prepass_qaas(q, k, v, qb, kb), fused_kv=False),
                     "qaas": lambda: P.qaas_forward(q, k, v, tau, gam, causal=causal, q_block=qb, k_block=kb),
-                    "qaas-2launch": lambda: _with_cfg(lambda: P.qaas_forward(q, k, v, tau, gam, causal=causal,
-                                                                             q_block=qb, k_block=kb), kv_one_launch=False),
                     "qaas-oldkv": lambda: _with_cfg(lambda: P.qaas_forward(q, k, v, tau, gam, causal=causal,
                                                                            q_block=qb, k_block=kb), fused_kv=False),
                     "qaas-fp8P": lambda: P.qaas_forward(q, k, v, tau, gam, causal=causal, q_block=qb, k_block=kb,
@@ -322,9 +306,8 @@ def bench(dev: str, tune: str, quick: bool, variants: str = "", dry: bool = Fals
 
 def summary(rows: list[dict]) -> str:
     """One line per (B, T, mask): FA2 / cuDNN ms, then int8 end to end (x FA2) and its pre-pass
-    alone (ms, share of the end-to-end time) with the default K/V pre-pass (one launch or two by
-    ``CFG``'s limits), the two-launch one and the old one (torch reductions); qaas binary / FP8 P and the
-    qaas pre-pass (default / two-launch / old)."""
+    alone (ms, share of the end-to-end time) with the K/V pre-pass of ``quant_kv`` (two launches)
+    and with the old one (torch reductions); qaas binary / FP8 P and the qaas pre-pass (new / old)."""
     def get(sel, prefix):
         hit = [r for r in sel if r["impl"].split("@")[0] == prefix]
         return hit[0]["ms"] if hit else None
@@ -332,10 +315,9 @@ def summary(rows: list[dict]) -> str:
     def f(x):
         return f"{x:.3f}" if x is not None else "-"
 
-    out = ["| B | T | mask | FA2 ms | cuDNN ms | int8 ms (x FA2) | int8 pre-pass ms (share) | int8 2-launch ms "
-           "(x FA2) | 2-launch pre-pass ms | int8 1-launch ms (x FA2) | 1-launch pre-pass ms | int8 old-KV ms "
+    out = ["| B | T | mask | FA2 ms | cuDNN ms | int8 ms (x FA2) | int8 pre-pass ms (share) | int8 old-KV ms "
            "(x FA2) | old pre-pass ms | qaas binary ms (x FA2) | qaas fp8-P ms (x FA2) | qaas pre-pass ms "
-           "(2-launch / old) |", "|" + "---|" * 16]
+           "(old) |", "|" + "---|" * 12]
     keys = dict.fromkeys((r["B"], r["T"], r["causal"]) for r in rows)
     for (b, t, causal) in keys:
         sel = [r for r in rows if (r["B"], r["T"], r["causal"]) == (b, t, causal)]
@@ -346,11 +328,9 @@ def summary(rows: list[dict]) -> str:
         i8, pp = get(sel, "int8"), get(sel, "int8-prepass")
         share = f"{pp:.3f} ({100 * pp / i8:.0f}%)" if pp and i8 else f(pp)
         out.append(f"| {b} | {t} | {'causal' if causal else 'full'} | {f(fa)} | {f(cu)} | {x(i8)} | {share} | "
-                   f"{x(get(sel, 'int8-2launch'))} | {f(get(sel, 'int8-prepass-2launch'))} | "
-                   f"{x(get(sel, 'int8-1launch'))} | {f(get(sel, 'int8-prepass-1launch'))} | "
                    f"{x(get(sel, 'int8-oldkv'))} | {f(get(sel, 'int8-prepass-old'))} | {x(get(sel, 'qaas'))} | "
                    f"{x(get(sel, 'qaas-fp8P'))} | {f(get(sel, 'qaas-prepass'))} "
-                   f"({f(get(sel, 'qaas-prepass-2launch'))} / {f(get(sel, 'qaas-prepass-old'))}) |")
+                   f"({f(get(sel, 'qaas-prepass-old'))}) |")
     return "\n".join(out)
 
 

@@ -51,14 +51,12 @@ def kv_variants(dtype: str, D: int, k_block: int) -> list[tuple[str, dict, dict]
         kc = "*i8" if kind == "int8" else "*fp8e4nv"
         vt = "*fp16" if pv == "fp16" else "*fp8e4nv"
         ptrs = {"K": f"*{dtype}", "V": f"*{dtype}", "KC": kc, "SK": "*fp32", "VT": vt, "VS": "*fp32",
-                "KSUM": "*fp32", "VMAX": "*fp32", "CNT": "*i32"}
+                "KSUM": "*fp32", "VMAX": "*fp32"}
         base = dict(D=D, BLOCK_D=bd, BLOCK=k_block, NCH=8, FP8_NATIVE=True)
         tag = f"{kind} smooth={smooth} pv={pv} {dtype} D{D} kb{k_block}"
-        for finish in ((False, True) if (smooth or pv == "fp8") else (False,)):
-            stats = dict(base, K_SUM=smooth, K_CODES=not smooth, KIND=0 if kind == "int8" else 1,
-                         QMAX=127.0 if kind == "int8" else 448.0, V_AMAX=pv == "fp8", V_F16=pv == "fp16",
-                         FINISH=finish)
-            out.append((f"_kv_stats_kernel {tag} finish={finish}", P._kv_stats_kernel, stats, ptrs))
+        stats = dict(base, K_SUM=smooth, K_CODES=not smooth, KIND=0 if kind == "int8" else 1,
+                     QMAX=127.0 if kind == "int8" else 448.0, V_AMAX=pv == "fp8", V_F16=pv == "fp16")
+        out.append((f"_kv_stats_kernel {tag}", P._kv_stats_kernel, stats, ptrs))
         if smooth or pv == "fp8":
             codes = dict(base, K_CODES=smooth, V_CODES=pv == "fp8")
             out.append((f"_kv_codes_kernel {tag}", P._kv_codes_kernel, codes, ptrs))

@@ -349,13 +349,12 @@ def test_triton_int8_fused_q_quantisation_equals_the_prepass():
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("smooth,kind,pv", [(True, "int8", "fp8"), (True, "int8", "fp16"), (False, "int8", "fp8"),
                                             (False, "fp8", "fp8")])
-def test_triton_kv_prepass_codes_match_reference(smooth, kind, pv, one_launch):
-    """The K/V pre-pass (``quant_kv``: chunked key sums and V channel maxima, then the codes, in a
-    second launch or by the last program of each head) gives the reference's codes and scales
-    bit for bit, for every chunking of the statistics launch. The keys are multiples of 1/64 of modest size so that every fp32 sum of
+def test_triton_kv_prepass_codes_match_reference(smooth, kind, pv):
+    """The K/V pre-pass (``quant_kv``: chunked key sums and V channel maxima, then the codes in a
+    second launch) gives the reference's codes and scales bit for bit, for every chunking of the
+    statistics launch. The keys are multiples of 1/64 of modest size so that every fp32 sum of
     them is exact whatever the order: the smoothed codes then cannot differ by the order in
     which a GPU reduction adds (any mismatch is a bug, not rounding)."""
     if not HAVE_TRITON:
@@ -376,7 +375,6 @@ def test_triton_kv_prepass_codes_match_reference(smooth, kind, pv, one_launch):
         want_v, want_vs = v.float().cpu().to(torch.float16).float(), torch.ones(B, H, D)
     old = dict(P.CFG)
     try:
-        P.CFG.update(kv_one_launch=one_launch, kv_one_launch_heads=1, kv_one_launch_blocks=1 << 30)
         for programs in (1, 7, 1024):  # one chunk per head, two, four (the most for 4 blocks)
             P.CFG["kv_programs"] = programs
             kc, sk, vt, vs = P.quant_kv(k, v, kb, kind, smooth=smooth, pv=pv)
@@ -389,7 +387,7 @@ def test_triton_kv_prepass_codes_match_reference(smooth, kind, pv, one_launch):
 
 
 def test_triton_int8_kv_prepass_output_equals_the_old_path():
-    """int8's output with the K/V pre-pass of ``quant_kv`` (``CFG["fused_kv"]``; two launches, or one)
+    """int8's output with the K/V pre-pass of ``quant_kv`` (``CFG["fused_kv"]``, two launches)
     equals that of the older torch-reduction pre-pass bit for bit where the key mean is exact
     (keys multiples of 1/64)."""
     if not HAVE_TRITON:
@@ -401,11 +399,9 @@ def test_triton_int8_kv_prepass_output_equals_the_old_path():
     old = dict(P.CFG)
     try:
         outs = []
-        for fused, one_launch in ((False, False), (True, False), (True, True)):
-            P.CFG.update(fused_kv=fused, kv_one_launch=one_launch, kv_one_launch_heads=1,
-                         kv_one_launch_blocks=1 << 30)
+        for fused in (False, True):
+            P.CFG["fused_kv"] = fused
             outs.append(P.int8_attention(q, k, v, causal=True, q_block=32, k_block=32))
     finally:
         P.CFG.update(old)
     assert torch.equal(outs[1], outs[0])
-    assert torch.equal(outs[2], outs[0])

@@ -72,15 +72,7 @@ INTERP = _interpreting()
 #: codes); False: the older path (torch reductions + :func:`quantise` + :func:`_quant_v`), kept
 #: for timing comparisons. kv_programs: about how many programs the statistics launch spreads
 #: over (it picks chunks of whole key blocks per (batch, head), a power of two of them).
-#: kv_one_launch: finish the statistics and write the codes inside the statistics launch (the last
-#: program of each (batch, head) does its whole head, serially; :func:`_kv_stats_kernel` FINISH)
-#: when there are at least kv_one_launch_heads (batch, head) pairs to spread those finishers over
-#: and a head has at most kv_one_launch_blocks key blocks (the finisher's serial work); else the
-#: second launch :func:`_kv_codes_kernel`. Off: on the H100 (bench/gpu_precision.py, 2026-11-23)
-#: the one-launch pre-pass took 0.435 ms at B=8 T=4096 H=16 D=128 and 0.744 ms at B=2 T=16384
-#: against 0.323 / 0.328 ms for the two launches (the per-head serial finisher is the bottleneck).
-CFG = {"warps": None, "stages": 3, "fuse_q": True, "fused_kv": True, "kv_programs": 1024,
-       "kv_one_launch": False, "kv_one_launch_heads": 64, "kv_one_launch_blocks": 64}
+CFG = {"warps": None, "stages": 3, "fuse_q": True, "fused_kv": True, "kv_programs": 1024}
 
 if INTERP:
     @triton.jit
@@ -190,7 +182,7 @@ def _kv_finals(KSUM, VMAX, b, h, H, t_f, offs_d, BLOCK_D: tl.constexpr, NCH: tl.
                K_SUM: tl.constexpr, V_AMAX: tl.constexpr):
     """Finish the NCH chunk partials of (b, h) in a fixed order: the key mean ``sum / T`` (IEEE
     division; zeros without K_SUM) and the V channel max |v| and ``448 / amax`` (0 where amax = 0).
-    Loads bypass L1 (``.cg``): the partials may have been written by other programs of this launch."""
+    Loads are ``.cg`` (cached in L2, not L1)."""
     parts = ((b * H + h) * NCH + tl.arange(0, NCH))[:, None] * BLOCK_D + offs_d[None, :]
     mu = tl.zeros([BLOCK_D], dtype=tl.float32)
     amax = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -226,25 +218,18 @@ def _kv_codes_block(k_base, v_base, kc_base, vt_base, SK, b, h, blk, mu, inv, of
 
 
 @triton.jit
-def _kv_stats_kernel(K, V, KC, SK, VT, VS, KSUM, VMAX, CNT,
+def _kv_stats_kernel(K, V, KC, SK, VT, VS, KSUM, VMAX,
                      s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_cb, s_ct, s_ch, s_tb, s_th, s_td,
-                     T, H, NB, BPC, t_f,
+                     T, H, NB, BPC,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, NCH: tl.constexpr,
                      K_SUM: tl.constexpr, K_CODES: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr,
-                     V_AMAX: tl.constexpr, V_F16: tl.constexpr, FINISH: tl.constexpr,
-                     FP8_NATIVE: tl.constexpr):
+                     V_AMAX: tl.constexpr, V_F16: tl.constexpr, FP8_NATIVE: tl.constexpr):
     """K/V pre-pass, first launch: one program per (chunk of BPC blocks of BLOCK rows, head, batch)
     reads its K and V rows once. K_SUM: per-channel partial sum of K (fp32) -> KSUM[b, h, chunk];
     V_AMAX: per-channel partial max |V| -> VMAX[b, h, chunk]. What needs no global statistic is
     finished here: K_CODES (unsmoothed K: block codes and scales, as :func:`_quant_kernel`) and
-    V_F16 (fp16 V written transposed, unit scales).
-
-    FINISH (one launch in all): each program then counts itself in on CNT[b, h] (an acq_rel
-    atomic after a barrier, so its partials are visible first); the last of the NCH programs of
-    (b, h) finishes the statistics and writes the codes of all NB blocks of that head
-    (:func:`_kv_codes_block`; K and V were read moments before by its siblings, mostly from
-    L2). CNT is zeroed by the host for each call. No program waits for another, so any order of
-    execution is correct (the interpreter runs the programs one after another)."""
+    V_F16 (fp16 V written transposed, unit scales). The second launch, :func:`_kv_codes_kernel`,
+    finishes the partials and writes the codes that need them."""
     EVEN_D: tl.constexpr = D == BLOCK_D
     c = tl.program_id(0)
     h = tl.program_id(1)
@@ -283,17 +268,6 @@ def _kv_stats_kernel(K, V, KC, SK, VT, VS, KSUM, VMAX, CNT,
     if V_F16:
         tl.store(VS + (b * H + h) * D + offs_d, tl.zeros([BLOCK_D], dtype=tl.float32) + 1.0,
                  mask=(offs_d < D) & (c == 0))
-    if FINISH:
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        arrived = tl.atomic_add(CNT + b * H + h, 1, sem="acq_rel", scope="gpu")
-        if arrived == NCH - 1:
-            mu, amax, inv = _kv_finals(KSUM, VMAX, b, h, H, t_f, offs_d, BLOCK_D, NCH, K_SUM, V_AMAX)
-            for blk in range(0, _loop_bound(NB)):
-                _kv_codes_block(k_base, v_base, kc_base, vt_base, SK, b, h, blk, mu, inv, offs_d,
-                                s_kt, s_vt, s_ct, s_td, T, H, NB, D, BLOCK, EVEN_D, K_SUM, V_AMAX, FP8_NATIVE)
-            if V_AMAX:
-                tl.store(VS + (b * H + h) * D + offs_d, tl.math.div_rn(amax, 448.0 + tl.zeros_like(amax)),
-                         mask=offs_d < D)
 
 
 @triton.jit
@@ -302,10 +276,9 @@ def _kv_codes_kernel(K, V, KC, SK, VT, VS, KSUM, VMAX,
                      T, H, NB, t_f,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, NCH: tl.constexpr,
                      K_CODES: tl.constexpr, V_CODES: tl.constexpr, FP8_NATIVE: tl.constexpr):
-    """K/V pre-pass, second launch (without FINISH): one program per (block of BLOCK rows, head,
-    batch) finishes the partials of :func:`_kv_stats_kernel` (:func:`_kv_finals`) and writes the
-    codes that need them (:func:`_kv_codes_block`); block 0 also writes the V descale
-    ``amax / 448``."""
+    """K/V pre-pass, second launch: one program per (block of BLOCK rows, head, batch) finishes
+    the partials of :func:`_kv_stats_kernel` (:func:`_kv_finals`) and writes the codes that need
+    them (:func:`_kv_codes_block`); block 0 also writes the V descale ``amax / 448``."""
     EVEN_D: tl.constexpr = D == BLOCK_D
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -554,15 +527,14 @@ def _kv_chunks(B: int, H: int, nb: int) -> int:
 
 def quant_kv(k: torch.Tensor, v: torch.Tensor, k_block: int, kind: str = "int8", smooth: bool = False,
              pv: str = "fp8"):
-    """K and V quantised in two launches that each read K and V once (or one launch, see below).
+    """K and V quantised in two launches that each read K and V once.
 
     Returns (kc [B, Tk, Hk, D], sk fp32 [B, nb, Hk], vt [B, Hk, D, Tk], vs fp32 [B, Hk, D]) with
     exactly the rules of :func:`quantise` (K blocks of ``k_block`` rows, ``kind`` "int8" / "fp8",
     ``smooth``: minus the per-(batch, head) key mean, int8 only) and :func:`_quant_v` (``pv``
     "fp8": per-channel FP8 codes; "fp16": fp16 V, unit scales). :func:`_kv_stats_kernel` reads K
     and V once for the per-chunk key sums and V channel maxima (and writes whatever needs no
-    global statistic); :func:`_kv_codes_kernel` reads them again for the codes that do, or (``CFG``
-    ``kv_one_launch``, enough heads) the last statistics program of each head does. The mean
+    global statistic); :func:`_kv_codes_kernel` reads them again for the codes that do. The mean
     is ``(sum of the chunk sums) / Tk`` in fp32 (IEEE division); its summation order differs
     from torch's ``mean``, as any two GPU reductions do."""
     if smooth and kind != "int8":
@@ -589,15 +561,12 @@ def quant_kv(k: torch.Tensor, v: torch.Tensor, k_block: int, kind: str = "int8",
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                kc.stride(0), kc.stride(1), kc.stride(2), vt.stride(0), vt.stride(1), vt.stride(2))
     warps = 4 if INTERP or k_block * bd < 16384 else 8
-    finish = ((smooth or v_amax) and bool(CFG["kv_one_launch"]) and B * H >= int(CFG["kv_one_launch_heads"])
-              and nb <= int(CFG["kv_one_launch_blocks"]))
-    cnt = torch.zeros(B * H, dtype=torch.int32, device=dev) if finish else sk
     _kv_stats_kernel[(nch, H, B)](
-        k, v, kc, sk, vt, vs, part[0], part[-1], cnt, *strides, T, H, nb, triton.cdiv(nb, nch), float(T),
+        k, v, kc, sk, vt, vs, part[0], part[-1], *strides, T, H, nb, triton.cdiv(nb, nch),
         D=D, BLOCK_D=bd, BLOCK=k_block, NCH=nch, K_SUM=smooth, K_CODES=not smooth, KIND=0 if kind == "int8" else 1,
-        QMAX=127.0 if kind == "int8" else 448.0, V_AMAX=v_amax, V_F16=pv == "fp16", FINISH=finish,
-        FP8_NATIVE=native, num_warps=warps)
-    if (smooth or v_amax) and not finish:
+        QMAX=127.0 if kind == "int8" else 448.0, V_AMAX=v_amax, V_F16=pv == "fp16", FP8_NATIVE=native,
+        num_warps=warps)
+    if smooth or v_amax:
         _kv_codes_kernel[(nb, H, B)](
             k, v, kc, sk, vt, vs, part[0], part[-1], *strides, T, H, nb, float(T),
             D=D, BLOCK_D=bd, BLOCK=k_block, NCH=nch, K_CODES=smooth, V_CODES=v_amax, FP8_NATIVE=native,
