@@ -147,10 +147,10 @@ def _train_steps_graph(model, sample, cfg: TrainConfig, device: str, gen: torch.
                 sy.copy_(y)
             lr_t.fill_(cfg.lr * _lr_factor(cfg, s))
             opt.zero_grad(set_to_none=True)
-            loss = step()
+            last = step().detach()  # no reference to the warm-up's autograd graph outlives it
     torch.cuda.current_stream(device).wait_stream(side)
     if cfg.steps == eager:
-        return float(loss.detach())
+        return float(last)
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     try:

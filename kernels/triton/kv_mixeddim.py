@@ -114,6 +114,20 @@ def _level_span(TOK, EB, r, R, sid, S, lev: tl.constexpr, BN: tl.constexpr, EB_A
 
 
 @triton.jit
+def _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                BN: tl.constexpr, EB_ALIGN: tl.constexpr):
+    """A level's tile setup for split ``sid`` (tiles ``[BN, WP]``, ``W`` real channels): its
+    :func:`_level_span` (lo, hi, tb, eb), the channel offsets ``[0, WP)``, the token offsets
+    ``[0, BN)``, the channel mask (``< W``) and the rows' ``qp`` ``[BLOCK_M, WP]`` (zero-padded)."""
+    lo, hi, tb, eb = _level_span(TOK, EB, r, R, sid, S, lev, BN, EB_ALIGN)
+    offs_w = tl.arange(0, WP)
+    offs_n = tl.arange(0, BN)
+    wmask = offs_w < W
+    qp = tl.load(QP + q_rows[:, None] + offs_w[None, :], mask=rmask[:, None] & wmask[None, :], other=0.0)
+    return lo, hi, tb, eb, offs_w, offs_n, wmask, qp
+
+
+@triton.jit
 def _double_cols(x):
     """[M, N] -> [M, 2N]: x, then N zero columns (exact; a register shuffle, no arithmetic)."""
     return tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (0, 2, 1)), [x.shape[0], 2 * x.shape[1]])
@@ -144,11 +158,8 @@ def _pool_level(acc_r, acc_n, m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R
     # NARROW: the tile is the level's width (padded to a power of 2 >= 16) and holds more tokens
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
-    lo, hi, tb, eb = _level_span(TOK, EB, r, R, sid, S, lev, BN, EB_ALIGN)
-    offs_w = tl.arange(0, WP)
-    offs_n = tl.arange(0, BN)
-    wmask = offs_w < W
-    qp = tl.load(QP + q_rows[:, None] + offs_w[None, :], mask=rmask[:, None] & wmask[None, :], other=0.0)
+    lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev, W,
+                                                            WP, BN, EB_ALIGN)
     m_start = m_i
     acc = tl.zeros([BLOCK_M, WP], tl.float32)
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
@@ -258,11 +269,8 @@ def _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, sid, S, qk_scal
     W: tl.constexpr = (lev + 1) * STEP
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
-    lo, hi, tb, eb = _level_span(TOK, EB, r, R, sid, S, lev, BN, EB_ALIGN)
-    offs_w = tl.arange(0, WP)
-    offs_n = tl.arange(0, BN)
-    wmask = offs_w < W
-    qp = tl.load(QP + q_rows[:, None] + offs_w[None, :], mask=rmask[:, None] & wmask[None, :], other=0.0)
+    lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev, W,
+                                                            WP, BN, EB_ALIGN)
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
         cols = start + offs_n
         cmask = cols < hi
