@@ -1,4 +1,5 @@
-"""Reports of a sweep folder: report.md, report.html and pareto.png, from results.jsonl alone
+"""Reports of a sweep folder: report.md, report.html, pareto.png (quality vs cost) and, for
+KV-cache policy sweeps, retention.png (quality vs KV memory held), from results.jsonl alone
 (so ``blockzoo report DIR`` can re-render them at any time)."""
 
 from __future__ import annotations
@@ -49,6 +50,56 @@ def retention_table(trials: list[dict[str, Any]]) -> list[list[str]]:
         name = "full cache" if b == 1.0 else p
         out.append([name, f"{b:g}"] + [_fmt(k, t.get(k)) for q, m, _ in tasks for k in (q, m)])
     return out
+
+
+def retention_series(trials: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """task quality metric -> policy (``full cache`` for budget 1.0) -> points (KV held relative to
+    the full cache, quality), sorted by KV held: what :func:`_retention_plot` draws."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for t in trials:
+        if t.get("status") != "ok":
+            continue
+        policy, budget = _policy_budget(t)
+        if policy is None or budget is None:
+            continue
+        name = "full cache" if budget == 1.0 else policy
+        for quality, mem, _ in RETENTION:
+            q, m = t.get(quality), t.get(mem)
+            if isinstance(q, (int, float)) and isinstance(m, (int, float)) and math.isfinite(q) and math.isfinite(m):
+                out.setdefault(quality, {}).setdefault(name, []).append((float(m), float(q)))
+    for per in out.values():
+        for pts in per.values():
+            pts.sort()
+    return out
+
+
+def _retention_plot(trials: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per task: quality against the KV memory actually held (relative to the full
+    cache), one line per policy over its budgets, the full cache as a star."""
+    series = retention_series(trials)
+    if not series:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.0), squeeze=False)
+    for ax, (quality, per) in zip(axes[0], series.items(), strict=True):
+        label, higher = QUALITY[quality]
+        for policy, pts in per.items():
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if policy == "full cache":
+                ax.scatter(xs, ys, marker="*", s=160, c="black", zorder=4, label=policy)
+            else:
+                ax.plot(xs, ys, "o-", ms=4, lw=1.2, label=policy)
+        ax.set_xlabel("KV memory held, relative to the full cache")
+        ax.set_ylabel(label + (" (higher is better)" if higher else " (lower is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("KV-cache policies: quality vs memory held")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -136,6 +187,10 @@ def render(out_dir: str | Path) -> dict[str, Path]:
                   "budget 1.0 is the full cache).", "",
                   "| " + " | ".join(retention[0]) + " |", "|" + "---|" * len(retention[0])]
         lines += ["| " + " | ".join(r) + " |" for r in retention[1:]]
+        rplot = _retention_plot(trials, out_dir / "retention.png")
+        if rplot:
+            lines += ["", "![quality vs KV memory held](retention.png)"]
+            written["retention.png"] = rplot
     failed = [t for t in trials if t.get("status") in ("failed", "skipped") and t.get("reason")]
     if failed:
         lines += ["", "## Skipped and failed trials", ""]
@@ -167,6 +222,8 @@ def render(out_dir: str | Path) -> dict[str, Path]:
         h.append("<h2>Retention table</h2><table>" + "".join(
             "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
             for row, tag in zip(retention, ["th"] + ["td"] * (len(retention) - 1), strict=True)) + "</table>")
+        if "retention.png" in written:
+            h.append("<p><img src='retention.png' alt='quality vs KV memory held' style='max-width:100%'></p>")
     if plot:
         h.append("<p><img src='pareto.png' alt='quality vs cost' style='max-width:100%'></p>")
     (out_dir / "report.html").write_text("\n".join(h))

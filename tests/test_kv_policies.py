@@ -424,5 +424,29 @@ def test_report_renders_the_retention_table(tmp_path):
     assert "| policy | budget | mqar acc ↑ | KV ×full |" in table and "passkey" not in table
     assert table.index("| token.h2o | 0.25 | 0.500 | 0.300 |") < table.index("| token.h2o | 0.5 | 0.700 | 0.550 |")
     assert "| token.mixeddim | 0.25 | 0.400 | 0.270 |" in table
-    assert table.rstrip().endswith("| full cache | 1 | 0.900 | 1.000 |")
+    assert table.split("![", 1)[0].rstrip().endswith("| full cache | 1 | 0.900 | 1.000 |")  # the last row
     assert "Retention table" in (tmp_path / "report.html").read_text()
+    # the plot: one mqar panel, a line per policy over its budgets, sorted by memory held
+    from blockzoo.core.report import retention_series
+    from blockzoo.core.store import read_rows, wide
+    series = retention_series(wide(read_rows(tmp_path)))
+    assert list(series) == ["mqar_accuracy"]
+    assert series["mqar_accuracy"] == {"token.h2o": [(0.30, 0.5), (0.55, 0.7)], "full cache": [(1.0, 0.9)],
+                                       "token.mixeddim": [(0.27, 0.4)]}
+    assert "![quality vs KV memory held](retention.png)" in md and "retention.png" in (tmp_path / "report.html").read_text()
+    assert (tmp_path / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_kv_policies_has_no_retention_plot(tmp_path):
+    import json
+
+    from blockzoo.core.report import render
+    rows = []
+    for key, acc in (("a", 0.5), ("b", 0.6)):
+        common = {"sweep": "s", "trial": key, "label": key, "axes": {"block.mixer": key}, "device": "cpu"}
+        rows += [{**common, "metric": "mqar_accuracy", "value": acc},
+                 {**common, "metric": "status", "status": "ok", "value": 1.0}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = render(tmp_path)
+    assert "retention.png" not in written and not (tmp_path / "retention.png").exists()
+    assert "Retention table" not in (tmp_path / "report.md").read_text()
