@@ -12,10 +12,12 @@ the same bytes (the removed first version, one program per row, is in docs/perfo
    - ``full``: ``kv_decode.decode_attention`` over the full cache [B, Hk, T, D];
    - ``evict``: the same kernel over budget * T tokens (a token policy at the same bytes);
    - ``zeroed``: the same kernel over the tokens mixeddim keeps, at full width (the zeroed layout);
-   - ``pooled`` / ``pooled+scores``: ``kv_mixeddim.pooled_decode`` (split) at its defaults, plus the
-     torch glue around it (query permutation, output unpermutation) as ``pooled_step``;
-   - a sweep of the split count (1 .. 16) and of the tile config ``(BLOCK_N, warps, stages,
-     narrow)`` (o only), then ``+scores`` at the best;
+   - ``pooled`` / ``pooled+scores``: ``kv_mixeddim.pooled_decode`` (one level per program) at its
+     defaults with the store's host layout (no device -> host copy), ``pooled_hostcopy`` the same
+     without it (one copy per call, as a caller without ``PackedKV.host`` pays), plus the torch
+     glue around it (query permutation, output unpermutation) as ``pooled_step``;
+   - a sweep of forced splits per level (1 .. 8, against the byte-balanced default) and of the
+     tile config ``(BLOCK_N, warps, stages, narrow)`` (o only), then ``+scores`` at the best;
    - bytes: the pools' real storage vs the full cache; the level histogram.
 
     python3 bench/kv_mixeddim_gpu.py --out DIR                  (GPU; JSON to DIR/kv_mixeddim_gpu.json)
@@ -138,9 +140,9 @@ def main():
     zk, zv = k[:, :, :n_kept].contiguous(), v[:, :, :n_kept].contiguous()
     qp = permute_queries(q, st.k_order, Hk)
 
-    def pooled(scores=False, **kw):
+    def pooled(scores=False, layout=st.host, **kw):
         return lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv, None,
-                                        scores, **kw)
+                                        scores, layout=layout, **kw)
 
     t = {
         "full": bench(lambda: kd.decode_attention(q, k, v)),
@@ -148,26 +150,29 @@ def main():
         "zeroed": bench(lambda: kd.decode_attention(q, zk, zv)),
         "pooled": bench(pooled()),
         "pooled+scores": bench(pooled(True)),
+        "pooled_hostcopy": bench(pooled(layout=None)),
         "pooled_step": bench(lambda: decode_kernel("triton", q, st, tk, tv, None, True)),
     }
-    # sweep: splits at the default tile config, then tile configs at the default splits (o only)
+    # sweep: forced splits per level at the default tile config, then tile configs (o only)
     R = B * Hk
-    n_tok = int(st.tok_off[-1, -1])
     cfg0 = km.default_cfg(D, Hq // Hk)
-    s0 = km.default_splits(R, n_tok // R + 1, cfg0[0], q.device)
+    tgt = km.default_target(st.host[0], st.step, R, 1, D, cfg0[0], q.device)
+    s0 = km.level_splits(st.host[0], st.step, R, tgt)
     sweep, conf = {}, {}
-    for S in sorted({1, 2, 4, s0, 8, 16}):
-        conf[f"S={S} cfg={cfg0}"] = (S, cfg0)
-        sweep[f"S={S} cfg={cfg0}"] = bench(pooled(num_splits=S, cfg=cfg0))
-    cfgs = [(32, 4, 3, True), (128, 4, 3, True), (64, 8, 3, True), (32, 8, 3, True), (64, 4, 3, False)]
+    for S in (None, 1, 2, 4, 8):
+        key = f"S={S or 'default'} cfg={cfg0}"
+        conf[key] = (S, cfg0)
+        sweep[key] = bench(pooled(num_splits=S, cfg=cfg0))
+    cfgs = [(32, 4, 3, True), (128, 4, 3, True), (64, 8, 3, True), (32, 8, 3, True), (64, 4, 3, False),
+            (64, 4, 4, True), (128, 8, 3, True)]
     if not CUDA:
         cfgs = [(16, 1, 1, False)]
     for c in cfgs:
-        conf[f"S={s0} cfg={c}"] = (s0, c)
+        conf[f"S=default cfg={c}"] = (None, c)
         try:
-            sweep[f"S={s0} cfg={c}"] = bench(pooled(num_splits=s0, cfg=c))
+            sweep[f"S=default cfg={c}"] = bench(pooled(cfg=c))
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: record and go on
-            sweep[f"S={s0} cfg={c}"] = float("nan")
+            sweep[f"S=default cfg={c}"] = float("nan")
             res.setdefault("sweep_errors", {})[str(c)] = f"{type(e).__name__}: {str(e)[:300]}"
     best = min((k_ for k_ in sweep if sweep[k_] == sweep[k_]), key=sweep.get)
     best_s, best_cfg = conf[best]
@@ -180,7 +185,7 @@ def main():
                   "levels": a.levels},
         "ms": t,
         "sweep_ms": sweep,
-        "default_splits": s0, "default_cfg": cfg0, "best": best,
+        "default_level_splits": s0, "default_target": tgt, "default_cfg": cfg0, "best": best,
         "ratio_full_over_pooled": t["full"] / t["pooled"],
         "ratio_full_over_best": t["full"] / t["best"],
         "ratio_evict_over_pooled": t["evict"] / t["pooled"],
@@ -197,7 +202,7 @@ def main():
     # the short table, last
     print(f"\n{res['device']}, torch {res['torch']}, triton {res['triton']}; B={B} Hq={Hq} Hk={Hk} T={T} D={D} "
           f"bf16 budget={a.budget} levels={a.levels}; pools {pool_bytes / 1e6:.1f} MB = "
-          f"{pool_bytes / full_bytes:.3f} of the full cache; default S={s0} cfg={cfg0}")
+          f"{pool_bytes / full_bytes:.3f} of the full cache; default level splits {s0} cfg={cfg0}")
     print(f"{'kernel':<44} {'ms':>8} {'GB/s':>8} {'full/x':>7}")
     byts = {"full": full_bytes, "evict": 2 * kept_k.numel() * kept_k.element_size(),
             "zeroed": 2 * zk.numel() * zk.element_size()}

@@ -26,7 +26,7 @@ from _sm90 import compile_sm90  # noqa: E402
 from blockzoo.kernels.triton import kv_mixeddim as km  # noqa: E402
 
 PTR = {"Q": "*bf16", "QP": "*bf16", "KB": "*bf16", "VB": "*bf16", "TOK": "*i64", "EB": "*i64", "TK": "*bf16",
-       "TV": "*bf16", "OR": "*fp32", "ON": "*fp32", "LSE2": "*fp32", "SP": "*fp32", "ST": "*fp32",
+       "TV": "*bf16", "OR": "*fp32", "ON": "*fp32", "LSE2": "*fp32", "SP": "*fp32", "ST_OUT": "*fp32",
        "PR": "*fp32", "PN": "*fp32", "PL": "*fp32"}
 FLOAT = {"qk_scale"}
 #: (BLOCK_N, num_warps, num_stages, narrow): the configs bench/kv_mixeddim_gpu.py times
@@ -54,7 +54,7 @@ def cases():
                 tag = f"L={L} step={step} D={d} BM={bm} BN={bn} w={w} st={st} narrow={narrow} {tqs}"
                 out.append((f"split {tag}", km._pooled_split_kernel, c, w, st))
                 out.append((f"scores {tag}", km._pooled_scores_kernel, c, w, st))
-            for bs in (2, 8, 64):
+            for bs in (2, 8, 16):
                 out.append((f"combine D={d} BM={bm} BLOCK_S={bs} {tqs}", km._pooled_combine_kernel,
                             dict(D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_S=bs, **tq), 4, 3))
     return out

@@ -392,16 +392,29 @@ def test_triton_split_counts_agree():
     torch.testing.assert_close(o, outs[0][0], rtol=1e-5, atol=1e-6)
 
 
-def test_default_splits_fill_the_gpu_and_stay_1_for_tiny_shapes(monkeypatch):
+def test_default_split_rule_balances_bytes_and_fills_the_gpu(monkeypatch):
+    """The default grid: level splits proportional to each level's bytes (the kernels compute
+    the same rule from tok_off: tests above), about 4 programs per SM, none for empty levels."""
     from blockzoo.kernels.triton import kv_mixeddim as km
     dev = torch.device("cuda", 0)
     monkeypatch.setitem(km._SM_COUNT, 0, 132)  # an H100's SM count (no GPU is touched once it is known)
-    sms = km._sm_count(dev)
-    assert km.default_splits(16 * 8, 32768 // 4, 64, dev) == 1  # the benchmark (B=16, Hk=8): rows fill the SMs
-    s = km.default_splits(8, 32768 // 4, 64, dev)  # one sequence, 8 kv heads: split to fill the GPU
-    assert 8 * s >= sms // 2 and s <= km.MAX_SPLITS
-    assert km.default_splits(2, 40, 64, dev) == 1  # tiny rows: no split
-    assert km.default_splits(4 * sms, 10 ** 6, 64, dev) == 1  # enough rows already
+    # the benchmark's shape: 128 rows, D=128 in 4 levels, most kept tokens at full width
+    R, step, lev_tok = 128, 32, [300 * 128, 0, 500 * 128, 7800 * 128]
+    tgt = km.default_target(lev_tok, step, R, 1, 128, 64, dev)
+    spl = km.level_splits(lev_tok, step, R, tgt)
+    st = km.tail_splits(1, 128, tgt)
+    assert spl[1] == 0 and spl[0] >= 1 and spl[2] >= 1 and st == 1
+    assert spl[3] >= 3 * spl[2]  # the full-width level holds most bytes: most programs
+    # about 4 per SM: at least that many, at most one more per non-empty level and row (rounding up)
+    total = R * (sum(spl) + st)
+    assert 4 * 132 <= total <= 4 * 132 + R * (3 + 1)
+    # a tiny row: one program per non-empty level, at least 4 full-width tiles' worth each
+    tiny = [40, 0, 0, 12]
+    tgt = km.default_target(tiny, 10, 2, 3, 40, 64, dev)
+    assert tgt >= 4 * 64 * 64 and km.level_splits(tiny, 10, 2, tgt) == [1, 0, 0, 1]
+    # forced splits: that many for every non-empty level, capped
+    assert km.level_splits(tiny, 10, 2, tgt, fixed=3) == [3, 0, 0, 3]
+    assert km.level_splits([10 ** 9], 128, 1, 1) == [km.MAX_SPLITS]
 
 
 def test_pooled_decode_rejects_bad_splits():

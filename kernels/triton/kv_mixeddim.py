@@ -13,33 +13,38 @@ the tokens ``tok_off[l, r] <= i < tok_off[l, r + 1]`` of row ``r = b * Hk + hk``
 (natural order, unit last stride) holds the newest tokens, the step's ``Tq`` new ones last
 (bottom-right causal within the tail; every pooled token is older than every query).
 
-Split-K ("flash-decoding", as ``kv_decode.decode_attention``). Grid ``(S, Hk, B)``: program
-``(s, hk, b)`` holds the ``G * Tq`` query rows of its kv group (padded to ``BLOCK_M >= 16`` for the
-MMAs) and takes split ``s``'s slice of EVERY level's tokens of its row (level ``l``: ``ceil(n_l / S)``
-tokens rounded up to whole tiles) and of the tail, through ONE online softmax: scores
-``qp[:w_l] . k[:w_l]`` for the pools, ``q . k`` for the tail. The levels are unrolled
-(``levels`` and ``step`` are constexprs), so each level's tile has its own width: with ``NARROW``
-(the default) a level-``l`` tile is ``[BN_l, WP_l]`` (``WP_l`` = ``w_l`` padded to a power of 2 >= 16,
-``BN_l = BLOCK_N * BLOCK_D / WP_l`` tokens, so every tile moves about the same bytes, with
-vector loads: the element base is a multiple of ``step``'s power-of-2 part), accumulated into a
-level accumulator ``[BLOCK_M, WP_l]`` that is folded into the full-width ``acc_r`` (value rank
-order) once per level (zero-padded by join / permute / reshape: no arithmetic); ``acc_r`` and
-``acc_n`` (tail values, natural order) are rescaled once per level, not per tile. Each split
-writes its normalised partials and lse (fp32 ``[R, S, BLOCK_M, D]`` x2, ``[R, S, BLOCK_M]``); a
-combine launch (one program per (batch, head, query)) merges them into ``o_r``, ``o_n`` and the
-row's final lse. The caller maps ``o_r`` back to natural order and adds.
+Split-K ("flash-decoding"), one level per program. Grid ``(P, Hk, B)``: every program holds the
+``G * Tq`` query rows of its kv group (padded to ``BLOCK_M >= 16`` for the MMAs) and runs ONE
+online softmax over a slice of ONE level of its row, or of the full-width tail: partials
+``0 .. PP - 1`` split the levels (level ``l`` gets ``S_l`` of them, the same for every row: its
+row-average elements over a target per program, :func:`level_splits`; a level empty in every row
+gets none), partials ``PP .. P - 1`` split the tail. So a program streams one contiguous run of
+one width (a row's tokens of a level are contiguous in the pool) with one tile shape: with
+``NARROW`` (the default) a level-``l`` tile is ``[BN_l, WP_l]`` (``WP_l`` = ``w_l`` padded to a power
+of 2 >= 16, ``BN_l = BLOCK_N * BLOCK_D / WP_l`` tokens, so every tile moves about the same bytes,
+with vector loads: the element base is a multiple of ``step``'s power-of-2 part), scores
+``qp[:w_l] . k[:w_l]``; the tail's tiles are ``[BLOCK_N, BLOCK_D]``, scores ``q . k``. The levels
+are unrolled (``levels`` and ``step`` are constexprs; a program runs the one its partial index
+falls in). Each program writes its normalised partial and lse (fp32: pool partials
+``[R, PP, BLOCK_M, D]`` in value rank order, tail partials ``[R, P - PP, BLOCK_M, D]`` in natural
+order, lse ``[R, P, BLOCK_M]``); a combine launch (one program per (batch, head, query)) merges
+them into ``o_r``, ``o_n`` and the row's final lse. The caller maps ``o_r`` back to natural order
+and adds.
 
-``scores=True``: a third launch, split like the first, recomputes the logits with the final lse
-and writes ``sum over the program's rows of exp(s - lse)`` per token (``s_pool [N]``,
+``scores=True``: a third launch with the same program layout recomputes the logits with the
+final lse and writes ``sum over the program's rows of exp(s - lse)`` per token (``s_pool [N]``,
 ``s_tail [B, Hk, t]``, fp32): the attention each token received, as the reference's
 probabilities give it. Every token is written by exactly one program (no atomics); the pass
 reads K once more (half of the first pass's bytes).
 
-``S`` (``num_splits``, default :func:`default_splits`) is chosen so that ``B * Hk * S`` is about 4
-programs per SM, each split >= 4 tiles of the average row; 1 for tiny shapes. ``cfg`` =
-``(BLOCK_N, num_warps, num_stages, narrow)`` overrides the tile config. The first version (one
-program per row, the scores pass inside the kernel, full-width masked tiles; 0.60 ms against
-0.33-0.38 ms for this one on the H100 shape of docs/performance.md) was removed in session 6.
+The target per program (:func:`default_target`) spreads the pools' and the tail's elements over
+about 4 programs per SM, at least 4 full-width tiles each; ``num_splits`` forces that many
+programs per non-empty level and for the tail. The grid is sized on the host from the level
+token counts (:func:`host_layout`; ``PackedKV.host`` carries them from the rewrite, so a decode
+step needs no device -> host copy). ``cfg`` = ``(BLOCK_N, num_warps, num_stages, narrow)``
+overrides the tile config. Earlier versions (removed): one program per row with the scores pass
+inside (session 4, 0.60 ms on the H100 shape of docs/performance.md); splits of EVERY level per
+program (session 6, 0.33-0.38 ms: short ragged runs per level, a host copy per call).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from ..numba.kv_mixeddim import check_pooled
 from .attention import LOG2E, _dot, _dot_acc, _interpreting, _loop_bound
 from .kv_decode import _SM_COUNT, _sm_count  # noqa: F401  (one SM-count cache for the decode kernels)
 
-__all__ = ["pooled_decode", "default_splits", "default_cfg", "MAX_SPLITS"]
+__all__ = ["pooled_decode", "host_layout", "level_splits", "tail_splits", "default_target", "default_cfg",
+           "MAX_SPLITS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +103,19 @@ def _tail_span(sid, S, Tt, BLOCK_N: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# split path (the default): split pass -> combine -> (scores) score pass
+# split path: split pass (one level or the tail per program) -> combine -> (scores) score pass
+@triton.jit
+def _level_splits(TOK, R, RTGT, SFIX, SMAX, lev: tl.constexpr, W: tl.constexpr):
+    """Programs given to level ``lev`` (every row gets the same count): 0 for a level empty in
+    every row; ``SFIX`` when it is > 0; else ``ceil(row-average elements / target)`` in [1, SMAX]
+    (``RTGT`` = rows x target).
+    :func:`level_splits` is the host's copy of this rule (it sizes the grid)."""
+    base = TOK + lev * (R + 1)
+    n = (tl.load(base + R) - tl.load(base)).to(tl.int64)
+    want = tl.minimum(tl.maximum(tl.cdiv(n * W, RTGT), 1), SMAX)
+    return tl.where(n > 0, tl.where(SFIX > 0, SFIX, want), 0).to(tl.int32)
+
+
 @triton.jit
 def _level_span(TOK, EB, r, R, sid, S, lev: tl.constexpr, BN: tl.constexpr, EB_ALIGN: tl.constexpr):
     """Split ``sid`` of ``S``'s tokens ``[lo, hi)`` of row ``r`` in level ``lev`` (chunks rounded up
@@ -148,19 +166,16 @@ def _pad_cols(x, WP: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _pool_level(acc_r, acc_n, m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, sid, S, qk_scale,
-                lev: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr):
-    """One level's share of split ``sid``: online softmax into a level accumulator ``[BLOCK_M, WP]``
-    (the level's ``W`` channels in rank order), then folded into ``acc_r`` (``acc_r``, ``acc_n``
-    rescaled once to the new running max)."""
+def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, sid, S, qk_scale,
+                lev: tl.constexpr, STEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr):
+    """Split ``sid`` of ``S`` of level ``lev``: online softmax into an accumulator ``[BLOCK_M, WP]``
+    (the level's ``W`` channels in rank order), returned zero-padded to ``[BLOCK_M, BLOCK_D]``."""
     W: tl.constexpr = (lev + 1) * STEP
-    # NARROW: the tile is the level's width (padded to a power of 2 >= 16) and holds more tokens
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
     lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev, W,
                                                             WP, BN, EB_ALIGN)
-    m_start = m_i
     acc = tl.zeros([BLOCK_M, WP], tl.float32)
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
         cols = start + offs_n
@@ -174,39 +189,21 @@ def _pool_level(acc_r, acc_n, m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R
         v = tl.load(VB + el, mask=kvmask, other=0.0)
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    # rescale the other accumulators to the new max once (0 where nothing was seen before)
-    c = tl.math.exp2(m_start - tl.where(m_i == float("-inf"), 0.0, m_i))
-    acc_n = acc_n * c[:, None]
-    acc_r = acc_r * c[:, None] + _pad_cols(acc, WP, BLOCK_D)
-    return acc_r, acc_n, m_i, l_i
+    return _pad_cols(acc, WP, BLOCK_D), m_i, l_i
 
 
 @triton.jit
-def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
-                         s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt,
-                         Hk, Tq, Tt, GROUP, R, S, qk_scale,
-                         L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
-                         EB_ALIGN: tl.constexpr):
-    sid = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
-    r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_n = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for lev in tl.static_range(L):
-        acc_r, acc_n, m_i, l_i = _pool_level(acc_r, acc_n, m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, sid,
-                                             S, qk_scale, lev, STEP, D, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN)
-    # the split's slice of the full-width tail (bottom-right causal), natural order
+def _tail_attend(m_i, l_i, Q, TK, TV, q_rows, rmask, qi, offs_d, dmask, b, hk, sid, S, Tt, Tq,
+                 s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, qk_scale, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split ``sid`` of ``S`` of the full-width tail (natural order, bottom-right causal)."""
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     diag = Tt - Tq
     lo, hi = _tail_span(sid, S, Tt, BLOCK_N)
     tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
     tv_base = TV + b.to(tl.int64) * s_tvb + hk.to(tl.int64) * s_tvh
     offs_n = tl.arange(0, BLOCK_N)
-    m_start = m_i
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
         cols = start + offs_n
         cmask = cols < hi
@@ -216,26 +213,56 @@ def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
         s = tl.where(cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), s, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         v = tl.load(tv_base + cols[:, None].to(tl.int64) * s_tvt + offs_d[None, :], mask=kvmask, other=0.0)
-        acc_n = _dot_acc(p.to(v.dtype), v, acc_n * alpha[:, None])
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    # rescale the other accumulators to the new max once (0 where nothing was seen before)
-    c = tl.math.exp2(m_start - tl.where(m_i == float("-inf"), 0.0, m_i))
-    acc_r = acc_r * c[:, None]
-    # the split's partial: normalised outputs and lse (log2 units; -inf: the split saw nothing)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
+                         s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt,
+                         Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX, qk_scale,
+                         L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
+                         EB_ALIGN: tl.constexpr):
+    """Program ``(p, hk, b)``: partial ``p`` of row ``b * Hk + hk``. ``p < PP``: one split of ONE
+    level (the levels' programs in level order, :func:`_level_splits` each); else split
+    ``p - PP`` of the ``ST`` splits of the tail."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if pid < PP:
+        p0 = 0
+        for lev in tl.static_range(L):
+            S_l = _level_splits(TOK, R, RTGT, SFIX, SMAX, lev, (lev + 1) * STEP)
+            if (pid >= p0) & (pid < p0 + S_l):
+                acc, m_i, l_i = _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, pid - p0, S_l,
+                                            qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN)
+            p0 += S_l
+        out = PR + ((r * PP + pid).to(tl.int64) * BLOCK_M + rows)[:, None] * D
+    else:
+        acc, m_i, l_i = _tail_attend(m_i, l_i, Q, TK, TV, q_rows, rmask, qi, offs_d, dmask, b, hk, pid - PP, ST,
+                                     Tt, Tq, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, qk_scale, BLOCK_M, BLOCK_D,
+                                     BLOCK_N)
+        out = PN + ((r * ST + pid - PP).to(tl.int64) * BLOCK_M + rows)[:, None] * D
+    # the partial: normalised outputs and lse (log2 units; -inf: the split saw nothing)
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    prow = (r * S + sid).to(tl.int64) * BLOCK_M + rows
-    pmask = rmask[:, None] & dmask[None, :]
-    tl.store(PR + prow[:, None] * D + offs_d[None, :], acc_r / l_safe[:, None], mask=pmask)
-    tl.store(PN + prow[:, None] * D + offs_d[None, :], acc_n / l_safe[:, None], mask=pmask)
+    tl.store(out + offs_d[None, :], acc / l_safe[:, None], mask=rmask[:, None] & dmask[None, :])
+    prow = (r * (PP + ST) + pid).to(tl.int64) * BLOCK_M + rows
     tl.store(PL + prow, tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe)), mask=rmask)
 
 
 @triton.jit
-def _pooled_combine_kernel(PR, PN, PL, OR, ON, LSE2, s_ob, s_ot, s_oh, Hk, Tq, GROUP, S,
+def _pooled_combine_kernel(PR, PN, PL, OR, ON, LSE2, s_ob, s_ot, s_oh, Hk, Tq, GROUP, PP, ST,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One query row (b, head, query) per program: merge the S partials into o_r, o_n and the
-    row's final lse (log2 units, +inf for a row that saw nothing: its probabilities are 0)."""
+    """One query row (b, head, query) per program: merge the ``PP`` pool partials into o_r, the
+    ``ST`` tail partials into o_n, and the row's final lse (log2 units, +inf for a row that saw
+    nothing: its probabilities are 0). Partials in chunks of ``BLOCK_S`` (any count)."""
     m = tl.program_id(0)  # g * Tq + qi
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -243,22 +270,36 @@ def _pooled_combine_kernel(PR, PN, PL, OR, ON, LSE2, s_ob, s_ot, s_oh, Hk, Tq, G
     g = m // Tq
     qi = m - g * Tq
     h = (hk * GROUP + g).to(tl.int64)
+    P = PP + ST
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    smask = offs_s < S
-    prow = (r * S + offs_s).to(tl.int64) * BLOCK_M + m
-    lse_s = tl.load(PL + prow, mask=smask, other=float("-inf"))
-    mx = tl.max(lse_s, 0)
+    dmask = offs_d < D
+    lbase = PL + (r * P).to(tl.int64) * BLOCK_M + m
+    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, P, BLOCK_S):
+        mx = tl.maximum(mx, tl.load(lbase + (s0 + offs_s) * BLOCK_M, mask=s0 + offs_s < P, other=float("-inf")))
+    mx = tl.max(mx, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.math.exp2(lse_s - mx_safe)
-    tot = tl.sum(w, 0)
+    tot = tl.zeros([BLOCK_S], tl.float32)
+    o_r = tl.zeros([BLOCK_D], tl.float32)
+    o_n = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, P, BLOCK_S):
+        ps = s0 + offs_s
+        w = tl.math.exp2(tl.load(lbase + ps * BLOCK_M, mask=ps < P, other=float("-inf")) - mx_safe)
+        tot += w
+        pr_m = (ps < PP)[:, None] & dmask[None, :]
+        pr = tl.load(PR + ((r * PP + ps).to(tl.int64) * BLOCK_M + m)[:, None] * D + offs_d[None, :], mask=pr_m,
+                     other=0.0)
+        o_r += tl.sum(pr * w[:, None], 0)
+        pn_m = ((ps >= PP) & (ps < P))[:, None] & dmask[None, :]
+        pn = tl.load(PN + ((r * ST + ps - PP).to(tl.int64) * BLOCK_M + m)[:, None] * D + offs_d[None, :],
+                     mask=pn_m, other=0.0)
+        o_n += tl.sum(pn * w[:, None], 0)
+    tot = tl.sum(tot, 0)
     tot_safe = tl.where(tot == 0.0, 1.0, tot)
-    pmask = smask[:, None] & (offs_d[None, :] < D)
     o_off = b.to(tl.int64) * s_ob + qi * s_ot + h * s_oh + offs_d
-    pr = tl.load(PR + prow[:, None] * D + offs_d[None, :], mask=pmask, other=0.0)
-    tl.store(OR + o_off, tl.sum(pr * w[:, None], 0) / tot_safe, mask=offs_d < D)
-    pn = tl.load(PN + prow[:, None] * D + offs_d[None, :], mask=pmask, other=0.0)
-    tl.store(ON + o_off, tl.sum(pn * w[:, None], 0) / tot_safe, mask=offs_d < D)
+    tl.store(OR + o_off, o_r / tot_safe, mask=dmask)
+    tl.store(ON + o_off, o_n / tot_safe, mask=dmask)
     tl.store(LSE2 + r * BLOCK_M + m, tl.where(tot == 0.0, float("inf"), mx_safe + tl.math.log2(tot_safe)))
 
 
@@ -283,50 +324,73 @@ def _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, sid, S, qk_scal
 
 
 @triton.jit
-def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST,
-                          s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, Hk, Tq, Tt, GROUP, R, S, qk_scale,
-                          L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT,
+                          s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX,
+                          qk_scale, L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                           EB_ALIGN: tl.constexpr):
-    """The attention each token received (``sum over the row's queries of exp2(s - lse2)``), split
-    ``sid``'s slice of every level and of the tail; every token is written by exactly one program."""
-    sid = tl.program_id(0)
+    """The attention each token received (``sum over the row's queries of exp2(s - lse2)``), with
+    the split pass's program layout; every token is written by exactly one program."""
+    pid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
     r, rows, qi, rmask, q_rows, offs_d, dmask = _group_rows(b, hk, Hk, Tq, GROUP, s_qb, s_qt, s_qh, D, BLOCK_D, BLOCK_M)
     lse2 = tl.load(LSE2 + r * BLOCK_M + rows, mask=rmask, other=float("inf"))
-    for lev in tl.static_range(L):
-        _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, sid, S, qk_scale, lev, STEP, BLOCK_D, BLOCK_M,
-                     BLOCK_N, NARROW, EB_ALIGN)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-    diag = Tt - Tq
-    lo, hi = _tail_span(sid, S, Tt, BLOCK_N)
-    tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
-        cols = start + offs_n
-        cmask = cols < hi
-        k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = _dot(q, tl.trans(k)) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), p, 0.0)
-        tl.store(ST + r.to(tl.int64) * Tt + cols, tl.sum(p, 0), mask=cmask)
+    if pid < PP:
+        p0 = 0
+        for lev in tl.static_range(L):
+            S_l = _level_splits(TOK, R, RTGT, SFIX, SMAX, lev, (lev + 1) * STEP)
+            if (pid >= p0) & (pid < p0 + S_l):
+                _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, pid - p0, S_l, qk_scale, lev, STEP,
+                             BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN)
+            p0 += S_l
+    else:
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        diag = Tt - Tq
+        lo, hi = _tail_span(pid - PP, ST, Tt, BLOCK_N)
+        tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
+        offs_n = tl.arange(0, BLOCK_N)
+        for start in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
+            cols = start + offs_n
+            cmask = cols < hi
+            k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :],
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s = _dot(q, tl.trans(k)) * qk_scale
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), p, 0.0)
+            tl.store(ST_OUT + r.to(tl.int64) * Tt + cols, tl.sum(p, 0), mask=cmask)
 
 
-#: most splits (the combine holds one [BLOCK_S, BLOCK_D] tile)
+#: most programs one level (or the tail) of a row is split over (the combine takes any number)
 MAX_SPLITS = 64
+#: programs per SM the default split rule aims at (as kv_decode's split-K)
+PROGRAMS_PER_SM = 4
 
 
-def default_splits(rows: int, tokens_per_row: int, block_n: int, device: torch.device) -> int:
-    """Splits so that ``rows * S`` is about one program per SM, with >= 4 full-width tiles' worth of
-    tokens per split (1 for tiny shapes and whenever the rows alone fill about half the SMs). On
-    the H100 (B=16, Hk=8: 128 rows, bench/kv_mixeddim_gpu.py, 2026-11-23) one split was the
-    fastest (0.329 ms) and 2, 4, 5, 8, 16 splits took 0.398-0.422 ms; a second run (18:19 UTC) had
-    2 splits fastest (0.337 ms; 1 split 0.382 ms): between 1 and 2 the order is within run-to-run
-    noise."""
-    want = _sm_count(device) // max(rows, 1)
-    return max(1, min(want, tokens_per_row // (4 * block_n), MAX_SPLITS))
+def level_splits(level_tokens, step: int, rows: int, target: int, fixed: int = 0,
+                 smax: int = MAX_SPLITS) -> list[int]:
+    """Programs per level (the host's copy of the kernels' ``_level_splits``; it sizes the grid):
+    0 for a level empty in every row, ``fixed`` when > 0, else the level's row-average elements
+    over ``target`` elements per program, rounded up, in [1, smax]."""
+    out = []
+    for lev, n in enumerate(level_tokens):
+        w = (lev + 1) * step
+        out.append(0 if n <= 0 else fixed if fixed > 0 else min(max(-(-n * w // (rows * target)), 1), smax))
+    return out
+
+
+def tail_splits(tail: int, d: int, target: int, fixed: int = 0, smax: int = MAX_SPLITS) -> int:
+    """Programs per row for the full-width tail (it always holds the step's new tokens)."""
+    return fixed if fixed > 0 else min(max(-(-tail * d // target), 1), smax)
+
+
+def default_target(level_tokens, step: int, rows: int, tail: int, d: int, block_n: int,
+                   device: torch.device) -> int:
+    """K elements per program: the pools' and the tail's elements spread over
+    :data:`PROGRAMS_PER_SM` x SMs programs, and at least 4 full-width ``block_n`` tiles' worth."""
+    total = sum(n * (lev + 1) * step for lev, n in enumerate(level_tokens)) + rows * tail * d
+    bd = max(16, triton.next_power_of_2(d))
+    return max(-(-total // (PROGRAMS_PER_SM * _sm_count(device))), 4 * block_n * bd, 1)
 
 
 def default_cfg(d: int, rows_per_program: int) -> tuple[int, int, int, bool]:
@@ -342,15 +406,28 @@ def _eb_align(step: int) -> int:
     return min(step & -step, 16)
 
 
+def host_layout(tok_off: torch.Tensor, elem_base: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tokens per level over all rows, element base per level) as host ints: what
+    :func:`pooled_decode` sizes its grid with (one device -> host copy). ``PackedKV.host`` keeps
+    it from the rewrite, so a decode step needs no copy."""
+    if tok_off.shape[0] == 0:
+        return (), ()
+    vals = torch.cat([tok_off[:, -1] - tok_off[:, 0], elem_base]).tolist()
+    n = tok_off.shape[0]
+    return tuple(int(x) for x in vals[:n]), tuple(int(x) for x in vals[n:])
+
+
 def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, tok_off: torch.Tensor,
                   elem_base: torch.Tensor, step: int, tail_k: torch.Tensor, tail_v: torch.Tensor,
                   scale: float | None = None, scores: bool = True, num_splits: int | None = None,
-                  cfg: tuple[int, int, int, bool] | None = None):
+                  cfg: tuple[int, int, int, bool] | None = None, layout=None):
     """(o_n, o_r) [B, Tq, Hq, D] fp32 (tail part, natural order; pool part, value rank order;
     both already divided by the shared softmax sum) and, with ``scores``, the attention each
     pooled token (``[N]``) and each tail token (``[B, Hk, t]``) received, fp32 (else None).
-    ``num_splits``: splits per row (>= 1; default :func:`default_splits`); ``cfg``: ``(BLOCK_N,
-    num_warps, num_stages, narrow)`` (default :func:`default_cfg`)."""
+    ``num_splits``: programs per non-empty level and for the tail, per row (>= 1; default: split
+    by bytes, :func:`default_target`); ``cfg``: ``(BLOCK_N, num_warps, num_stages, narrow)``
+    (default :func:`default_cfg`); ``layout``: :func:`host_layout` of ``tok_off`` / ``elem_base``
+    if the caller has it (else one device -> host copy; a stale one gives wrong results)."""
     b, tq, hq, d, hk, levels = check_pooled(q, qp, kbuf, vbuf, tok_off, elem_base, step, tail_k, tail_v)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"pooled_decode: num_splits must be an int >= 1 (or None for the default), got "
@@ -365,45 +442,50 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
         tail_v = tail_v.contiguous()
     dev = q.device
     tt = tail_k.shape[2]
-    # one device -> host copy: the token count (output size) and the level bases (alignment hint)
-    host = torch.cat([tok_off[-1, -1:], elem_base]).tolist() if levels else [0]
-    n_tok = int(host[0])
+    lev_tok, bases = layout if layout is not None else host_layout(tok_off, elem_base)
+    if len(lev_tok) != levels or len(bases) != levels:
+        raise ValueError(f"pooled_decode: layout describes {len(lev_tok)} levels, the pools have {levels}")
+    n_tok = sum(lev_tok)
     align = _eb_align(step)
-    if any(e % align for e in host[1:]):  # not the layout's bases: no alignment hint
+    if any(e % align for e in bases):  # not the layout's bases: no alignment hint
         align = 1
     BM = max(16, triton.next_power_of_2(G * tq))
     BD = max(16, triton.next_power_of_2(d))
     bn, warps, stages, narrow = cfg if cfg is not None else default_cfg(d, G * tq)
     if cfg is not None and (bn < 16 or bn & (bn - 1)):
         raise ValueError(f"pooled_decode: cfg BLOCK_N must be a power of 2 >= 16, got {bn}")
-    S = num_splits or default_splits(R, n_tok // max(R, 1) + tt, bn, dev)
-    S = min(S, MAX_SPLITS)
+    fixed = min(num_splits or 0, MAX_SPLITS)
+    tgt = default_target(lev_tok, step, R, tt, d, bn, dev)
+    PP = sum(level_splits(lev_tok, step, R, tgt, fixed))
+    ST = tail_splits(tt, d, tgt, fixed)
     o_r = empty((b, tq, hq, d), dtype=torch.float32, device=dev)
     o_n = empty((b, tq, hq, d), dtype=torch.float32, device=dev)
     lse2 = empty((R, BM), dtype=torch.float32, device=dev)
-    pr = empty((R, S, BM, d), dtype=torch.float32, device=dev)
-    pn = empty((R, S, BM, d), dtype=torch.float32, device=dev)
-    pl = empty((R, S, BM), dtype=torch.float32, device=dev)
+    pr = empty((R, max(PP, 1), BM, d), dtype=torch.float32, device=dev)
+    pn = empty((R, ST, BM, d), dtype=torch.float32, device=dev)
+    pl = empty((R, PP + ST, BM), dtype=torch.float32, device=dev)
     kb = kbuf if kbuf.numel() else torch.zeros(1, dtype=tail_k.dtype, device=dev)
     vb = vbuf if vbuf.numel() else torch.zeros(1, dtype=tail_v.dtype, device=dev)
     tok, eb = tok_off.contiguous(), elem_base.contiguous()
     common = dict(L=levels, STEP=step, D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NARROW=bool(narrow),
                   EB_ALIGN=align)
-    _pooled_split_kernel[(S, hk, b)](
+    _pooled_split_kernel[(PP + ST, hk, b)](
         q, qp, kb, vb, tok, eb, tail_k, tail_v, pr, pn, pl,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
-        hk, tq, tt, G, R, S, scale * LOG2E, **common, num_warps=warps, num_stages=stages)
+        hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, scale * LOG2E, **common, num_warps=warps,
+        num_stages=stages)
     _pooled_combine_kernel[(G * tq, hk, b)](
-        pr, pn, pl, o_r, o_n, lse2, o_r.stride(0), o_r.stride(1), o_r.stride(2), hk, tq, G, S,
-        D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_S=max(2, triton.next_power_of_2(S)),
+        pr, pn, pl, o_r, o_n, lse2, o_r.stride(0), o_r.stride(1), o_r.stride(2), hk, tq, G, PP, ST,
+        D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_S=max(2, min(16, triton.next_power_of_2(PP + ST))),
         num_warps=1 if _interpreting() else 4)
     if not scores:
         return o_n, o_r, None, None
     s_pool = empty((max(n_tok, 1),), dtype=torch.float32, device=dev)
     s_tail = empty((b, hk, max(tt, 1)), dtype=torch.float32, device=dev)
-    _pooled_scores_kernel[(S, hk, b)](
+    _pooled_scores_kernel[(PP + ST, hk, b)](
         q, qp, kb, tok, eb, tail_k, lse2, s_pool, s_tail,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
-        hk, tq, tt, G, R, S, scale * LOG2E, **common, num_warps=warps, num_stages=stages)
+        hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, scale * LOG2E, **common, num_warps=warps,
+        num_stages=stages)
     return o_n, o_r, s_pool[:n_tok], s_tail[..., :tt]

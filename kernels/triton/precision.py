@@ -71,8 +71,14 @@ INTERP = _interpreting()
 #: fused_kv: K and V are quantised by the two-launch pre-pass :func:`quant_kv` (statistics, then
 #: codes); False: the older path (torch reductions + :func:`quantise` + :func:`_quant_v`), kept
 #: for timing comparisons. kv_programs: about how many programs the statistics launch spreads
-#: over (it picks chunks of whole key blocks per (batch, head), a power of two of them).
-CFG = {"warps": None, "stages": 3, "fuse_q": True, "fused_kv": True, "kv_programs": 1024}
+#: over (it picks chunks of whole key blocks per (batch, head), a power of two of them);
+#: kv_warps / kv_stages: warps and pipeline stages of both pre-pass launches (None: 8 warps for
+#: blocks of >= 16384 elements, else 4; Triton's default stages). Defaults from
+#: bench/precision_prepass_tune.py on the H100 (2026-11-24, B*T = 32768, H=16, D=128, bf16): 512
+#: programs x 4 warps 0.294-0.298 ms against 0.317-0.327 ms for the earlier 1024 x 8 (floor at the
+#: copy rate 0.232 ms), bit-identical codes.
+CFG = {"warps": None, "stages": 3, "fuse_q": True, "fused_kv": True, "kv_programs": 512, "kv_warps": 4,
+       "kv_stages": None}
 
 if INTERP:
     @triton.jit
@@ -561,16 +567,19 @@ def quant_kv(k: torch.Tensor, v: torch.Tensor, k_block: int, kind: str = "int8",
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                kc.stride(0), kc.stride(1), kc.stride(2), vt.stride(0), vt.stride(1), vt.stride(2))
     warps = 4 if INTERP or k_block * bd < 16384 else 8
+    if CFG["kv_warps"] and not INTERP:
+        warps = int(CFG["kv_warps"])
+    extra = {"num_stages": int(CFG["kv_stages"])} if CFG["kv_stages"] and not INTERP else {}
     _kv_stats_kernel[(nch, H, B)](
         k, v, kc, sk, vt, vs, part[0], part[-1], *strides, T, H, nb, triton.cdiv(nb, nch),
         D=D, BLOCK_D=bd, BLOCK=k_block, NCH=nch, K_SUM=smooth, K_CODES=not smooth, KIND=0 if kind == "int8" else 1,
         QMAX=127.0 if kind == "int8" else 448.0, V_AMAX=v_amax, V_F16=pv == "fp16", FP8_NATIVE=native,
-        num_warps=warps)
+        num_warps=warps, **extra)
     if smooth or v_amax:
         _kv_codes_kernel[(nb, H, B)](
             k, v, kc, sk, vt, vs, part[0], part[-1], *strides, T, H, nb, float(T),
             D=D, BLOCK_D=bd, BLOCK=k_block, NCH=nch, K_CODES=smooth, V_CODES=v_amax, FP8_NATIVE=native,
-            num_warps=warps)
+            num_warps=warps, **extra)
     return kc, sk, vt, vs
 
 

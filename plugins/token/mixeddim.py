@@ -58,6 +58,9 @@ class PackedKV:
     acc: torch.Tensor        # [N] fp32
     tok_off: torch.Tensor    # [levels, R + 1] int64
     elem_base: torch.Tensor  # [levels] int64
+    #: (tokens per level over all rows, element base per level) as host ints, kept from the
+    #: rewrite so that a decode step sizes its kernel grid without a device -> host copy
+    host: tuple | None = None
 
     @property
     def step(self) -> int:
@@ -85,7 +88,7 @@ class PackedKV:
                    torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device),
                    torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.float32, device=device),
                    torch.zeros(levels, r + 1, dtype=torch.long, device=device),
-                   torch.zeros(levels, dtype=torch.long, device=device))
+                   torch.zeros(levels, dtype=torch.long, device=device), ((0,) * levels, (0,) * levels))
 
     # -- memory --------------------------------------------------------------------------------
     def kv_elements(self) -> int:
@@ -194,7 +197,7 @@ def repack(store: PackedKV, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep:
                            budget, unit=g).view(R, T)
     allk = torch.cat([store.kbuf, tk.reshape(-1)]) if t else store.kbuf
     allv = torch.cat([store.vbuf, tv.reshape(-1)]) if t else store.vbuf
-    ks, vs, ps, accs, tok_off, elem_base = [], [], [], [], [], []
+    ks, vs, ps, accs, tok_off, elem_base, lev_tok = [], [], [], [], [], [], []
     n_tok = n_el = 0
     for lv in range(L):
         w = store.width(lv)
@@ -207,11 +210,12 @@ def repack(store: PackedKV, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep:
         accs.append(acc_all[sel])
         tok_off.append(n_tok + torch.cat([torch.zeros(1, dtype=torch.long, device=dev), m.sum(-1).cumsum(0)]))
         elem_base.append(n_el)
+        lev_tok.append(int(sel.shape[0]))
         n_tok += sel.shape[0]
         n_el += sel.shape[0] * w
     return PackedKV(store.b, store.hk, d, L, store.k_order, store.v_order, torch.cat(ks), torch.cat(vs),
                     torch.cat(ps), torch.cat(accs), torch.stack(tok_off),
-                    torch.tensor(elem_base, dtype=torch.long, device=dev))
+                    torch.tensor(elem_base, dtype=torch.long, device=dev), (tuple(lev_tok), tuple(elem_base)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +269,9 @@ def decode_kernel(kind: str, q, store: PackedKV, tail_k, tail_v, scale=None, sco
     if kind == "triton" and q.shape[2] // tail_k.shape[1] * q.shape[1] > MAX_ROWS:
         return decode_reference(q, store, tail_k, tail_v, scale, scores)
     qp = permute_queries(q, store.k_order, store.hk)
+    kw = {"layout": store.host} if kind == "triton" else {}
     o_n, o_r, s_pool, s_tail = mod.pooled_decode(q, qp, store.kbuf, store.vbuf, store.tok_off, store.elem_base,
-                                                 store.step, tail_k, tail_v, scale, scores)
+                                                 store.step, tail_k, tail_v, scale, scores, **kw)
     o = o_n + unpermute_output(o_r, store.v_order, store.hk)
     return o.to(q.dtype), s_pool, s_tail
 
