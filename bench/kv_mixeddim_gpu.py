@@ -12,7 +12,8 @@ the same bytes (the removed first version, one program per row, is in docs/perfo
    - ``full``: ``kv_decode.decode_attention`` over the full cache [B, Hk, T, D];
    - ``evict``: the same kernel over budget * T tokens (a token policy at the same bytes);
    - ``zeroed``: the same kernel over the tokens mixeddim keeps, at full width (the zeroed layout);
-   - ``pooled`` / ``pooled+scores``: ``kv_mixeddim.pooled_decode`` (one level per program) at its
+   - ``pooled`` / ``pooled+scores`` (scores from the split pass's logits, the default) /
+     ``pooled+scores(keys)`` (scores recomputed from K): ``kv_mixeddim.pooled_decode`` (one level per program) at its
      defaults with the store's host layout (no device -> host copy), ``pooled_hostcopy`` the same
      without it (one copy per call, as a caller without ``PackedKV.host`` pays), plus the torch
      glue around it (query permutation, output unpermutation) as ``pooled_step``;
@@ -127,11 +128,19 @@ def main():
     dt = torch.bfloat16
     keep = int(T * a.budget)
     st, q, k, v = make(B, Hk, Hq, T, D, a.levels, keep, dt)
-    for name, fn, kw in (("big", None, {}), ("big-split16", km.pooled_decode, {"num_splits": 16})):
+    for name, fn, kw in (("big", None, {}), ("big-split16", km.pooled_decode, {"num_splits": 16}),
+                         ("big-scores-from-keys", km.pooled_decode, {"scores_from": "keys"})):
         errs, ok = check(st, q, k, v, 1, 2e-2, fn, **kw)
         res["checks"][name] = {**errs, "ok": ok}
         if not ok:
             raise SystemExit(f"correctness failed at the big shape ({name}): {errs}")
+    # the two scores paths give the same bits at the big shape too
+    qp_ = permute_queries(q, st.k_order, Hk)
+    tk_, tv_ = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
+    outs = [km.pooled_decode(q, qp_, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk_, tv_, scores_from=sf)
+            for sf in ("keys", "logits")]
+    res["checks"]["big-scores-paths-bitwise-equal"] = {
+        "ok": all(torch.equal(x, y) for x, y in zip(*outs, strict=True))}
     # 2. timings
     tk, tv = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
     lev_tok = (st.tok_off[:, -1] - st.tok_off[:, 0]).tolist()
@@ -150,6 +159,7 @@ def main():
         "zeroed": bench(lambda: kd.decode_attention(q, zk, zv)),
         "pooled": bench(pooled()),
         "pooled+scores": bench(pooled(True)),
+        "pooled+scores(keys)": bench(pooled(True, scores_from="keys")),
         "pooled_hostcopy": bench(pooled(layout=None)),
         "pooled_step": bench(lambda: decode_kernel("triton", q, st, tk, tv, None, True)),
     }

@@ -27,7 +27,7 @@ from blockzoo.kernels.triton import kv_mixeddim as km  # noqa: E402
 
 PTR = {"Q": "*bf16", "QP": "*bf16", "KB": "*bf16", "VB": "*bf16", "TOK": "*i64", "EB": "*i64", "TK": "*bf16",
        "TV": "*bf16", "OR": "*fp32", "ON": "*fp32", "LSE2": "*fp32", "SP": "*fp32", "ST_OUT": "*fp32",
-       "PR": "*fp32", "PN": "*fp32", "PL": "*fp32"}
+       "PR": "*fp32", "PN": "*fp32", "PL": "*fp32", "LGP": "*fp32", "LGT": "*fp32"}
 FLOAT = {"qk_scale"}
 #: (BLOCK_N, num_warps, num_stages, narrow): the configs bench/kv_mixeddim_gpu.py times
 BENCH_CFGS = [(64, 4, 3, True), (32, 4, 3, True), (128, 4, 3, True), (64, 8, 3, True), (32, 8, 3, True),
@@ -52,8 +52,10 @@ def cases():
                 c = dict(L=L, STEP=step, D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, NARROW=narrow,
                          EB_ALIGN=km._eb_align(step), **tq)
                 tag = f"L={L} step={step} D={d} BM={bm} BN={bn} w={w} st={st} narrow={narrow} {tqs}"
-                out.append((f"split {tag}", km._pooled_split_kernel, c, w, st))
-                out.append((f"scores {tag}", km._pooled_scores_kernel, c, w, st))
+                for lg in (True, False):
+                    out.append((f"split {tag} logits={lg}", km._pooled_split_kernel, {**c, "LOGITS": lg}, w, st))
+                    out.append((f"scores {tag} from_logits={lg}", km._pooled_scores_kernel,
+                                {**c, "FROM_LOGITS": lg}, w, st))
             for bs in (2, 8, 16):
                 out.append((f"combine D={d} BM={bm} BLOCK_S={bs} {tqs}", km._pooled_combine_kernel,
                             dict(D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_S=bs, **tq), 4, 3))

@@ -392,6 +392,23 @@ def test_triton_split_counts_agree():
     torch.testing.assert_close(o, outs[0][0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not TRITON, reason="Triton needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("case", SPLIT_CASES[::2], ids=[c[0] for c in SPLIT_CASES[::2]])
+def test_triton_scores_from_logits_equal_scores_from_keys(case):
+    """The two scores paths (the split pass's logits read back / the logits recomputed from K)
+    give the same bits, outputs included (the logits path is checked against the reference in
+    test_triton_split_decode_matches_fp32_reference, where it is the default)."""
+    from blockzoo.kernels.triton import kv_mixeddim as km
+    st, q, tk, tv = _split_case(case, torch.float32)
+    with poisoned():
+        outs = [_pooled(km.pooled_decode, q, st, tk, tv, num_splits=case[-2], cfg=case[-1], scores_from=sf)
+                for sf in ("keys", "logits")]
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="scores_from must be"):
+        _pooled(km.pooled_decode, q, st, tk, tv, scores_from="both")
+
+
 def test_default_split_rule_balances_bytes_and_fills_the_gpu(monkeypatch):
     """The default grid: level splits proportional to each level's bytes (the kernels compute
     the same rule from tok_off: tests above), about 4 programs per SM, none for empty levels."""

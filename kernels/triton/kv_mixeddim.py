@@ -31,11 +31,13 @@ order, lse ``[R, P, BLOCK_M]``); a combine launch (one program per (batch, head,
 them into ``o_r``, ``o_n`` and the row's final lse. The caller maps ``o_r`` back to natural order
 and adds.
 
-``scores=True``: a third launch with the same program layout recomputes the logits with the
-final lse and writes ``sum over the program's rows of exp(s - lse)`` per token (``s_pool [N]``,
-``s_tail [B, Hk, t]``, fp32): the attention each token received, as the reference's
-probabilities give it. Every token is written by exactly one program (no atomics); the pass
-reads K once more (half of the first pass's bytes).
+``scores=True``: a third launch with the same program layout writes ``sum over the program's rows
+of exp(s - lse)`` per token (``s_pool [N]``, ``s_tail [B, Hk, t]``, fp32) with the final lse: the
+attention each token received, as the reference's probabilities give it. Every token is written
+by exactly one program (no atomics). By default (``scores_from``) the split pass also writes its
+scaled logits ``s`` (fp32 ``[G * Tq, tokens]``: 16 bytes a token at G * Tq = 4, against ~470 of
+K and V) and the third launch reads them back; for groups of more than :data:`LOGIT_ROWS_MAX`
+rows it recomputes them from K instead (half of the first pass's bytes, no buffer).
 
 The target per program (:func:`default_target`) spreads the pools' and the tail's elements over
 about 4 programs per SM, at least 4 full-width tiles each; ``num_splits`` forces that many
@@ -166,11 +168,13 @@ def _pad_cols(x, WP: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, sid, S, qk_scale,
+def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, LG, lg_rows, q_rows, rmask, r, R, sid, S, qk_scale,
                 lev: tl.constexpr, STEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr):
+                BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr, LOGITS: tl.constexpr):
     """Split ``sid`` of ``S`` of level ``lev``: online softmax into an accumulator ``[BLOCK_M, WP]``
-    (the level's ``W`` channels in rank order), returned zero-padded to ``[BLOCK_M, BLOCK_D]``."""
+    (the level's ``W`` channels in rank order), returned zero-padded to ``[BLOCK_M, BLOCK_D]``.
+    LOGITS: the tile's scaled logits also go to ``LG + lg_rows + token`` (row ``m``'s logits of
+    global token ``i`` at ``m * N + i``)."""
     W: tl.constexpr = (lev + 1) * STEP
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
@@ -184,6 +188,8 @@ def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, sid, S, qk_s
         kvmask = cmask[:, None] & wmask[None, :]
         k = tl.load(KB + el, mask=kvmask, other=0.0)
         s = _dot(qp, tl.trans(k)) * qk_scale
+        if LOGITS:
+            tl.store(LG + lg_rows[:, None] + cols[None, :], s, mask=rmask[:, None] & cmask[None, :])
         s = tl.where(cmask[None, :], s, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         v = tl.load(VB + el, mask=kvmask, other=0.0)
@@ -193,10 +199,11 @@ def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, sid, S, qk_s
 
 
 @triton.jit
-def _tail_attend(m_i, l_i, Q, TK, TV, q_rows, rmask, qi, offs_d, dmask, b, hk, sid, S, Tt, Tq,
+def _tail_attend(m_i, l_i, Q, TK, TV, LG, lg_rows, q_rows, rmask, qi, offs_d, dmask, b, hk, sid, S, Tt, Tq,
                  s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, qk_scale, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split ``sid`` of ``S`` of the full-width tail (natural order, bottom-right causal)."""
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOGITS: tl.constexpr):
+    """Split ``sid`` of ``S`` of the full-width tail (natural order, bottom-right causal); LOGITS:
+    the scaled logits (causally hidden ones included) also go to ``LG + lg_rows + column``."""
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     diag = Tt - Tq
     lo, hi = _tail_span(sid, S, Tt, BLOCK_N)
@@ -210,6 +217,8 @@ def _tail_attend(m_i, l_i, Q, TK, TV, q_rows, rmask, qi, offs_d, dmask, b, hk, s
         kvmask = cmask[:, None] & dmask[None, :]
         k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :], mask=kvmask, other=0.0)
         s = _dot(q, tl.trans(k)) * qk_scale
+        if LOGITS:
+            tl.store(LG + lg_rows[:, None] + cols[None, :], s, mask=rmask[:, None] & cmask[None, :])
         s = tl.where(cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), s, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         v = tl.load(tv_base + cols[:, None].to(tl.int64) * s_tvt + offs_d[None, :], mask=kvmask, other=0.0)
@@ -219,12 +228,12 @@ def _tail_attend(m_i, l_i, Q, TK, TV, q_rows, rmask, qi, offs_d, dmask, b, hk, s
 
 
 @triton.jit
-def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
+def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL, LGP, LGT,
                          s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt,
-                         Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX, qk_scale,
+                         Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX, N, qk_scale,
                          L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
-                         EB_ALIGN: tl.constexpr):
+                         EB_ALIGN: tl.constexpr, LOGITS: tl.constexpr):
     """Program ``(p, hk, b)``: partial ``p`` of row ``b * Hk + hk``. ``p < PP``: one split of ONE
     level (the levels' programs in level order, :func:`_level_splits` each); else split
     ``p - PP`` of the ``ST`` splits of the tail."""
@@ -240,14 +249,16 @@ def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL,
         for lev in tl.static_range(L):
             S_l = _level_splits(TOK, R, RTGT, SFIX, SMAX, lev, (lev + 1) * STEP)
             if (pid >= p0) & (pid < p0 + S_l):
-                acc, m_i, l_i = _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, q_rows, rmask, r, R, pid - p0, S_l,
-                                            qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN)
+                acc, m_i, l_i = _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, LGP, rows.to(tl.int64) * N, q_rows, rmask,
+                                            r, R, pid - p0, S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N,
+                                            NARROW, EB_ALIGN, LOGITS)
             p0 += S_l
         out = PR + ((r * PP + pid).to(tl.int64) * BLOCK_M + rows)[:, None] * D
     else:
-        acc, m_i, l_i = _tail_attend(m_i, l_i, Q, TK, TV, q_rows, rmask, qi, offs_d, dmask, b, hk, pid - PP, ST,
-                                     Tt, Tq, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, qk_scale, BLOCK_M, BLOCK_D,
-                                     BLOCK_N)
+        lg_rows = rows.to(tl.int64) * (R * Tt) + r * Tt
+        acc, m_i, l_i = _tail_attend(m_i, l_i, Q, TK, TV, LGT, lg_rows, q_rows, rmask, qi, offs_d, dmask, b, hk,
+                                     pid - PP, ST, Tt, Tq, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt, qk_scale,
+                                     BLOCK_M, BLOCK_D, BLOCK_N, LOGITS)
         out = PN + ((r * ST + pid - PP).to(tl.int64) * BLOCK_M + rows)[:, None] * D
     # the partial: normalised outputs and lse (log2 units; -inf: the split saw nothing)
     empty_row = l_i == 0.0
@@ -304,9 +315,9 @@ def _pooled_combine_kernel(PR, PN, PL, OR, ON, LSE2, s_ob, s_ot, s_oh, Hk, Tq, G
 
 
 @triton.jit
-def _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, sid, S, qk_scale,
+def _score_level(QP, KB, TOK, EB, SP, LG, lg_rows, q_rows, rmask, lse2, r, R, sid, S, qk_scale,
                  lev: tl.constexpr, STEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr):
+                 BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr, FROM_LOGITS: tl.constexpr):
     W: tl.constexpr = (lev + 1) * STEP
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
@@ -315,22 +326,26 @@ def _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, sid, S, qk_scal
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
         cols = start + offs_n
         cmask = cols < hi
-        el = eb + (cols - tb).to(tl.int64)[:, None] * W + offs_w[None, :]
-        k = tl.load(KB + el, mask=cmask[:, None] & wmask[None, :], other=0.0)
-        s = _dot(qp, tl.trans(k)) * qk_scale
+        if FROM_LOGITS:  # the split pass's logits (the same bits as recomputing them)
+            s = tl.load(LG + lg_rows[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            el = eb + (cols - tb).to(tl.int64)[:, None] * W + offs_w[None, :]
+            k = tl.load(KB + el, mask=cmask[:, None] & wmask[None, :], other=0.0)
+            s = _dot(qp, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
         tl.store(SP + cols, tl.sum(p, 0), mask=cmask)
 
 
 @triton.jit
-def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT,
+def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT, LGP, LGT,
                           s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX,
-                          qk_scale, L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
-                          EB_ALIGN: tl.constexpr):
+                          N, qk_scale, L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          NARROW: tl.constexpr, EB_ALIGN: tl.constexpr, FROM_LOGITS: tl.constexpr):
     """The attention each token received (``sum over the row's queries of exp2(s - lse2)``), with
-    the split pass's program layout; every token is written by exactly one program."""
+    the split pass's program layout; every token is written by exactly one program. FROM_LOGITS:
+    ``s`` is read from the logits the split pass wrote (LGP, LGT) instead of recomputed from K."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -341,8 +356,8 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT,
         for lev in tl.static_range(L):
             S_l = _level_splits(TOK, R, RTGT, SFIX, SMAX, lev, (lev + 1) * STEP)
             if (pid >= p0) & (pid < p0 + S_l):
-                _score_level(QP, KB, TOK, EB, SP, q_rows, rmask, lse2, r, R, pid - p0, S_l, qk_scale, lev, STEP,
-                             BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN)
+                _score_level(QP, KB, TOK, EB, SP, LGP, rows.to(tl.int64) * N, q_rows, rmask, lse2, r, R, pid - p0,
+                             S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN, FROM_LOGITS)
             p0 += S_l
     else:
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -350,12 +365,16 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT,
         lo, hi = _tail_span(pid - PP, ST, Tt, BLOCK_N)
         tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
         offs_n = tl.arange(0, BLOCK_N)
+        lg_rows = rows.to(tl.int64) * (R * Tt) + r * Tt
         for start in range(_loop_bound(lo), _loop_bound(hi), BLOCK_N):
             cols = start + offs_n
             cmask = cols < hi
-            k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :],
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            s = _dot(q, tl.trans(k)) * qk_scale
+            if FROM_LOGITS:
+                s = tl.load(LGT + lg_rows[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            else:
+                k = tl.load(tk_base + cols[:, None].to(tl.int64) * s_tkt + offs_d[None, :],
+                            mask=cmask[:, None] & dmask[None, :], other=0.0)
+                s = _dot(q, tl.trans(k)) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] <= qi[:, None] + diag), p, 0.0)
             tl.store(ST_OUT + r.to(tl.int64) * Tt + cols, tl.sum(p, 0), mask=cmask)
@@ -365,6 +384,10 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT,
 MAX_SPLITS = 64
 #: programs per SM the default split rule aims at (as kv_decode's split-K)
 PROGRAMS_PER_SM = 4
+#: scores_from="auto": the split pass writes its logits and the scores pass reads them back when a
+#: kv head's group holds at most this many query rows (G * Tq); more rows: the scores pass
+#: recomputes them from K (the logits buffer is rows x tokens fp32)
+LOGIT_ROWS_MAX = 16
 
 
 def level_splits(level_tokens, step: int, rows: int, target: int, fixed: int = 0,
@@ -420,18 +443,24 @@ def host_layout(tok_off: torch.Tensor, elem_base: torch.Tensor) -> tuple[tuple[i
 def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, tok_off: torch.Tensor,
                   elem_base: torch.Tensor, step: int, tail_k: torch.Tensor, tail_v: torch.Tensor,
                   scale: float | None = None, scores: bool = True, num_splits: int | None = None,
-                  cfg: tuple[int, int, int, bool] | None = None, layout=None):
+                  cfg: tuple[int, int, int, bool] | None = None, layout=None, scores_from: str = "auto"):
     """(o_n, o_r) [B, Tq, Hq, D] fp32 (tail part, natural order; pool part, value rank order;
     both already divided by the shared softmax sum) and, with ``scores``, the attention each
     pooled token (``[N]``) and each tail token (``[B, Hk, t]``) received, fp32 (else None).
     ``num_splits``: programs per non-empty level and for the tail, per row (>= 1; default: split
     by bytes, :func:`default_target`); ``cfg``: ``(BLOCK_N, num_warps, num_stages, narrow)``
     (default :func:`default_cfg`); ``layout``: :func:`host_layout` of ``tok_off`` / ``elem_base``
-    if the caller has it (else one device -> host copy; a stale one gives wrong results)."""
+    if the caller has it (else one device -> host copy; a stale one gives wrong results);
+    ``scores_from``: "logits" (the split pass writes its scaled logits, fp32 ``[G * Tq, tokens]``,
+    and the scores pass reads them: K is read once), "keys" (the scores pass recomputes them from
+    K: no buffer) or "auto" (logits for at most :data:`LOGIT_ROWS_MAX` rows). Both give the same
+    bits."""
     b, tq, hq, d, hk, levels = check_pooled(q, qp, kbuf, vbuf, tok_off, elem_base, step, tail_k, tail_v)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"pooled_decode: num_splits must be an int >= 1 (or None for the default), got "
                          f"{num_splits!r}")
+    if scores_from not in ("auto", "logits", "keys"):
+        raise ValueError(f"pooled_decode: scores_from must be 'auto', 'logits' or 'keys', got {scores_from!r}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     G = hq // hk
     R = b * hk
@@ -464,17 +493,23 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
     pr = empty((R, max(PP, 1), BM, d), dtype=torch.float32, device=dev)
     pn = empty((R, ST, BM, d), dtype=torch.float32, device=dev)
     pl = empty((R, PP + ST, BM), dtype=torch.float32, device=dev)
+    logits = scores and (scores_from == "logits" or (scores_from == "auto" and G * tq <= LOGIT_ROWS_MAX))
+    if logits:
+        lgp = empty((G * tq, max(n_tok, 1)), dtype=torch.float32, device=dev)
+        lgt = empty((G * tq, R * tt), dtype=torch.float32, device=dev)
+    else:
+        lgp = lgt = pl  # not read
     kb = kbuf if kbuf.numel() else torch.zeros(1, dtype=tail_k.dtype, device=dev)
     vb = vbuf if vbuf.numel() else torch.zeros(1, dtype=tail_v.dtype, device=dev)
     tok, eb = tok_off.contiguous(), elem_base.contiguous()
     common = dict(L=levels, STEP=step, D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NARROW=bool(narrow),
                   EB_ALIGN=align)
     _pooled_split_kernel[(PP + ST, hk, b)](
-        q, qp, kb, vb, tok, eb, tail_k, tail_v, pr, pn, pl,
+        q, qp, kb, vb, tok, eb, tail_k, tail_v, pr, pn, pl, lgp, lgt,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
-        hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, scale * LOG2E, **common, num_warps=warps,
-        num_stages=stages)
+        hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, max(n_tok, 1), scale * LOG2E, **common,
+        LOGITS=logits, num_warps=warps, num_stages=stages)
     _pooled_combine_kernel[(G * tq, hk, b)](
         pr, pn, pl, o_r, o_n, lse2, o_r.stride(0), o_r.stride(1), o_r.stride(2), hk, tq, G, PP, ST,
         D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_S=max(2, min(16, triton.next_power_of_2(PP + ST))),
@@ -484,8 +519,8 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
     s_pool = empty((max(n_tok, 1),), dtype=torch.float32, device=dev)
     s_tail = empty((b, hk, max(tt, 1)), dtype=torch.float32, device=dev)
     _pooled_scores_kernel[(PP + ST, hk, b)](
-        q, qp, kb, tok, eb, tail_k, lse2, s_pool, s_tail,
+        q, qp, kb, tok, eb, tail_k, lse2, s_pool, s_tail, lgp, lgt,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
-        hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, scale * LOG2E, **common, num_warps=warps,
-        num_stages=stages)
+        hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, max(n_tok, 1), scale * LOG2E, **common,
+        FROM_LOGITS=logits, num_warps=warps, num_stages=stages)
     return o_n, o_r, s_pool[:n_tok], s_tail[..., :tt]
