@@ -6,16 +6,16 @@
 # to $OUT (a sweep folder's specs/ alone exceeds what the device tool brings back). A sweep cut by
 # its limit keeps its finished trials; rerunning with the same $RUNS resumes it.
 # From the repo root:
-#   bash bench/gpu_quality.sh                                   # all three, 170 s each
+#   bash bench/gpu_quality.sh                                   # all three, 400 s each (2026-11-24 runs: 196, 261, 353 s)
 #   SWEEPS="temf_gpu:4" BUDGET=560 bash bench/gpu_quality.sh    # one sweep (name:workers), one limit
 # First check that the dense model learns mqar recall with the sweeps' recipe (seed-dependent at
-# d_model 64, docs/sweeps.md "Tasks"):
-#   python3 bench/mqar_probe.py --device cuda --graph --steps 12000 --sched constant --lr 1e-3 \
+# d_model 64 / 2 layers / lr 1e-3; the sweeps now use 4 layers at lr 3e-3, docs/sweeps.md "Tasks"):
+#   python3 bench/mqar_probe.py --device cuda --graph --steps 6000 --sched constant --lr 3e-3 --layers 4 \
 #       --batch 512 --grid "seed=0;seed=1;seed=2;seed=3"
 set -uo pipefail
 OUT=${OUT:-bench-out}; RUNS=${RUNS:-/tmp/bz_quality}
 SWEEPS=${SWEEPS:-"kv_policies_gpu:2 temf_gpu:4 membank_gpu:3"}
-BUDGET=${BUDGET:-170}
+BUDGET=${BUDGET:-400}
 mkdir -p "$OUT" "$RUNS"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null

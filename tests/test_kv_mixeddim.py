@@ -396,15 +396,27 @@ def test_triton_split_counts_agree():
 @pytest.mark.parametrize("case", SPLIT_CASES[::2], ids=[c[0] for c in SPLIT_CASES[::2]])
 def test_triton_scores_from_logits_equal_scores_from_keys(case):
     """The two scores paths (the split pass's logits read back / the logits recomputed from K)
-    give the same bits, outputs included (the logits path is checked against the reference in
-    test_triton_split_decode_matches_fp32_reference, where it is the default)."""
+    agree, outputs included: bit for bit in the interpreter; compiled, the two kernels' dots may
+    round differently (last fp32 bits: on the H100 both stay within 1e-6 of the fp32 reference at
+    the benchmark shape), so there to fp32 rounding. Each path is also checked against the
+    reference on its own: logits (the default) in test_triton_split_decode_matches_fp32_reference,
+    keys below."""
     from blockzoo.kernels.triton import kv_mixeddim as km
     st, q, tk, tv = _split_case(case, torch.float32)
     with poisoned():
         outs = [_pooled(km.pooled_decode, q, st, tk, tv, num_splits=case[-2], cfg=case[-1], scores_from=sf)
                 for sf in ("keys", "logits")]
     for a, b in zip(*outs, strict=True):
-        assert torch.equal(a, b)
+        if DEV == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float().cpu(), "vbuf": st.vbuf.float().cpu(),
+                      **{n: getattr(st, n).cpu() for n in ("k_order", "v_order", "pos", "acc", "tok_off",
+                                                            "elem_base")}})
+    want = decode_reference(q.float().cpu(), ref, tk.float().cpu(), tv.float().cpu())
+    for got, w in zip(outs[0], want, strict=True):  # the keys path against the fp32 reference
+        torch.testing.assert_close(got.cpu(), w, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="scores_from must be"):
         _pooled(km.pooled_decode, q, st, tk, tv, scores_from="both")
 
