@@ -159,10 +159,14 @@ def render(out_dir: str | Path) -> dict[str, Path]:
     if inv.exists():  # runner overhead of the latest invocation that ran trials: wall vs trial compute
         import json
         last = [json.loads(line) for line in inv.read_text().splitlines() if line.strip()]
-        if last:
+        # files written before invocations recorded their worker slots compared wall time with the
+        # summed trial time of parallel workers (negative with > 1 worker): per-trial accounting then
+        if last and last[-1].get("slots") and last[-1].get("overhead") is not None:
+            n = last[-1]["slots"]
             info["runner_overhead"] = last[-1]["overhead"]
-            info["overhead_note"] = (f"latest invocation: {last[-1]['trials_run']} trials in {last[-1]['wall_s']:.1f} s "
-                                     f"wall, {last[-1]['compute_s']:.1f} s inside trials")
+            info["overhead_note"] = (f"latest invocation: {last[-1]['trials_run']} trials on {n} worker"
+                                     f"{'s' if n > 1 else ''} in {last[-1]['wall_s']:.1f} s wall, "
+                                     f"{last[-1]['compute_s']:.1f} s inside trials")
     name = trials[0]["sweep"] if trials else out_dir.name
     versions = rows[-1].get("versions", {}) if rows else {}
     cols = [(k, h) for k, h in COLUMNS if any(t.get(k) not in (None, "") for t in trials)]

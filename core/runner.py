@@ -97,10 +97,15 @@ class Runner:
         self.executor.run(todo, self._job, self.sweep.file.plugins, self.sweep.file.trial_timeout, start, finish)
         wall = time.perf_counter() - t_start
         counts["wall_s"], counts["compute_s"] = wall, compute
+        desc = self.executor.describe()
+        # trials run side by side on `slots` workers: the time they had is wall x slots (idle
+        # workers at the end count as overhead); unknown (a cluster): no invocation figure
+        slots = min(int(desc["workers"]), len(todo)) if desc.get("workers") else None
+        avail = wall * slots if slots else 0.0
         with (self.out_dir / "invocations.jsonl").open("a") as f:
             f.write(json.dumps({"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                                "trials_run": len(todo), "wall_s": wall, "compute_s": compute,
-                                **self.executor.describe(), "overhead": (wall - compute) / wall if wall else None})
+                                "trials_run": len(todo), "wall_s": wall, "compute_s": compute, **desc,
+                                "slots": slots, "overhead": (avail - compute) / avail if avail else None})
                     + "\n")
         return counts
 

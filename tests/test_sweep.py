@@ -155,3 +155,25 @@ def test_generator_of_specs(tmp_path, monkeypatch):
     bad = write(tmp_path, "name: gen\ngenerator: sweep_generators:nope\n" + BASE + FAST, "bad.yaml")
     out = cli("sweep", str(bad), "--out", str(tmp_path / "o"))
     assert out.returncode == 2 and "bad.yaml:2:" in out.stderr and "cannot load" in out.stderr
+
+
+def test_runner_overhead_counts_parallel_workers(tmp_path):
+    """With 2 workers the trials' summed time exceeds the wall time; the overhead compares it with
+    wall x workers (never negative), and the report says how many workers ran. An invocations
+    file from before worker slots were recorded falls back to per-trial accounting."""
+    p = write(tmp_path, "name: par\n" + BASE + "axes:\n  model.d_model: [16, 24]\n" + FAST)
+    out = tmp_path / "out"
+    counts = Runner(load_sweep(p), out, workers=2).run()
+    assert counts["ok"] == 2
+    inv = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert inv[-1]["slots"] == 2 and 0.0 <= inv[-1]["overhead"] < 1.0
+    assert inv[-1]["overhead"] == pytest.approx(1 - inv[-1]["compute_s"] / (2 * inv[-1]["wall_s"]))
+    text = (render(out)["report.md"]).read_text()
+    assert "trials on 2 workers" in text and "Runner overhead" in text and "overhead (worker start, imports, " \
+        "bookkeeping): -" not in text
+    # an old-style record (no slots; its overhead compared wall with summed trial time)
+    old = {k: v for k, v in inv[-1].items() if k != "slots"}
+    old["overhead"] = -0.9
+    (out / "invocations.jsonl").write_text(json.dumps(old) + "\n")
+    text = (render(out)["report.md"]).read_text()
+    assert "per-trial accounting" in text and "-90.0%" not in text
