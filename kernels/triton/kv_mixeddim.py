@@ -326,7 +326,7 @@ def _score_level(QP, KB, TOK, EB, SP, LG, lg_rows, q_rows, rmask, lse2, r, R, si
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
         cols = start + offs_n
         cmask = cols < hi
-        if FROM_LOGITS:  # the split pass's logits (the same bits as recomputing them)
+        if FROM_LOGITS:  # the split pass's logits (equal to recomputing them up to fp32 rounding)
             s = tl.load(LG + lg_rows[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         else:
             el = eb + (cols - tb).to(tl.int64)[:, None] * W + offs_w[None, :]
@@ -360,7 +360,8 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT, LGP, LGT,
                              S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN, FROM_LOGITS)
             p0 += S_l
     else:
-        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if not FROM_LOGITS:  # (the logits path never touches Q or K)
+            q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
         diag = Tt - Tq
         lo, hi = _tail_span(pid - PP, ST, Tt, BLOCK_N)
         tk_base = TK + b.to(tl.int64) * s_tkb + hk.to(tl.int64) * s_tkh
@@ -453,8 +454,8 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
     if the caller has it (else one device -> host copy; a stale one gives wrong results);
     ``scores_from``: "logits" (the split pass writes its scaled logits, fp32 ``[G * Tq, tokens]``,
     and the scores pass reads them: K is read once), "keys" (the scores pass recomputes them from
-    K: no buffer) or "auto" (logits for at most :data:`LOGIT_ROWS_MAX` rows). Both give the same
-    bits."""
+    K: no buffer) or "auto" (logits for at most :data:`LOGIT_ROWS_MAX` rows). The two agree to fp32
+    rounding (bit for bit in the interpreter; compiled, the two kernels' dots may round apart)."""
     b, tq, hq, d, hk, levels = check_pooled(q, qp, kbuf, vbuf, tok_off, elem_base, step, tail_k, tail_v)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"pooled_decode: num_splits must be an int >= 1 (or None for the default), got "

@@ -72,8 +72,8 @@ INTERP = _interpreting()
 #: codes); False: the older path (torch reductions + :func:`quantise` + :func:`_quant_v`), kept
 #: for timing comparisons. kv_programs: about how many programs the statistics launch spreads
 #: over (it picks chunks of whole key blocks per (batch, head), a power of two of them);
-#: kv_warps / kv_stages: warps and pipeline stages of both pre-pass launches (None: 8 warps for
-#: blocks of >= 16384 elements, else 4; Triton's default stages). Defaults from
+#: kv_warps / kv_stages: warps and pipeline stages of both pre-pass launches (kv_stages None:
+#: Triton's default). Defaults from
 #: bench/precision_prepass_tune.py on the H100 (2026-11-24, B*T = 32768, H=16, D=128, bf16): 512
 #: programs x 4 warps 0.294-0.298 ms against 0.317-0.327 ms for the earlier 1024 x 8 (floor at the
 #: copy rate 0.232 ms), bit-identical codes.
@@ -566,9 +566,7 @@ def quant_kv(k: torch.Tensor, v: torch.Tensor, k_block: int, kind: str = "int8",
     part = _alloc((2, B, H, nch, bd), torch.float32, dev) if (smooth or v_amax) else sk
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                kc.stride(0), kc.stride(1), kc.stride(2), vt.stride(0), vt.stride(1), vt.stride(2))
-    warps = 4 if INTERP or k_block * bd < 16384 else 8
-    if CFG["kv_warps"] and not INTERP:
-        warps = int(CFG["kv_warps"])
+    warps = 4 if INTERP else int(CFG["kv_warps"])
     extra = {"num_stages": int(CFG["kv_stages"])} if CFG["kv_stages"] and not INTERP else {}
     _kv_stats_kernel[(nch, H, B)](
         k, v, kc, sk, vt, vs, part[0], part[-1], *strides, T, H, nb, triton.cdiv(nb, nch),
