@@ -331,6 +331,57 @@ def _gather_rows_kernel(IDX, X, Y, s_ib, s_ih, s_xb, s_xh, s_xt, s_yb, s_yh, s_y
 
 
 @triton.jit
+def _chunk_candidate(sc, p, offs, tmask, seen, sinks, recent):
+    """The token of one chunk that would leave: the lowest score ``sc`` among the unprotected
+    (position ``p`` >= sinks and < seen - recent), ties to the newest position. Returns its
+    (score, position, slot); position -1 when the chunk has no unprotected token."""
+    free = tmask & (p >= sinks) & (p < seen - recent)
+    sc = tl.where(free, sc, float("inf"))
+    bm = tl.min(sc, 0)
+    cand = free & (sc == bm)
+    bp = tl.max(tl.where(cand, p, -1), 0)
+    bi = tl.max(tl.where(cand & (p == bp), offs, -1), 0).to(tl.int32)
+    return bm, bp, bi
+
+
+@triton.jit
+def _better(bm, bp, bi, best_s, best_p, best_i):
+    """Merge a candidate into the running best (lower score wins, ties to the newer position)."""
+    better = (bp >= 0) & ((bm < best_s) | ((bm == best_s) & (bp > best_p)))
+    return tl.where(better, bm, best_s), tl.where(better, bp, best_p), tl.where(better, bi, best_i)
+
+
+@triton.jit
+def _no_best():
+    """The empty running best of :func:`_better` (typed like the loop's values)."""
+    return (tl.zeros([], dtype=tl.float32) + float("inf"), tl.zeros([], dtype=tl.int64) - 1,
+            tl.zeros([], dtype=tl.int32) - 1)
+
+
+@triton.jit
+def _move_newest(best_i, last, K, V, POS, ACC, b, h, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb, s_ph, s_ab, s_ah,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ACC: tl.constexpr, VOLATILE: tl.constexpr):
+    """The newest token (slot ``last``) moves into slot ``best_i`` (K, V, position and, with
+    HAS_ACC, the running score); nothing when there is no candidate or it is the newest itself.
+    VOLATILE: pos / acc[last] were written by another program of the same launch."""
+    move = (best_i >= 0) & (best_i != last)
+    dst = tl.maximum(best_i, 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = (offs_d < D) & move
+    kr = K + b * s_kb + h * s_kh
+    tl.store(kr + dst * s_kt + offs_d, tl.load(kr + last * s_kt + offs_d, mask=md), mask=md)
+    vr = V + b * s_vb + h * s_vh
+    tl.store(vr + dst * s_vt + offs_d, tl.load(vr + last * s_vt + offs_d, mask=md), mask=md)
+    one = tl.arange(0, 2)
+    m1 = (one == 0) & move
+    pr = POS + b * s_pb + h * s_ph
+    tl.store(pr + dst + one, tl.load(pr + last + one, mask=m1, volatile=VOLATILE), mask=m1)
+    if HAS_ACC:
+        ar = ACC + b * s_ab + h * s_ah
+        tl.store(ar + dst + one, tl.load(ar + last + one, mask=m1, volatile=VOLATILE), mask=m1)
+
+
+@triton.jit
 def _evict_one_kernel(SC, POS, K, V, ACC, s_sb, s_sh, s_pb, s_ph, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                       s_ab, s_ah, Hk, n, seen, sinks, recent,
                       D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ACC: tl.constexpr):
@@ -342,39 +393,16 @@ def _evict_one_kernel(SC, POS, K, V, ACC, s_sb, s_sh, s_pb, s_ph, s_kb, s_kh, s_
     h = (row % Hk).to(tl.int64)
     sc_row = SC + b * s_sb + h * s_sh
     pos_row = POS + b * s_pb + h * s_ph
-    best_s = tl.zeros([], dtype=tl.float32) + float("inf")  # loop-carried: typed like the loop's values
-    best_p = tl.zeros([], dtype=tl.int64) - 1
-    best_i = tl.zeros([], dtype=tl.int32) - 1
+    best_s, best_p, best_i = _no_best()
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n
         p = tl.load(pos_row + offs, mask=m, other=0).to(tl.int64)
         sc = tl.load(sc_row + offs, mask=m, other=float("inf")).to(tl.float32)
-        free = m & (p >= sinks) & (p < seen - recent)
-        sc = tl.where(free, sc, float("inf"))
-        bm = tl.min(sc, 0)
-        cand = free & (sc == bm)
-        bp = tl.max(tl.where(cand, p, -1), 0)
-        bi = tl.max(tl.where(cand & (p == bp), offs, -1), 0).to(tl.int32)
-        better = (bp >= 0) & ((bm < best_s) | ((bm == best_s) & (bp > best_p)))
-        best_s = tl.where(better, bm, best_s)
-        best_p = tl.where(better, bp, best_p)
-        best_i = tl.where(better, bi, best_i)
-    last = n - 1
-    move = (best_i >= 0) & (best_i != last)
-    dst = tl.maximum(best_i, 0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    md = (offs_d < D) & move
-    kr = K + b * s_kb + h * s_kh
-    tl.store(kr + dst * s_kt + offs_d, tl.load(kr + last * s_kt + offs_d, mask=md), mask=md)
-    vr = V + b * s_vb + h * s_vh
-    tl.store(vr + dst * s_vt + offs_d, tl.load(vr + last * s_vt + offs_d, mask=md), mask=md)
-    one = tl.arange(0, 2)
-    m1 = (one == 0) & move
-    tl.store(pos_row + dst + one, tl.load(pos_row + last + one, mask=m1), mask=m1)
-    if HAS_ACC:
-        ar = ACC + b * s_ab + h * s_ah
-        tl.store(ar + dst + one, tl.load(ar + last + one, mask=m1), mask=m1)
+        bm, bp, bi = _chunk_candidate(sc, p, offs, m, seen, sinks, recent)
+        best_s, best_p, best_i = _better(bm, bp, bi, best_s, best_p, best_i)
+    _move_newest(best_i, n - 1, K, V, POS, ACC, b, h, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb, s_ph, s_ab, s_ah,
+                 D, BLOCK_D, HAS_ACC, False)
 
 
 @triton.jit
@@ -426,12 +454,7 @@ def _acc_and_candidate(tot, a, p, ACC, CS, CP, CI, b, hk, Hk, c, offs, tmask, n_
     a = a + tot
     tl.store(ACC + b * s_ab + hk.to(tl.int64) * s_ah + offs, a, mask=tmask)
     if EVICT:
-        free = tmask & (p >= sinks) & (p < seen - recent)
-        sc = tl.where(free, a, float("inf"))
-        bm = tl.min(sc, 0)
-        cand = free & (sc == bm)
-        bp = tl.max(tl.where(cand, p, -1), 0)
-        bi = tl.max(tl.where(cand & (p == bp), offs, -1), 0).to(tl.int32)
+        bm, bp, bi = _chunk_candidate(a, p, offs, tmask, seen, sinks, recent)
         row = b * Hk + hk
         ci = row * n_chunks + c
         tl.store(CS + ci, bm)
@@ -506,9 +529,7 @@ def _pick_and_move(CS, CP, CI, base, n_chunks, POS, K, V, ACC, b, h, s_pb, s_ph,
     """The best of one row's chunk candidates (lowest score, ties to the newest, as
     ``_evict_one_kernel``) leaves: the newest token (slot n-1) moves into its slot (K, V,
     position, acc). The caller drops slot n-1."""
-    best_s = tl.zeros([], dtype=tl.float32) + float("inf")
-    best_p = tl.zeros([], dtype=tl.int64) - 1
-    best_i = tl.zeros([], dtype=tl.int32) - 1
+    best_s, best_p, best_i = _no_best()
     for start in range(0, _loop_bound(n_chunks), BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
         m = offs < n_chunks
@@ -520,25 +541,9 @@ def _pick_and_move(CS, CP, CI, base, n_chunks, POS, K, V, ACC, b, h, s_pb, s_ph,
         cand = ok & (cs == bm)
         bp = tl.max(tl.where(cand, cp, -1), 0)
         bi = tl.max(tl.where(cand & (cp == bp), ci, -1), 0).to(tl.int32)
-        better = (bp >= 0) & ((bm < best_s) | ((bm == best_s) & (bp > best_p)))
-        best_s = tl.where(better, bm, best_s)
-        best_p = tl.where(better, bp, best_p)
-        best_i = tl.where(better, bi, best_i)
-    last = n - 1
-    move = (best_i >= 0) & (best_i != last)
-    dst = tl.maximum(best_i, 0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    md = (offs_d < D) & move
-    kr = K + b * s_kb + h * s_kh
-    tl.store(kr + dst * s_kt + offs_d, tl.load(kr + last * s_kt + offs_d, mask=md), mask=md)
-    vr = V + b * s_vb + h * s_vh
-    tl.store(vr + dst * s_vt + offs_d, tl.load(vr + last * s_vt + offs_d, mask=md), mask=md)
-    one = tl.arange(0, 2)
-    m1 = (one == 0) & move
-    pr = POS + b * s_pb + h * s_ph
-    tl.store(pr + dst + one, tl.load(pr + last + one, mask=m1, volatile=VOLATILE), mask=m1)
-    ar = ACC + b * s_ab + h * s_ah  # (VOLATILE: acc[last] was written by another program of this launch)
-    tl.store(ar + dst + one, tl.load(ar + last + one, mask=m1, volatile=VOLATILE), mask=m1)
+        best_s, best_p, best_i = _better(bm, bp, bi, best_s, best_p, best_i)
+    _move_newest(best_i, n - 1, K, V, POS, ACC, b, h, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb, s_ph, s_ab, s_ah,
+                 D, BLOCK_D, True, VOLATILE)
 
 
 @triton.jit
