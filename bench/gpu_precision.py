@@ -214,7 +214,8 @@ def _timer(dev: str):
 
 
 INT8_CFG = (64, 128, 4, 3)   # precision.int8's default blocks (q_block/k_block) and CFG warps/stages
-QAAS_CFG = (128, 64, 8, 3)   # precision.qaas's default blocks
+QAAS_CFG = (128, 64, 8, 3)   # precision.qaas's default blocks (binary P)
+QAAS_FP8P_CFG = (128, 128, 8, 3)   # precision.qaas's default blocks with FP8 P (reference.QAAS_K_BLOCK)
 INT8_IMPLS = ("int8-prepass", "int8-prepass-old", "int8", "int8-oldkv", "int8-unfusedQ", "int8-pv16")
 QAAS_IMPLS = ("qaas-prepass", "qaas-prepass-old", "qaas", "qaas-oldkv", "qaas-fp8P", "qaas-fp8P-oldkv")
 DEFAULT_SKIP = ("int8-unfusedQ", "int8-pv16", "qaas-oldkv", "qaas-fp8P-oldkv")
@@ -237,7 +238,8 @@ def bench(dev: str, tune: str, quick: bool, variants: str = "", dry: bool = Fals
         cfgs = [tuple(int(x) for x in c.split("/")) for c in tune.split(",")]
         plan = [(c, n) for c in cfgs for n in chosen]
     else:
-        plan = [(INT8_CFG if n.startswith("int8") else QAAS_CFG, n) for n in chosen]
+        plan = [(INT8_CFG if n.startswith("int8") else QAAS_FP8P_CFG if "fp8P" in n else QAAS_CFG, n)
+                for n in chosen]
     for (b, t, h) in shapes:
         prepass_ms: dict = {}
         g = torch.Generator().manual_seed(0)

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...plugins.precision.reference import check_tau_gamma, key_mean, log2_tau, qaas_apply
+from ...plugins.precision.reference import check_tau_gamma, key_mean, log2_tau, qaas_apply, qaas_k_block
 from .attention import (
     LOG2E,
     _alloc,
@@ -692,8 +692,10 @@ def record_decisions():
 
 @torch.no_grad()
 def qaas_forward(q, k, v, tau, gamma, causal: bool = True, scale: float | None = None, q_block: int = 128,
-                 k_block: int = 64, binary: bool = True) -> torch.Tensor:
-    """The qaas forward kernels (no autograd): o [B, Tq, Hq, D] in q's dtype."""
+                 k_block: int | None = None, binary: bool = True) -> torch.Tensor:
+    """The qaas forward kernels (no autograd): o [B, Tq, Hq, D] in q's dtype (``k_block`` None:
+    ``reference.QAAS_K_BLOCK[binary]``)."""
+    k_block = qaas_k_block(k_block, binary)
     _check(q, k, v, q_block, k_block)
     check_tau_gamma(q, tau, gamma)
     B, Tq, Hq, D = q.shape
@@ -719,7 +721,7 @@ def qaas_forward(q, k, v, tau, gamma, causal: bool = True, scale: float | None =
 
 
 def qaas_attention(q, k, v, tau, gamma, causal: bool = True, scale: float | None = None, q_block: int = 128,
-                   k_block: int = 64, binary: bool = True, temperature: float = 1.0) -> torch.Tensor:
+                   k_block: int | None = None, binary: bool = True, temperature: float = 1.0) -> torch.Tensor:
     """``precision.qaas``: Triton forward; straight-through gradient from the reference surrogate."""
     return qaas_apply(qaas_forward, q, k, v, tau, gamma, causal=causal, scale=scale, q_block=q_block,
                       k_block=k_block, binary=binary, temperature=temperature)

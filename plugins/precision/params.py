@@ -38,7 +38,8 @@ class QaasParams(BaseModel):
     causal: bool = Field(True, description="causal mask, bottom-right aligned when Tk > Tq")
     scale: float | None = Field(None, gt=0, description="softmax scale; None = 1/sqrt(head_dim)")
     q_block: int = Field(128, description="query rows per FP8 scale (and the kernel's query tile)")
-    k_block: int = Field(64, description="key rows per FP8 scale (and the kernel's key tile, the P tile)")
+    k_block: int | None = Field(None, description="key rows per FP8 scale (and the kernel's key tile, the P "
+                                                   "tile); None: 64 with binary P, 128 with FP8 P")
     binary: bool = Field(True, description="binarise P (True) or keep P in FP8 (False)")
     threshold: float = Field(0.25, gt=0.0, le=1.0,
                              description="module only: initial threshold fraction tau of the tile row max")
@@ -48,4 +49,4 @@ class QaasParams(BaseModel):
     @field_validator("q_block", "k_block")
     @classmethod
     def _blocks(cls, v, info):
-        return _pow2(info.field_name, v)
+        return v if v is None else _pow2(info.field_name, v)
