@@ -215,7 +215,7 @@ def _timer(dev: str):
 
 INT8_CFG = (64, 128, 4, 3)   # precision.int8's default blocks (q_block/k_block) and CFG warps/stages
 QAAS_CFG = (128, 64, 8, 3)   # precision.qaas's default blocks (binary P)
-QAAS_FP8P_CFG = (128, 128, 8, 3)   # precision.qaas's default blocks with FP8 P (reference.QAAS_K_BLOCK)
+QAAS_FP8P_CFG = (128, R.QAAS_K_BLOCK[False], 8, 3)   # precision.qaas's default blocks with FP8 P
 INT8_IMPLS = ("int8-prepass", "int8-prepass-old", "int8", "int8-oldkv", "int8-unfusedQ", "int8-pv16")
 QAAS_IMPLS = ("qaas-prepass", "qaas-prepass-old", "qaas", "qaas-oldkv", "qaas-fp8P", "qaas-fp8P-oldkv")
 DEFAULT_SKIP = ("int8-unfusedQ", "int8-pv16", "qaas-oldkv", "qaas-fp8P-oldkv")

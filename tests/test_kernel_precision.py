@@ -287,6 +287,28 @@ def test_qaas_surrogate_describes_the_forward():
     assert R.accuracy(fwd, sur)["cos"] > 0.98
 
 
+def test_qaas_default_k_block_follows_binary():
+    """k_block left out: 64 keys with binary P, 128 with FP8 P, in the params (so records carry
+    it) and in every backend's op (the same output as passing it); an explicit value wins."""
+    from blockzoo.plugins.precision.params import QaasParams
+    assert QaasParams().k_block == 64 and QaasParams(binary=False).k_block == 128
+    assert QaasParams(binary=False, k_block=32).k_block == 32
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 300, 2, 32, generator=g) for _ in range(3))  # > 128 keys: the tile matters
+    tau, gamma = torch.tensor([0.3, 0.5]), torch.tensor([1.0, 0.7])
+    for binary, kb in ((True, 64), (False, 128)):
+        for backend in _backends("precision.qaas"):
+            fn = blockzoo.op("precision.qaas", backend=backend)
+            dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+            args = [x.to(dev) for x in (q, k, v, tau, gamma)]
+            with torch.no_grad():
+                got = fn(*args, q_block=32, binary=binary)
+                want = fn(*args, q_block=32, k_block=kb, binary=binary)
+                other = fn(*args, q_block=32, k_block=192 - kb, binary=binary)
+            assert torch.equal(got, want), (backend, binary)
+            assert not torch.equal(got, other), (backend, binary)  # the tile changes the result
+
+
 SPEC = """
 name: t
 model: {d_model: 32, n_heads: 4, n_kv_heads: 2, n_layers: 2, max_seq: 64}

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from ...plugins.precision.reference import check_tau_gamma, key_mean, log2_tau, qaas_apply, qaas_k_block
+from ...plugins.precision.reference import check_tau_gamma, key_mean, log2_tau, qaas_apply
 from ._common import check_floats, empty, jitable, kernel, np_view, prange
 from .attention import attention_bwd as _dense_bwd
 from .attention import attention_fwd as _dense_fwd
@@ -285,7 +285,7 @@ def qaas_attention(q, k, v, tau, gamma, causal: bool = True, scale: float | None
 
 
 @torch.no_grad()
-def _qaas_forward(q, k, v, tau, gamma, causal=True, scale=None, q_block=128, k_block=None, binary=True):
-    k_block = qaas_k_block(k_block, binary)
+def _qaas_forward(q, k, v, tau, gamma, causal, scale, q_block, k_block, binary):
+    """(through :func:`qaas_apply`, which resolves ``k_block``)"""
     return _run(q.detach(), k.detach(), v.detach(), causal, scale, q_block, k_block, 2 if binary else 0, False,
                 False, lt=log2_tau(tau).contiguous(), gamma=gamma.detach().float().contiguous())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _pow2(name: str, v: int) -> int:
@@ -50,3 +50,12 @@ class QaasParams(BaseModel):
     @classmethod
     def _blocks(cls, v, info):
         return v if v is None else _pow2(info.field_name, v)
+
+    @model_validator(mode="after")
+    def _default_k_block(self) -> QaasParams:
+        """``k_block`` None -> the default for ``binary`` (``reference.QAAS_K_BLOCK``), so the
+        params (and every record of them) carry the tile actually used."""
+        if self.k_block is None:
+            from .reference import qaas_k_block
+            self.k_block = qaas_k_block(None, self.binary)
+        return self

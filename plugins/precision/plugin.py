@@ -129,9 +129,7 @@ def quantised_kv_bytes(ctx, params, seq: int) -> float:
     and kv head, an fp32 per-channel V scale, and (int8 with ``smooth_k``) the fp32 key mean.
     Analytic: what a cache in this format would hold (the modules do not keep a decode cache)."""
     hk, d = ctx.n_kv_heads, ctx.head_dim
-    from .reference import qaas_k_block
-    kb = params.k_block if hasattr(params, "pv") else qaas_k_block(params.k_block, params.binary)
-    nbk = -(-seq // kb)
+    nbk = -(-seq // params.k_block)
     v_bytes = 2.0 if getattr(params, "pv", "fp8") == "fp16" else 1.0
     total = seq * hk * d * (1.0 + v_bytes) + 4.0 * nbk * hk + 4.0 * hk * d
     if getattr(params, "smooth_k", False):
