@@ -234,12 +234,22 @@ def test_numba_backward_poisoned_fp64(monkeypatch, block_m, block_n):
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
 @pytest.mark.parametrize("path", ["query", "key"])
-@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16),
+                                   # per-kernel tiles: dQ blocks a multiple of the dK/dV step (one
+                                   # list launch), and not (a second union launch)
+                                   {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)},
+                                   {"fwd": (16, 16), "dq": (16, 32), "dkdv": (32, 16)}],
+                         ids=["16x32", "32x16", "per-kernel-a", "per-kernel-b"])
 def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles, path):
     from blockzoo.kernels.triton import moc as tmoc
+    if isinstance(tiles, dict) and path == "key":
+        pytest.skip("per-kernel tiles are the query-major kernels'")
     monkeypatch.setattr(tmoc, "PATH", path)
     monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
-    if INTERP:
+    if INTERP and isinstance(tiles, dict):
+        for kind, t in tiles.items():
+            monkeypatch.setitem(tmoc.BLOCKS, f"interp_{kind}", (*t, 4, 1))
+    elif INTERP:
         monkeypatch.setitem(tmoc.BLOCKS, "interp", (*tiles, 4, 1))
         monkeypatch.setitem(tmoc.KM_BLOCKS, "interp", (*tiles, 4, 1))
     dev = _dev("triton")
@@ -357,10 +367,13 @@ def test_triton_auto_path_follows_tile_density(monkeypatch):
     coherent = coherent.repeat_interleave(bm, 2)
     rpick = torch.rand(1, 2, Tq, C, generator=g).argsort(-1)[..., :3]               # 3 chunks per row
     random = torch.zeros(1, 2, Tq, C, dtype=torch.uint8).scatter_(-1, rpick, 1)
-    km, ql, qc = tmoc._plan(coherent.to(dev), bm, bm)
+    km, (ql, qc) = tmoc._plan(coherent.to(dev), bm, bm)
     assert km is None and ql is not None and int(qc.sum()) == 2 * (Tq // bm) * 3
-    km, _, _ = tmoc._plan(random.to(dev), bm, bm)
+    km, _ = tmoc._plan(random.to(dev), bm, bm)
     assert km is not None and km.ns == 3
+    # a host proof that query-major wins skips the decision (no key-major counting at all)
+    km, (ql, qc) = tmoc._plan(random.to(dev), bm, bm, query_major=True)
+    assert km is None and int(qc.sum()) == int(tmoc._union_blocks(random, bm).sum())
     monkeypatch.setenv("BLOCKZOO_MOC_PATH", "key")
     assert tmoc._plan(coherent.to(dev), bm, bm)[0] is not None
     monkeypatch.setenv("BLOCKZOO_MOC_PATH", "query")
@@ -368,6 +381,94 @@ def test_triton_auto_path_follows_tile_density(monkeypatch):
     monkeypatch.setenv("BLOCKZOO_MOC_PATH", "sideways")
     with pytest.raises(ValueError, match="path must be"):
         tmoc._plan(random.to(dev), bm, bm)
+
+
+LIST_CASES = [
+    dict(Tq=61, Tk=61, Hq=4, Hk=2, causal=True, chunk_size=8, top_k=2, prefix=0, tiles=(16, 16, 16)),
+    dict(Tq=61, Tk=61, Hq=4, Hk=2, causal=True, chunk_size=8, top_k=2, prefix=11, tiles=(32, 16, 16)),
+    dict(Tq=40, Tk=53, Hq=2, Hk=1, causal=True, boundaries=(5, 6, 19, 40), top_k=1, prefix=3, tiles=(16, 32, 32)),
+    dict(Tq=50, Tk=37, Hq=3, Hk=3, causal=False, chunk_size=6, top_k=2, prefix=0, tiles=(16, 32, 16)),
+    dict(Tq=33, Tk=33, Hq=2, Hk=1, causal=True, chunk_size=16, top_k=1, prefix=40, tiles=(32, 16, 32)),
+]
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", LIST_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_triton_backward_lists_match_torch_lists(case):
+    """The backward's list kernels (query-block union per dK/dV step, key-block lists) build
+    exactly the torch lists of moc_block_lists, for the dQ tiles and the dK/dV tiles separately
+    (also when the dQ block is not a multiple of the dK/dV step: a second union launch)."""
+    from blockzoo.kernels.triton import moc as tmoc
+    case = dict(case)
+    Tq, Tk, Hq, Hk = case.pop("Tq"), case.pop("Tk"), case.pop("Hq"), case.pop("Hk")
+    bm_dq, bm_kv, bn_kv = case.pop("tiles")
+    dev = _dev("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, Tq, Hq, 16, generator=g).to(dev)
+    k = torch.randn(2, Tk, Hk, 16, generator=g).to(dev)
+    with poisoned():
+        sel, bounds, lim, prefix = tmoc.moc_route(q, k, **case)
+        pre = min(prefix, Tk)
+        ql, qc, kl, km = tmoc._backward_lists(sel, bounds, lim, pre, Hq // Hk, Tk, bm_dq, bm_kv, bn_kv)
+        wql, wqc, _, _ = tmoc.moc_block_lists(sel, bounds, lim, pre, Hq // Hk, bm_dq, 16)
+        _, _, wkl, wkm = tmoc.moc_block_lists(sel, bounds, lim, pre, Hq // Hk, bm_kv, bn_kv)
+    for got, want, name in ((qc, wqc, "qcount"), (ql, wql, "qlist"), (km, wkm, "kmeta"), (kl, wkl, "klist")):
+        assert torch.equal(got.cpu(), want.cpu()), f"{name}, seed {seed}"
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", [dict(Tq=8192, Tk=8192, causal=True, chunk_size=512, top_k=8),
+                                  dict(Tq=300, Tk=300, causal=True, chunk_size=16, top_k=3),
+                                  dict(Tq=96, Tk=96, causal=False, chunk_size=8, top_k=4),
+                                  dict(Tq=200, Tk=250, causal=True, boundaries=(9, 40, 41, 120), top_k=2),
+                                  dict(Tq=257, Tk=257, causal=True, chunk_size=32, top_k=2, drop_off=0.5)])
+@pytest.mark.parametrize("bm", [16, 64])
+def test_query_major_proof_bounds_hold(case, bm):
+    """The host proof's two bounds against a real selection: the (row, chunk) pairs it counts
+    are at most those selected, its query-major tile bound at least the real union tiles; so
+    whenever it claims query-major, the synced auto decision agrees."""
+    from blockzoo.kernels.triton import moc as tmoc
+    case = dict(case)
+    Tq, Tk = case.pop("Tq"), case.pop("Tk")
+    drop_off = case.get("drop_off", 0.0)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, Tq, 2, 8, generator=g)
+    k = torch.randn(1, Tk, 2, 8, generator=g)
+    r = moc_routing(q, k, **case)
+    geo = tmoc._geometry(Tq, Tk, case["causal"], case.get("chunk_size", 64), case.get("boundaries"), "cpu")
+    proven = tmoc._query_major_proven(geo, case["top_k"], drop_off, bm)
+    _, pairs, bound = tmoc._PROVEN[(id(geo), case["top_k"], drop_off > 0, bm)]
+    sel = r.sel.to(torch.uint8)
+    per_bh = sel.sum((2, 3))
+    assert int(per_bh.min()) >= pairs
+    union_tiles = tmoc._union_blocks(sel, bm).sum((2, 3))
+    assert int(union_tiles.max()) * bm <= bound
+    assert proven == (pairs * tmoc.KM_RATIO > bound)
+    if case.get("chunk_size") == 512:
+        assert proven   # the issue's T = 8192 shape: decided on the host
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERP, reason="host syncs are a CUDA matter")
+def test_triton_moc_step_makes_no_host_sync():
+    """Routing, forward and backward of a shape the host proof decides (16 chunks, top_k 8, as
+    the issue's T = 8192) launch without a host sync once the geometry is cached."""
+    from blockzoo.kernels.triton import moc as tmoc
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 1024, 4, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    params = dict(chunk_size=64, top_k=8)
+
+    def step():
+        o = tmoc.moc_attention(q, k, v, **params)
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("T,chunk,bounds", [(63, 8, None), (64, 8, None), (5, 8, None), (70, 1, (0, 5, 20, 21, 40, 64)),
@@ -380,6 +481,11 @@ def test_chunk_descriptors_are_exact_means_and_deterministic(T, chunk, bounds):
     want = torch.stack([k[:, b[i]:b[i + 1]].mean(1) for i in range(len(b) - 1)], 1)
     torch.testing.assert_close(d, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(d, chunk_descriptors(k, b))
+    # host lengths (the GPU router's sync-free call): the same values bit for bit
+    lens = (b[1:] - b[:-1]).tolist()
+    assert torch.equal(d, chunk_descriptors(k, b, lens))
+    k32 = k.float()
+    assert torch.equal(chunk_descriptors(k32, b), chunk_descriptors(k32, b, lens))
 
 
 ROUTE_CASES = [
@@ -432,7 +538,7 @@ def test_triton_custom_op_opcheck():
     k = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
     v = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
     sel, bounds, lim, prefix = tmoc._routing_tensors(q, k, dict(chunk_size=8, top_k=1), None)
-    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25),
+    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -40,6 +40,7 @@ with ``register_fake`` and ``register_autograd``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import NamedTuple
@@ -70,23 +71,30 @@ __all__ = ["moc_attention", "moc_attention_fwd", "moc_block_lists", "moc_route",
            "KM_BLOCKS", "PATH"]
 
 
-def _blocks(block_d: int, esize: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_M query rows, BLOCK_N key step, num_warps, num_stages) of the query-major kernels."""
+def _blocks(block_d: int, esize: int = 2, kind: str = "fwd") -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a query-major kernel: ``kind`` "fwd" / "dq"
+    (BLOCK_M query rows per program, BLOCK_N key step) or "dkdv" (BLOCK_N keys per program,
+    BLOCK_M query step; its lists are built at that step)."""
     if _interpreting():
-        return BLOCKS.get("interp", (16, 16, 4, 1))
-    if "cuda" in BLOCKS:   # tuning scripts (bench/moc_tune.py) set this
-        return BLOCKS["cuda"]
+        return BLOCKS.get(f"interp_{kind}", BLOCKS.get("interp", (16, 16, 4, 1)))
+    for key in (f"cuda_{kind}", "cuda"):   # tuning scripts (bench/moc_tune.py) set these
+        if key in BLOCKS:
+            return BLOCKS[key]
     if esize > 2 and block_d > 64:   # fp32 operands: 64x64 tiles at D=128 overflow shared memory (H100)
         return (32, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
     if block_d <= 64:
         return (64, 64, 4, 3)
     if block_d <= 128:
-        return (64, 64, 4, 2)
+        # H100 sweep (bench/moc_profile.py, T = 8192, bf16): the forward gains from a third
+        # stage (0.91 vs 1.00 ms), dK/dV from 128-key blocks over 64-row steps with 8 warps
+        # (about 1.7 vs 2.9 ms: each Q / dO tile loaded serves 128 keys); dQ keeps 64 x 64 x 4 x 2
+        return {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2)}[kind]
     return (32, 32, 4, 1)
 
 
 #: tests may set BLOCKS["interp"] = (BM, BN, warps, stages) to exercise other tilings, tuning
-#: scripts BLOCKS["cuda"]
+#: scripts BLOCKS["cuda"]; a key with a kind suffix ("interp_dkdv", "cuda_fwd", "cuda_dq", ...)
+#: sets one kernel's tiles and wins over the plain key
 BLOCKS: dict = {}
 
 
@@ -127,26 +135,86 @@ def _moc_select_kernel(S, Own, Lim, Sel, Tq, C, TOPK, CAUSAL: tl.constexpr, BLOC
 
 
 @triton.jit
-def _moc_qlist_kernel(Sel, QList, QCount, Tq, C, NQB, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """Per (query block, head, batch): the chunks selected by any row of the block, ascending,
-    then the others ascending (QList [B, Hq, NQB, C]); their count in QCount [B, Hq, NQB]."""
+def _moc_qlist_kernel(Sel, Lim, QList, QCount, U, BlkLim, Tq, C, NQB, NSB, BLOCK_M: tl.constexpr,
+                      SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LIST: tl.constexpr,
+                      UNION: tl.constexpr):
+    """Per (query block of BLOCK_M rows, head, batch). LIST: the chunks selected by any row of
+    the block, ascending, then the others ascending (QList [B, Hq, NQB, C]), and their count
+    (QCount [B, Hq, NQB]). UNION: the same union per sub-block of BLOCK_S rows (BLOCK_M a
+    multiple of BLOCK_S) as uint8 U [B, Hq, NSB, C], and (batch 0, head 0) each sub-block's
+    largest row limit BlkLim [NSB] (the backward's key-block lists, :func:`_moc_klist_q_kernel`)."""
     qb = tl.program_id(0)
-    bh = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * tl.num_programs(1) + h
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     base = bh.to(tl.int64) * Tq * C
     blk = tl.zeros([BLOCK_C], dtype=tl.int32)
-    for r0 in range(0, BLOCK_M, SUB):
-        rows = qb * BLOCK_M + r0 + tl.arange(0, SUB)
-        m2 = (rows < Tq)[:, None] & cmask[None, :]
-        x = tl.load(Sel + base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m2, other=0)
-        blk = tl.maximum(blk, tl.max(x.to(tl.int32), axis=0))
-    cnt = tl.sum(blk, axis=0)
-    pos = tl.where(blk > 0, tl.cumsum(blk, axis=0) - 1, cnt + tl.cumsum(1 - blk, axis=0) - 1)
-    out = (bh.to(tl.int64) * NQB + qb)
-    tl.store(QList + out * C + pos, cols, mask=cmask)
-    tl.store(QCount + out, cnt)
+    for s0 in tl.static_range(0, BLOCK_M, BLOCK_S):
+        part = tl.zeros([BLOCK_C], dtype=tl.int32)
+        for r0 in range(0, BLOCK_S, SUB):
+            rows = qb * BLOCK_M + s0 + r0 + tl.arange(0, SUB)
+            m2 = (rows < Tq)[:, None] & cmask[None, :]
+            x = tl.load(Sel + base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m2, other=0)
+            part = tl.maximum(part, tl.max(x.to(tl.int32), axis=0))
+        blk = tl.maximum(blk, part)
+        if UNION:
+            sb = qb * (BLOCK_M // BLOCK_S) + s0 // BLOCK_S
+            tl.store(U + (bh.to(tl.int64) * NSB + sb) * C + cols, part.to(tl.uint8), mask=cmask & (sb < NSB))
+            srows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+            lim = tl.max(tl.load(Lim + srows, mask=srows < Tq, other=0), axis=0)
+            tl.store(BlkLim + sb, lim, mask=(bh == 0) & (sb < NSB))
+    if LIST:
+        cnt = tl.sum(blk, axis=0)
+        pos = tl.where(blk > 0, tl.cumsum(blk, axis=0) - 1, cnt + tl.cumsum(1 - blk, axis=0) - 1)
+        out = (bh.to(tl.int64) * NQB + qb)
+        tl.store(QList + out * C + pos, cols, mask=cmask)
+        tl.store(QCount + out, cnt)
+
+
+@triton.jit
+def _chunk_of(Bounds, key, C, LOGS: tl.constexpr):
+    """The chunk holding key ``key`` (0 <= key < Bounds[C]): the largest c with Bounds[c] <= key."""
+    return _find_segment(Bounds, key, C, LOGS)
+
+
+@triton.jit
+def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, Tk,
+                        BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, LOGS: tl.constexpr):
+    """Per (key block of BLOCK_N keys, kv head, batch): the query sub-blocks (rows of U) in which
+    some row of some head of the GQA group selected a chunk touching the key block, or every
+    sub-block that can see it when it overlaps the prefix, restricted to sub-blocks whose
+    largest row limit passes the block start; ascending, then the others ascending (KList [B,
+    Hk, NKB, NSB]); KMeta [B, Hk, NKB, 3] = (count, first chunk, last chunk + 1). The same lists
+    as the torch :func:`moc_block_lists` (its ``klist`` / ``kmeta``)."""
+    kb = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    nkb = tl.num_programs(0)
+    kstart = kb * BLOCK_N
+    kend = tl.minimum(kstart + BLOCK_N, Tk) - 1
+    c_first = _chunk_of(Bounds, kstart, C, LOGS)
+    c_last = _chunk_of(Bounds, kend, C, LOGS)
+    qs = tl.arange(0, BLOCK_Q)
+    qmask = qs < NSB
+    need = tl.zeros([BLOCK_Q], dtype=tl.int32)
+    h0 = (b * (tl.num_programs(1) * GROUP) + hk * GROUP).to(tl.int64)
+    for g in range(0, GROUP):
+        ub = U + (h0 + g) * NSB * C
+        for c in range(_loop_bound(c_first), _loop_bound(c_last + 1)):
+            need = tl.maximum(need, tl.load(ub + qs.to(tl.int64) * C + c, mask=qmask, other=0).to(tl.int32))
+    blim = tl.load(BlkLim + qs, mask=qmask, other=0)
+    if kstart < PREFIX:
+        need = need * 0 + 1
+    need = tl.where(qmask & (blim > kstart), need, 0)
+    cnt = tl.sum(need, axis=0)
+    pos = tl.where(need > 0, tl.cumsum(need, axis=0) - 1, cnt + tl.cumsum(1 - need, axis=0) - 1)
+    row = ((b * tl.num_programs(1) + hk) * nkb + kb).to(tl.int64)
+    tl.store(KList + row * NSB + pos, qs, mask=qmask)
+    tl.store(KMeta + row * 3, cnt)
+    tl.store(KMeta + row * 3 + 1, c_first)
+    tl.store(KMeta + row * 3 + 2, c_last + 1)
 
 
 @triton.jit
@@ -255,6 +323,36 @@ def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount
 
 
 @triton.jit
+def _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst, cnt,
+                   offs_n, offs_d, nmask, in_prefix, chunk_n, c_one, s_qt, s_qh, s_dt, s_dh, Tq, C, GROUP,
+                   qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, ONE: tl.constexpr):
+    """:func:`_moc_dkdv_kernel`'s loop over its listed query blocks x the GQA group. ONE: every
+    key of the block is in chunk ``c_one`` (the selection is a per-row vector)."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for it in range(0, _loop_bound(cnt * GROUP)):
+        blk = it // GROUP
+        g = it - blk * GROUP
+        start_m = tl.load(KList + lst + blk) * BLOCK_M
+        offs_m = start_m + offs_m0
+        rmask = offs_m < Tq
+        q = _load_tile(q_base + g * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+        lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
+        lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+        if ONE:
+            s1 = tl.load(sel_base + g * Tq * C + offs_m.to(tl.int64) * C + c_one, mask=rmask, other=0)
+            chosen = (s1 != 0)[None, :] | in_prefix[:, None]
+        else:
+            s = tl.load(sel_base + g * Tq * C + offs_m[None, :].to(tl.int64) * C + chunk_n[:, None],
+                        mask=rmask[None, :] & nmask[:, None], other=0)
+            chosen = (s != 0) | in_prefix[:, None]
+        valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & chosen
+        do = _load_tile(do_base + g * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
+        delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
+        dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
+    return dk, dv
+
+
+@triton.jit
 def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, KCount,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
                      s_db, s_dt, s_dh, s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
@@ -292,22 +390,17 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
     sel_base = Sel + (b * Hq + h0) * Tq * C
     lst = ((b * Hk + hk) * NKB + pid_n) * NQB
     cnt = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    for it in range(0, _loop_bound(cnt * GROUP)):
-        blk = it // GROUP
-        g = it - blk * GROUP
-        start_m = tl.load(KList + lst + blk) * BLOCK_M
-        offs_m = start_m + offs_m0
-        rmask = offs_m < Tq
-        q = _load_tile(q_base + g * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
-        lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
-        lim = tl.load(Lim + offs_m, mask=rmask, other=0)
-        s = tl.load(sel_base + g * Tq * C + offs_m[None, :].to(tl.int64) * C + chunk_n[:, None],
-                    mask=rmask[None, :] & nmask[:, None], other=0)
-        valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & ((s != 0) | in_prefix[:, None])
-        do = _load_tile(do_base + g * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
-        delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
-        dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
+    # a key block inside one chunk (chunk sizes multiples of BLOCK_N: the common case) reads one
+    # selection byte per query row instead of one per (key, row) pair; two copies of the loop
+    # (each a top-level loop, so both are software-pipelined)
+    if c_hi - c_lo == 1:
+        dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst,
+                                cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, s_qt, s_qh, s_dt, s_dh, Tq, C,
+                                GROUP, qk_scale, D, BLOCK_M, EVEN_D, True)
+    else:
+        dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst,
+                                cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, s_qt, s_qh, s_dt, s_dh, Tq, C,
+                                GROUP, qk_scale, D, BLOCK_M, EVEN_D, False)
     dk = dk * sm_scale
     _store_tile(DK + b * s_dkb + hk.to(tl.int64) * s_dkh, dk.to(DK.dtype.element_ty), offs_n, s_dkt,
                 offs_d, Tk, D, EVEN_D)
@@ -703,9 +796,41 @@ def _query_block_lists(sel: torch.Tensor, block_m: int):
     qcount = _alloc((B, Hq, nqb), torch.int32, sel.device)
     bc = triton.next_power_of_2(C)
     sub = max(1, min(block_m, 4096 // bc))
-    _moc_qlist_kernel[(nqb, Hq, B)](sel, qlist, qcount, Tq, C, nqb, BLOCK_M=block_m, SUB=sub, BLOCK_C=bc,
-                                    num_warps=4)
+    _moc_qlist_kernel[(nqb, Hq, B)](sel, qcount, qlist, qcount, qcount, qcount, Tq, C, nqb, 1, BLOCK_M=block_m,
+                                    SUB=sub, BLOCK_S=block_m, BLOCK_C=bc, LIST=True, UNION=False, num_warps=4)
     return qlist, qcount
+
+
+def _backward_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int, group: int,
+                    tk: int, bm_dq: int, bm_kv: int, bn_kv: int):
+    """All lists of the query-major backward in two or three small launches and no host sync:
+    ``(qlist, qcount)`` for the dQ kernel (query blocks of ``bm_dq`` rows) and ``(klist,
+    kmeta)`` for the dK/dV kernel (key blocks of ``bn_kv`` keys over query steps of ``bm_kv``
+    rows); the same lists as :func:`moc_block_lists` (which builds them in torch ops)."""
+    B, Hq, Tq, C = sel.shape
+    dev = sel.device
+    bc = triton.next_power_of_2(C)
+    nqb, nsb, nkb = triton.cdiv(Tq, bm_dq), triton.cdiv(Tq, bm_kv), triton.cdiv(tk, bn_kv)
+    qlist = _alloc((B, Hq, nqb, C), torch.int32, dev)
+    qcount = _alloc((B, Hq, nqb), torch.int32, dev)
+    u = _alloc((B, Hq, nsb, C), torch.uint8, dev)
+    blk_lim = _alloc((nsb,), torch.int32, dev)
+    both = bm_dq % bm_kv == 0
+    sub = max(1, min(bm_kv if both else bm_dq, 4096 // bc))
+    _moc_qlist_kernel[(nqb, Hq, B)](sel, lim, qlist, qcount, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_dq, SUB=sub,
+                                    BLOCK_S=bm_kv if both else bm_dq, BLOCK_C=bc, LIST=True, UNION=both,
+                                    num_warps=4)
+    if not both:
+        sub = max(1, min(bm_kv, 4096 // bc))
+        _moc_qlist_kernel[(nsb, Hq, B)](sel, lim, qlist, qcount, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_kv,
+                                        SUB=sub, BLOCK_S=bm_kv, BLOCK_C=bc, LIST=False, UNION=True, num_warps=4)
+    Hk = Hq // group
+    klist = _alloc((B, Hk, nkb, nsb), torch.int32, dev)
+    kmeta = _alloc((B, Hk, nkb, 3), torch.int32, dev)
+    _moc_klist_q_kernel[(nkb, Hk, B)](u, blk_lim, bounds, klist, kmeta, C, nsb, group, int(prefix), tk,
+                                      BLOCK_N=bn_kv, BLOCK_Q=triton.next_power_of_2(nsb), LOGS=_logs(C),
+                                      num_warps=4)
+    return qlist, qcount, klist, kmeta
 
 
 #: Execution path: "auto" (default; per call by the tile counts, see :func:`_plan`), "query"
@@ -796,24 +921,28 @@ def key_major_lists(sel: torch.Tensor, block_m: int, qcount: torch.Tensor | None
     return KeyMajorLists(ent, chunk_off, cnt.contiguous(), tile_off, nsel, ns, int(stats[1])), q_tiles
 
 
-def _plan(sel, bm_q: int, bm_k: int):
-    """Which path runs: returns ``(km_lists or None, qlist, qcount)``. Auto: key-major when its
-    tiles x KM_RATIO (in BLOCK_M-row units of the query-major kernel) <= the query-major tiles
-    (sum over query blocks of their union of chunks) -- the measured tile density decides; the
-    key-major scatter runs only when it is chosen."""
+def _plan(sel, bm_q: int, bm_k: int, query_major: bool = False, make_lists=None):
+    """Which path runs: returns ``(km_lists or None, lists or None)``; ``lists`` are the
+    query-major lists built by ``make_lists()`` (default: :func:`_query_block_lists` at ``bm_q``:
+    ``(qlist, qcount)``; the first two entries must be those). Auto: key-major when its tiles x
+    KM_RATIO (in BLOCK_M-row units of the query-major kernel) <= the query-major tiles (sum
+    over query blocks of their union of chunks) -- the measured tile density decides, at the
+    price of one host sync; ``query_major``: the router proved on the host that query-major
+    wins (:func:`_query_major_proven`), so no sync and no key-major counting. The key-major
+    scatter runs only when it is chosen."""
     path = _path()
     C = sel.shape[-1]
     if C == 0 or sel.shape[2] == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
         if path == "key":
             raise ValueError(f"context.moc triton: the key-major path needs 1..{SELECT_MAX_C} chunks, got {C}")
-        return None, None, None
-    if path == "query":
-        return None, *_query_block_lists(sel, bm_q)
+        return None, None
     if path == "key":
-        return key_major_lists(sel, bm_k)[0], None, None
-    qlist, qcount = _query_block_lists(sel, bm_q)
-    km, _ = key_major_lists(sel, bm_k, qcount, ratio=KM_RATIO / bm_q)
-    return km, qlist, qcount
+        return key_major_lists(sel, bm_k)[0], None
+    lists = make_lists() if make_lists is not None else _query_block_lists(sel, bm_q)
+    if path == "query" or query_major:
+        return None, lists
+    km, _ = key_major_lists(sel, bm_k, lists[1], ratio=KM_RATIO / bm_q)
+    return km, lists
 
 
 def _logs(n: int) -> int:
@@ -897,22 +1026,24 @@ def _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km: KeyMa
     return dq, dk, dv
 
 
-def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float):
+def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float, query_major: bool = False):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
     BD = _block_d(D)
-    bm, bn, warps, stages = _blocks(BD, q.element_size())
+    bm, bn, warps, stages = _blocks(BD, q.element_size(), "fwd")
     C = sel.shape[-1]
     prefix = min(int(prefix), Tk)   # keys past Tk do not exist (the kernels would read past them)
     if B * Tq * Hq * D == 0 or Tk == 0 or C == 0:
         o = _alloc((B, Tq, Hq, D), q.dtype, q.device).zero_()
         return o, _alloc((B, Hq, Tq), torch.float32, q.device).fill_(float("-inf"))
     _check_i32(q, k, v)
-    km, qlist, qcount = _plan(sel, bm, _km_blocks(BD, q.element_size())[0])
+    km, lists = _plan(sel, bm, _km_blocks(BD, q.element_size())[0], query_major)
     if km is not None:
         return _fwd_km(q, k, v, sel, bounds, lim, prefix, scale, km)
-    if qlist is None:
+    if lists is None:
         qlist, qcount, _, _ = moc_block_lists(sel, bounds, lim, prefix, Hq // Hk, bm, bn)
+    else:
+        qlist, qcount = lists
     o = _alloc((B, Tq, Hq, D), q.dtype, q.device)
     lse = _alloc((B, Hq, Tq), torch.float32, q.device)
     _check_i32(o)
@@ -926,12 +1057,14 @@ def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float):
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
+def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, query_major: bool = False):
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     do = do.to(q.dtype)
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
     BD = _block_d(D)
-    bm, bn, warps, stages = _blocks(BD, q.element_size())
+    es = q.element_size()
+    bm, bn, warps, stages = _blocks(BD, es, "dq")
+    bm_kv, bn_kv, warps_kv, stages_kv = _blocks(BD, es, "dkdv")
     C = sel.shape[-1]
     prefix = min(int(prefix), Tk)
     if B * Tq * Hq * D == 0 or B * Tk * Hk * D == 0 or C == 0:
@@ -939,26 +1072,28 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float):
                 _alloc((B, Tk, Hk, D), q.dtype, q.device).zero_())
     _check_i32(q, k, v, o, do)
     delta, lse2 = bwd_row_stats(o, do, lse, BD)
-    km, qlist, qcount = _plan(sel, bm, _km_blocks(BD, q.element_size(), "bwd")[0])
+    G = Hq // Hk
+    km, lists = _plan(sel, bm, _km_blocks(BD, es, "bwd")[0], query_major,
+                      lambda: _backward_lists(sel, bounds, lim, prefix, G, Tk, bm, bm_kv, bn_kv))
     if km is not None:
         return _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km)
-    G = Hq // Hk
-    if qlist is None:
-        qlist, qcount, klist, kmeta = moc_block_lists(sel, bounds, lim, prefix, G, bm, bn)
+    if lists is None:   # too many chunks for the list kernels: torch lists
+        qlist, qcount, _, _ = moc_block_lists(sel, bounds, lim, prefix, G, bm, bn)
+        _, _, klist, kmeta = moc_block_lists(sel, bounds, lim, prefix, G, bm_kv, bn_kv)
     else:
-        klist, kmeta = _key_block_lists(_union_blocks(sel, bm), bounds, lim, prefix, G, bm, bn)
+        qlist, qcount, klist, kmeta = lists
     dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
     dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
     dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
     qk_scale = float(scale) * LOG2E
-    nqb, nkb = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+    nqb, nsb, nkb = triton.cdiv(Tq, bm), triton.cdiv(Tq, bm_kv), triton.cdiv(Tk, bn_kv)
     _moc_dkdv_kernel[(nkb, Hk, B)](
         q, k, v, do, dk, dv, lse2, delta, sel, lim, bounds, klist, kmeta,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hq, Hk, Tq, Tk, G, C, nqb, nkb, int(prefix), qk_scale, float(scale),
-        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        Hq, Hk, Tq, Tk, G, C, nsb, nkb, int(prefix), qk_scale, float(scale),
+        D=D, BLOCK_D=BD, BLOCK_M=bm_kv, BLOCK_N=bn_kv, num_warps=warps_kv, num_stages=stages_kv)
     _moc_dq_kernel[(nqb, Hq, B)](
         q, k, v, do, dq, lse2, delta, sel, lim, bounds, qlist, qcount,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -980,29 +1115,29 @@ def _define_ops():
 
     @torch.library.custom_op("blockzoo::moc_fwd", mutates_args=())
     def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, bounds: torch.Tensor,
-               lim: torch.Tensor, prefix: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, sel, bounds, lim, prefix, scale)
+               lim: torch.Tensor, prefix: int, scale: float, query_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fwd_impl(q, k, v, sel, bounds, lim, prefix, scale, query_major)
 
     @torch.library.custom_op("blockzoo::moc_bwd", mutates_args=())
     def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale)
+               scale: float, query_major: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale, query_major)
 
     @fwd_op.register_fake
-    def _(q, k, v, sel, bounds, lim, prefix, scale):
+    def _(q, k, v, sel, bounds, lim, prefix, scale, query_major):
         B, Tq, Hq, D = q.shape
         return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
     @bwd_op.register_fake
-    def _(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale):
+    def _(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale, query_major):
         return q.new_empty(tuple(q.shape)), k.new_empty(tuple(k.shape)), k.new_empty(tuple(k.shape))
 
     def setup(ctx, inputs, output):
-        q, k, v, sel, bounds, lim, prefix, scale = inputs
+        q, k, v, sel, bounds, lim, prefix, scale, query_major = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse, sel, bounds, lim)
-        ctx.prefix, ctx.scale = prefix, scale
+        ctx.prefix, ctx.scale, ctx.query_major = prefix, scale, query_major
         ctx.set_materialize_grads(False)
 
     def backward(ctx, do, dlse):
@@ -1011,8 +1146,8 @@ def _define_ops():
             raise NotImplementedError("context.moc triton: gradient through lse is not supported")
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = bwd_op(do, q, k, v, o, lse, sel, bounds, lim, ctx.prefix, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = bwd_op(do, q, k, v, o, lse, sel, bounds, lim, ctx.prefix, ctx.scale, ctx.query_major)
+        return dq, dk, dv, None, None, None, None, None, None
 
     fwd_op.register_autograd(backward, setup_context=setup)
     return fwd_op, bwd_op
@@ -1027,30 +1162,100 @@ SELECT_MAX_C = 8192
 _ROUTE_KEYS = ("causal", "chunk_size", "top_k", "prefix", "boundaries", "drop_off", "drop_in", "seed")
 
 
+class _Geometry(NamedTuple):
+    """Routing facts that depend only on the shapes (``reference.routing_geometry``), on the
+    device in the kernels' int32 and on the host, built once per shape."""
+    bounds: torch.Tensor     # long [C + 1]
+    lim: torch.Tensor        # long [Tq]
+    own: torch.Tensor        # long [Tq]
+    bounds32: torch.Tensor   # int32 [C + 1]
+    lim32: torch.Tensor      # int32 [Tq]
+    own32: torch.Tensor      # int32 [Tq]
+    lens: list               # chunk lengths (host)
+    lim_host: torch.Tensor   # long [Tq] (CPU)
+    own_host: torch.Tensor   # long [Tq] (CPU)
+    causal: bool
+
+
+_GEOMETRY: dict = {}
+_PROVEN: dict = {}
+
+
+def _geometry(tq: int, tk: int, causal: bool, chunk_size: int, boundaries, device) -> _Geometry:
+    """Cached :class:`_Geometry`: a call after the first makes no device tensor from host data
+    (a host-to-device copy waits for the stream) and reads nothing back."""
+    from ...plugins.context.reference import chunk_bounds, routing_geometry
+    if boundaries is not None:
+        boundaries = tuple(int(x) for x in (boundaries.tolist() if hasattr(boundaries, "tolist") else boundaries))
+    key = (int(tq), int(tk), bool(causal), int(chunk_size), boundaries, str(torch.device(device)))
+    geo = _GEOMETRY.get(key)
+    if geo is None:
+        bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")
+        b = chunk_bounds(tk, chunk_size, boundaries)
+        dev = [t.to(device) for t in (bounds, lim, own, bounds.int(), lim.int(), own.int())]
+        geo = _Geometry(*dev, [b[i + 1] - b[i] for i in range(len(b) - 1)], lim, own, bool(causal))
+        if len(_GEOMETRY) >= 64:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = geo
+    return geo
+
+
+def _query_major_proven(geo: _Geometry, top_k: int, drop_off: float, bm: int) -> bool:
+    """True when the geometry alone shows that auto would pick the query-major path for any
+    selection the router can make, so the forward and backward skip the auto decision and its
+    host sync. Key-major tiles x BLOCK_M_k >= the (row, chunk) pairs selected, at least
+    ``min(top_k, candidates) + 1`` per row with keys (own chunk only under drop-off);
+    query-major tiles <= per query block of ``bm`` rows, the chunks its last row can see. Auto
+    picks query-major when ``km tiles x BLOCK_M_k x KM_RATIO > qm tiles x bm`` (:func:`_plan`):
+    implied when ``pairs x KM_RATIO > bound x bm``. ``bm``: the largest query block of the
+    kernels (the bound grows with it)."""
+    key = (id(geo), int(top_k), drop_off > 0, int(bm))
+    got = _PROVEN.get(key)
+    if got is None or got[0] is not geo:
+        own, lim = geo.own_host, geo.lim_host
+        C = len(geo.lens)
+        has = own >= 0
+        if geo.causal:
+            cand = torch.where(has & (lim > 0), own, torch.zeros_like(own))
+        else:
+            cand = C - has.long()
+        pairs = int(has.sum()) + (0 if drop_off > 0 else int(torch.clamp(cand, max=int(top_k)).sum()))
+        tq = own.numel()
+        nqb = triton.cdiv(tq, bm)
+        blk_lim = torch.nn.functional.pad(lim, (0, nqb * bm - tq)).view(nqb, bm).amax(1)
+        starts = torch.tensor([0] + list(itertools.accumulate(geo.lens))[:-1], dtype=torch.long)
+        bound = int(torch.searchsorted(starts, blk_lim, side="left").sum()) * bm
+        got = (geo, pairs, bound)
+        if len(_PROVEN) >= 256:
+            _PROVEN.clear()
+        _PROVEN[key] = got
+    return got[1] * KM_RATIO > got[2]
+
+
 def moc_route(q: torch.Tensor, k: torch.Tensor, causal: bool = True, chunk_size: int = 64, top_k: int = 4,
               prefix: int = 0, boundaries=None, drop_off: float = 0.0, drop_in: float = 0.0, seed: int = 0):
     """The router on the GPU: chunk means and scores (torch: a segment sum and one matmul), then
     :func:`_moc_select_kernel` for the candidates, top-k and own chunk. Returns
     ``(sel uint8 [B, Hq, Tq, C], bounds int32 [C + 1], lim int32 [Tq], prefix)``, the same
-    selection as ``plugins.context.reference.moc_routing``. The training options (drop-off /
+    selection as ``plugins.context.reference.moc_routing``. The shape-only geometry is cached
+    (:func:`_geometry`), so this path makes no host sync. The training options (drop-off /
     drop-in, drawn from a seeded CPU generator so every backend sees the same draws) take the
     torch path, as do more than SELECT_MAX_C chunks."""
-    from ...plugins.context.reference import chunk_scores, moc_routing, routing_geometry
+    from ...plugins.context.reference import chunk_scores, moc_routing
     B, Tq, Hq, _ = q.shape
-    bounds, lim, own = routing_geometry(Tq, k.shape[1], causal, chunk_size, boundaries, q.device)
-    C = bounds.numel() - 1
+    geo = _geometry(Tq, k.shape[1], causal, chunk_size, boundaries, q.device)
+    C = len(geo.lens)
     if drop_off > 0 or drop_in > 0 or C == 0 or Tq == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
         r = moc_routing(q, k, causal, chunk_size, top_k, prefix, boundaries, drop_off, drop_in, seed)
         return _as_kernel_tensors(r)
-    scores = chunk_scores(q, k, bounds).float()
+    scores = chunk_scores(q, k, geo.bounds, geo.lens).float()
     sel = _alloc(scores.shape, torch.uint8, q.device)
     bc = triton.next_power_of_2(C)
     br = max(1, min(64, 8192 // bc, triton.next_power_of_2(Tq)))
-    lim32, own32 = lim.to(torch.int32), own.to(torch.int32)
     _moc_select_kernel[(triton.cdiv(Tq, br), Hq, B)](
-        scores, own32, lim32, sel, Tq, C, min(int(top_k), C), CAUSAL=bool(causal), BLOCK_R=br, BLOCK_C=bc,
+        scores, geo.own32, geo.lim32, sel, Tq, C, min(int(top_k), C), CAUSAL=bool(causal), BLOCK_R=br, BLOCK_C=bc,
         num_warps=4)
-    return sel, bounds.to(torch.int32), lim32, int(prefix)
+    return sel, geo.bounds32, geo.lim32, int(prefix)
 
 
 def _as_kernel_tensors(routing):
@@ -1066,14 +1271,27 @@ def _routing_tensors(q, k, params, routing):
     return sel.to(q.device), bounds.to(q.device), lim.to(q.device), prefix
 
 
+def _proven_for(q, k, params) -> bool:
+    """:func:`_query_major_proven` for the router's own selection under ``params`` (auto path only)."""
+    if _path() != "auto" or q.shape[1] == 0 or k.shape[1] == 0:
+        return False
+    geo = _geometry(q.shape[1], k.shape[1], params.get("causal", True), params.get("chunk_size", 64),
+                    params.get("boundaries"), q.device)
+    if not geo.lens or triton.next_power_of_2(len(geo.lens)) > SELECT_MAX_C:
+        return False
+    BD, es = _block_d(q.shape[-1]), q.element_size()
+    bm = max(_blocks(BD, es, "fwd")[0], _blocks(BD, es, "dq")[0])
+    return _query_major_proven(geo, params.get("top_k", 4), params.get("drop_off", 0.0), bm)
+
+
 def moc_attention_fwd(q, k, v, scale=None, routing=None, **params):
     """-> (o, lse fp32 [B, Hq, Tq]); params as ``context.moc``."""
     sel, bounds, lim, prefix = _routing_tensors(q, k, params, routing)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _fwd_op(q, k, v, sel, bounds, lim, prefix, sc)
+    proven = routing is None and _proven_for(q, k, params)
+    return _fwd_op(q, k, v, sel, bounds, lim, prefix, sc, proven)
 
 
 def moc_attention(q, k, v, scale=None, routing=None, **params):
     """``context.moc`` forward, autograd-enabled (custom op ``blockzoo::moc_fwd``)."""
     return moc_attention_fwd(q, k, v, scale=scale, routing=routing, **params)[0]
-

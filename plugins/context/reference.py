@@ -105,26 +105,36 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def chunk_descriptors(k: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+def chunk_descriptors(k: torch.Tensor, bounds: torch.Tensor, lens: list[int] | None = None) -> torch.Tensor:
     """Mean key of each chunk: [B, C, Hk, D] in fp32 (fp64 for fp64 inputs).
 
     Deterministic on every device (no atomics: the routing is a discrete function of these
     means, so a run-to-run wobble in the last bit would flip near-tied choices): equal chunks
-    are one reshape + sum, other boundaries one ``segment_reduce``."""
+    are one reshape + sum, other boundaries one ``segment_reduce``. ``lens``: the chunk lengths
+    as a host list when the caller has them (the GPU router): then the equal-chunk test and the
+    divisors need nothing from the device, so no host sync (same values: lengths are exact in
+    the float types)."""
     kf = k.detach().to(_acc_dtype(k.dtype))
     b, t = kf.shape[:2]
-    lens = (bounds[1:] - bounds[:-1]).to(kf.device)
-    c = lens.numel()
-    size = int(lens[0]) if c else 0
-    if c and bool((lens[:-1] == size).all()) and int(lens[-1]) <= size:
-        full = c - 1 if int(lens[-1]) < size else c
+    if lens is None:
+        lens_t = (bounds[1:] - bounds[:-1]).to(kf.device)
+        lens = lens_t.tolist()
+    c = len(lens)
+    size = lens[0] if c else 0
+    if c and all(n == size for n in lens[:-1]) and lens[-1] <= size:
+        full = c - 1 if lens[-1] < size else c
         parts = [kf[:, :full * size].reshape(b, full, size, *kf.shape[2:]).sum(2)]
         if full < c:
             parts.append(kf[:, full * size:].sum(1, keepdim=True))
         sums = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        # the divisors as a device tensor made by fills (no host-to-device copy)
+        lens_t = torch.full((c,), size, dtype=kf.dtype, device=kf.device)
+        if full < c:
+            lens_t[-1] = lens[-1]
     else:
-        sums = torch.segment_reduce(kf, "sum", lengths=lens.expand(b, c).contiguous(), axis=1)
-    return sums / lens.to(kf.dtype)[None, :, None, None]
+        lens_t = (bounds[1:] - bounds[:-1]).to(kf.device)
+        sums = torch.segment_reduce(kf, "sum", lengths=lens_t.expand(b, c).contiguous(), axis=1)
+    return sums / lens_t.to(kf.dtype)[None, :, None, None]
 
 
 @torch.no_grad()
@@ -148,9 +158,10 @@ def routing_geometry(tq: int, tk: int, causal: bool, chunk_size: int, boundaries
 
 
 @torch.no_grad()
-def chunk_scores(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Router scores ``q_i . desc_c`` per head: fp32 (fp64 for fp64 inputs) [B, Hq, Tq, C]."""
-    desc = expand_kv(chunk_descriptors(k, bounds), q.shape[2])           # [B, C, Hq, D]
+def chunk_scores(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor, lens: list[int] | None = None) -> torch.Tensor:
+    """Router scores ``q_i . desc_c`` per head: fp32 (fp64 for fp64 inputs) [B, Hq, Tq, C]
+    (``lens``: as :func:`chunk_descriptors`)."""
+    desc = expand_kv(chunk_descriptors(k, bounds, lens), q.shape[2])     # [B, C, Hq, D]
     return torch.einsum("bthd,bchd->bhtc", q.detach().to(desc.dtype), desc).contiguous()
 
 
