@@ -270,6 +270,36 @@ def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles, path):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
 
 
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_query_major_whole_and_mixed_blocks(monkeypatch, causal):
+    """Query blocks whose rows all selected a chunk (rows 32..63 have chunk 0 as their only
+    candidate, so every one of them selects it) next to blocks that mix selected and unselected
+    rows, with chunks longer than a key step. Output and gradients vs the fp64 reference."""
+    from blockzoo.kernels.triton import moc as tmoc
+    monkeypatch.setattr(tmoc, "PATH", "query")
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 100, 2, 16, generator=g).to(dev).requires_grad_()
+    k = torch.randn(1, 100, 1, 16, generator=g).to(dev).requires_grad_()
+    v = torch.randn(1, 100, 1, 16, generator=g).to(dev).requires_grad_()
+    params = dict(causal=causal, chunk_size=32, top_k=1)
+    r = moc_routing(q.detach().cpu(), k.detach().cpu(), **params)
+    if causal:
+        assert bool(r.sel[:, :, 32:64, 0].all())
+    with poisoned():
+        o = tmoc.moc_attention(q, k, v, **params)
+        do = torch.randn(o.shape, generator=g).to(dev)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = moc_reference(qd, kd, vd, **params)
+    want = torch.autograd.grad(ref, (qd, kd, vd), do.cpu().double())
+    torch.testing.assert_close(o.detach().cpu().double(), ref, rtol=0, atol=2e-6)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=0, atol=2e-5)
+
+
 KM_CASES = [
     # (B, Tq, Tk, Hq, Hk, D, params): ragged last chunk + GQA 4:2 + prefix, GQA 4:1 with variable
     # boundaries (a 1-key chunk), non-causal, Tq < Tk, Tq > Tk (rows without keys), drops on
