@@ -325,7 +325,7 @@ def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount
 @triton.jit
 def _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst, cnt,
                    offs_n, offs_d, nmask, in_prefix, chunk_n, c_one, s_qt, s_qh, s_dt, s_dh, Tq, C, GROUP,
-                   qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, ONE: tl.constexpr):
+                   PREFIX, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, ONE: tl.constexpr):
     """:func:`_moc_dkdv_kernel`'s loop over its listed query blocks x the GQA group. ONE: every
     key of the block is in chunk ``c_one`` (the selection is a per-row vector)."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -339,13 +339,15 @@ def _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_bas
         lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
         lim = tl.load(Lim + offs_m, mask=rmask, other=0)
         if ONE:
+            # key n is visible to row m iff n < lim_m and (n < PREFIX or the row chose the
+            # chunk): one compare per pair against a per-row limit (lim <= Tk covers nmask)
             s1 = tl.load(sel_base + g * Tq * C + offs_m.to(tl.int64) * C + c_one, mask=rmask, other=0)
-            chosen = (s1 != 0)[None, :] | in_prefix[:, None]
+            lim_eff = tl.where(s1 != 0, lim, tl.minimum(lim, PREFIX))
+            valid = offs_n[:, None] < lim_eff[None, :]
         else:
             s = tl.load(sel_base + g * Tq * C + offs_m[None, :].to(tl.int64) * C + chunk_n[:, None],
                         mask=rmask[None, :] & nmask[:, None], other=0)
-            chosen = (s != 0) | in_prefix[:, None]
-        valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & chosen
+            valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & ((s != 0) | in_prefix[:, None])
         do = _load_tile(do_base + g * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
         delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
         dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
@@ -396,11 +398,11 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
     if c_hi - c_lo == 1:
         dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst,
                                 cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, s_qt, s_qh, s_dt, s_dh, Tq, C,
-                                GROUP, qk_scale, D, BLOCK_M, EVEN_D, True)
+                                GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, True)
     else:
         dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst,
                                 cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, s_qt, s_qh, s_dt, s_dh, Tq, C,
-                                GROUP, qk_scale, D, BLOCK_M, EVEN_D, False)
+                                GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, False)
     dk = dk * sm_scale
     _store_tile(DK + b * s_dkb + hk.to(tl.int64) * s_dkh, dk.to(DK.dtype.element_ty), offs_n, s_dkt,
                 offs_d, Tk, D, EVEN_D)
