@@ -15,7 +15,8 @@ heads, head dim 128, bf16, causal:
    kernels per call, kernel time against wall time), and whether the call makes a host sync
    (``torch.cuda.set_sync_debug_mode("error")``).
 
-    python3 bench/moc_profile.py [--T 8192,32768] [--fwd 64/64/4/2,...] [--dq ...] [--dkdv ...] [--out DIR]
+    python3 bench/moc_profile.py [--T 8192,32768] [--fwd 64/64/4/2,...] [--dq ...] [--dkdv ...]
+                                 [--km-dkdv ...] [--kinds random,coherent] [--out DIR]
 
 Tiles are BLOCK_M/BLOCK_N/warps/stages; for dK/dV BLOCK_M is the query step, BLOCK_N the keys.
 """
@@ -98,15 +99,16 @@ def cfg_of(s: str) -> tuple:
     return tuple(int(x) for x in s.split("/"))
 
 
-def sweep(kind, cands, call):
+def sweep(kind, cands, call, table=None):
+    table = tmoc.BLOCKS if table is None else table
     out = {}
     for c in cands:
-        tmoc.BLOCKS[f"cuda_{kind}"] = cfg_of(c)
+        table[f"cuda_{kind}"] = cfg_of(c)
         try:
             out[c] = triton.testing.do_bench(call)
         except Exception as e:  # noqa: BLE001 (out of resources: record and go on)
             out[c] = repr(e)[:160]
-    tmoc.BLOCKS.pop(f"cuda_{kind}", None)
+    table.pop(f"cuda_{kind}", None)
     return out
 
 
@@ -115,7 +117,7 @@ def best(res: dict) -> str | None:
     return min(ok, key=ok.get) if ok else None
 
 
-def measure(kind, T, H, D, params, fwd, dq, dkdv):
+def measure(kind, T, H, D, params, fwd, dq, dkdv, km_dkdv=()):
     bench = triton.testing.do_bench
     q, k, v = inputs(kind, T, H, D, seed=T)
     qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
@@ -137,6 +139,10 @@ def measure(kind, T, H, D, params, fwd, dq, dkdv):
     bwd = lambda: tmoc._bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, 0, sc, True)  # noqa: E731
     row["sweep_dq"] = sweep("dq", dq, bwd)
     row["sweep_dkdv"] = sweep("dkdv", dkdv, bwd)
+    if km_dkdv:   # the key-major dK/dV kernel's tiles (its backward forced, same routing)
+        os.environ["BLOCKZOO_MOC_PATH"] = "key"
+        row["sweep_km_dkdv"] = sweep("dkdv", km_dkdv, bwd, tmoc.KM_BLOCKS)
+        os.environ.pop("BLOCKZOO_MOC_PATH")
     moc = lambda a_, b_, c_: tmoc.moc_attention(a_, b_, c_, **params)  # noqa: E731
     row["default_fwd"] = bench(lambda: moc(q, k, v))
     row["default_fb"] = bench(fb_fn(moc, q, k, v))
@@ -150,9 +156,13 @@ def measure(kind, T, H, D, params, fwd, dq, dkdv):
     row["profile_best_fb"] = profile(fb_fn(moc, q, k, v))
     row["host_syncs_fb"] = syncs(fb_fn(moc, q, k, v))
     os.environ["BLOCKZOO_MOC_PATH"] = "key"
+    km_best = best(row.get("sweep_km_dkdv", {}))
+    if km_best:
+        tmoc.KM_BLOCKS["cuda_dkdv"] = cfg_of(km_best)
     row["key_fwd"] = bench(lambda: moc(q, k, v))
     row["key_fb"] = bench(fb_fn(moc, q, k, v))
     os.environ.pop("BLOCKZOO_MOC_PATH")
+    tmoc.KM_BLOCKS.pop("cuda_dkdv", None)
     for kd in ("fwd", "dq", "dkdv"):
         tmoc.BLOCKS.pop(f"cuda_{kd}", None)
     return row
@@ -164,6 +174,7 @@ def main() -> None:
     ap.add_argument("--fwd", default=FWD)
     ap.add_argument("--dq", default=DQ)
     ap.add_argument("--dkdv", default=DKDV)
+    ap.add_argument("--km-dkdv", default="", help="key-major dK/dV tiles to sweep (rows/keys/warps/stages)")
     ap.add_argument("--kinds", default="random,coherent")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
@@ -173,7 +184,8 @@ def main() -> None:
                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), H=H, D=D, **params), "rows": []}
     for T in (int(t) for t in a.T.split(",")):
         for kind in a.kinds.split(","):
-            row = measure(kind, T, H, D, params, a.fwd.split(","), a.dq.split(","), a.dkdv.split(","))
+            row = measure(kind, T, H, D, params, a.fwd.split(","), a.dq.split(","), a.dkdv.split(","),
+                          [c for c in a.km_dkdv.split(",") if c])
             res["rows"].append(row)
             pathlib.Path(a.out, "moc_profile.json").write_text(json.dumps(res, indent=1))
             torch.cuda.empty_cache()
@@ -181,9 +193,10 @@ def main() -> None:
     for r in res["rows"]:
         print(f"--- T={r['T']} {r['inputs']}: FA2 fwd {r['fa2_fwd']:.3f} f+b {r['fa2_fb']:.3f} | dense {r['dense_fwd']:.3f}"
               f" / {r['dense_fb']:.3f} | route {r['route']:.3f} | host syncs in f+b: {r['host_syncs_fb']}")
-        for kd in ("fwd", "dq", "dkdv"):
-            print(f"  {kd:>5}: " + "  ".join(f"{c} {t:.3f}" if isinstance(t, float) else f"{c} ERR"
-                                              for c, t in r[f"sweep_{kd}"].items()))
+        for kd in ("fwd", "dq", "dkdv", "km_dkdv"):
+            if f"sweep_{kd}" in r:
+                print(f"  {kd:>7}: " + "  ".join(f"{c} {t:.3f}" if isinstance(t, float) else f"{c} ERR"
+                                                  for c, t in r[f"sweep_{kd}"].items()))
         for name in ("default", "best", "key"):
             print(f"  {name:>8}: fwd {r[name + '_fwd']:.3f} ({r['fa2_fwd'] / r[name + '_fwd']:.2f}x)  "
                   f"f+b {r[name + '_fb']:.3f} ({r['fa2_fb'] / r[name + '_fb']:.2f}x)")

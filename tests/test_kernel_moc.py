@@ -242,13 +242,12 @@ def test_numba_backward_poisoned_fp64(monkeypatch, block_m, block_n):
                          ids=["16x32", "32x16", "per-kernel-a", "per-kernel-b"])
 def test_triton_other_tilings_fwd_bwd(monkeypatch, tiles, path):
     from blockzoo.kernels.triton import moc as tmoc
-    if isinstance(tiles, dict) and path == "key":
-        pytest.skip("per-kernel tiles are the query-major kernels'")
     monkeypatch.setattr(tmoc, "PATH", path)
     monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
     if INTERP and isinstance(tiles, dict):
         for kind, t in tiles.items():
             monkeypatch.setitem(tmoc.BLOCKS, f"interp_{kind}", (*t, 4, 1))
+            monkeypatch.setitem(tmoc.KM_BLOCKS, f"interp_{kind}", (*t, 4, 1))
     elif INTERP:
         monkeypatch.setitem(tmoc.BLOCKS, "interp", (*tiles, 4, 1))
         monkeypatch.setitem(tmoc.KM_BLOCKS, "interp", (*tiles, 4, 1))

@@ -683,7 +683,6 @@ def _moc_km_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, Ent, ChunkOff, Cn
     jb = tl.where(is_pre, PREFIX, tl.load(Bounds + cs + 1))
     jb = tl.where(active, jb, 0)
     offs_n = ja + j * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < jb
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * s_kb + hk.to(tl.int64) * s_kh, offs_n, s_kt, offs_d, jb, D, True, EVEN_D)
     v = _load_tile(V + b * s_vb + hk.to(tl.int64) * s_vh, offs_n, s_vt, offs_d, jb, D, True, EVEN_D)
@@ -709,7 +708,9 @@ def _moc_km_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, Ent, ChunkOff, Cn
             lse2 = tl.load(LSE2 + bh * Tq + rows, mask=rvalid, other=float("inf"))
             delta = tl.load(DELTA + bh * Tq + rows, mask=rvalid, other=0.0)
             lim = tl.load(Lim + rows, mask=rvalid, other=0)
-            valid = nmask[:, None] & (offs_n[:, None] < lim[None, :])
+            # keys past the segment end (jb) need no mask: their K and V rows load as zeros and
+            # their dK / dV rows are not stored, and with zero K they add nothing to dQ
+            valid = offs_n[:, None] < lim[None, :]
             dk, dv, dsT = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
             if ATOMIC_DQ:
                 dq = _dot(tl.trans(dsT), k) * sm_scale
@@ -851,16 +852,25 @@ KM_BWD = "split"
 
 
 def _km_blocks(block_d: int, esize: int = 2, kind: str = "fwd") -> tuple[int, int, int, int]:
-    """Tiles of the key-major kernels. H100 sweep (bench/moc_keymajor.py --tune, T = 32768, D = 128,
-    bf16): 128-row tiles are the fastest forward, 64 x 64 the fastest backward by far."""
+    """Tiles of the key-major kernels, ``kind`` "fwd" (forward and its combine), "dq" (dQ and its
+    combine; "bwd" is the same: its BLOCK_M is the row tile the work lists count in) or "dkdv"
+    (BLOCK_N keys per program, BLOCK_M gathered rows per step; independent of the lists). H100
+    sweeps at T = 32768, D = 128, bf16: 128-row tiles are the fastest forward and 64 x 64 the
+    fastest dQ (bench/moc_keymajor.py --tune); dK/dV takes 128 keys over 64-row steps with 8
+    warps and 3 stages (bench/moc_profile.py --km-dkdv: backward 15.4 vs 18.0 ms at 64 x 64)."""
+    kind = "dq" if kind == "bwd" else kind
     if _interpreting():
-        return KM_BLOCKS.get("interp", BLOCKS.get("interp", (16, 16, 4, 1)))
-    if "cuda" in KM_BLOCKS:
-        return KM_BLOCKS["cuda"]
+        return KM_BLOCKS.get(f"interp_{kind}", KM_BLOCKS.get("interp", BLOCKS.get("interp", (16, 16, 4, 1))))
+    # "dkdv_atomic": the dK/dV kernel with ATOMIC_DQ (its own default; "cuda_dkdv_atomic" sets it)
+    for key in (f"cuda_{kind}", "cuda"):
+        if key in KM_BLOCKS:
+            return KM_BLOCKS[key]
     if esize > 2 and block_d > 64:
         return (32, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
     if block_d <= 128:
-        return (128, 64, 4, 2) if kind == "fwd" else (64, 64, 4, 2)
+        # the atomic-dQ dK/dV has a fifth dot and its tile: 128 x 3 stages exceed shared memory
+        return {"fwd": (128, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 3),
+                "dkdv_atomic": (64, 64, 4, 2)}[kind]
     return (32, 32, 4, 1)
 
 
@@ -987,11 +997,12 @@ def _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km: KeyMa
     C = sel.shape[-1]
     G = Hq // Hk
     BD = _block_d(D)
-    bm, bn, warps, stages = _km_blocks(BD, q.element_size(), "bwd")
+    bm, bn, warps, stages = _km_blocks(BD, q.element_size(), "dq")
+    atomic = _km_bwd_mode() == "atomic"
+    bm_kv, bn_kv, warps_kv, stages_kv = _km_blocks(BD, q.element_size(), "dkdv_atomic" if atomic else "dkdv")
     ns = km.ns
     pre = min(int(prefix), Tk)
     qk_scale = float(scale) * LOG2E
-    atomic = _km_bwd_mode() == "atomic"
     dqa = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device) if atomic else q.new_empty(1, 1, 1, 1)
     dk = _alloc((B, Tk, Hk, D), q.dtype, q.device)
     dv = _alloc((B, Tk, Hk, D), q.dtype, q.device)
@@ -999,16 +1010,16 @@ def _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km: KeyMa
     starts = torch.clamp(bounds[:-1], min=pre)
     seg_len = torch.clamp(bounds[1:] - starts, min=0)
     seg_len = torch.cat([seg_len, seg_len.new_full((1,), pre)])
-    kb_off = torch.nn.functional.pad(((seg_len + (bn - 1)) // bn).cumsum(0), (1, 0)).to(torch.int32).contiguous()
-    _moc_km_dkdv_kernel[(triton.cdiv(Tk, bn) + C + 1, Hk, B)](
+    kb_off = torch.nn.functional.pad(((seg_len + (bn_kv - 1)) // bn_kv).cumsum(0), (1, 0)).to(torch.int32).contiguous()
+    _moc_km_dkdv_kernel[(triton.cdiv(Tk, bn_kv) + C + 1, Hk, B)](
         q, k, v, do, dk, dv, dqa, lse2, delta, km.ent, km.chunk_off, km.cnt, lim, bounds, kb_off,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dqa.stride(0), dqa.stride(1), dqa.stride(2),
         Hq, Tq, Tk, G, C, ns, pre, qk_scale, float(scale),
-        D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, LOGS=_logs(C + 1), ATOMIC_DQ=atomic, num_warps=warps,
-        num_stages=stages)
+        D=D, BLOCK_D=BD, BLOCK_M=bm_kv, BLOCK_N=bn_kv, LOGS=_logs(C + 1), ATOMIC_DQ=atomic, num_warps=warps_kv,
+        num_stages=stages_kv)
     if atomic:
         return dqa.to(q.dtype), dk, dv
     dq = _alloc((B, Tq, Hq, D), q.dtype, q.device)
