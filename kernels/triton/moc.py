@@ -1,10 +1,13 @@
 """Mixture of Contexts (``context.moc``) in Triton: block-sparse flash attention over the chunks
 each query selected, forward and backward, on the shared online-softmax core.
 
-Routing is the torch function ``plugins.context.reference.moc_routing`` (chunk means, scores,
-top-k with the shared tie-breaking, drop-off / drop-in), run as torch ops on the GPU; it gives a
-selection ``sel[b, h, i, c]`` (own chunk included), the chunk bounds and each row's exclusive key
-limit ``lim[i]`` (``pos_i + 1`` causal, ``Tk`` otherwise). The host then builds block lists:
+Routing (:func:`moc_route`) is the reference's chunk means and scores in torch, then
+:func:`_moc_select_kernel` for the top-k with the shared tie-breaking (drop-off / drop-in take
+the torch ``plugins.context.reference.moc_routing``); the shape-only geometry is cached, so the
+step makes no host sync. It gives a selection ``sel[b, h, i, c]`` (own chunk included), the chunk
+bounds and each row's exclusive key limit ``lim[i]`` (``pos_i + 1`` causal, ``Tk`` otherwise).
+Small kernels then build the block lists (:func:`_moc_qlist_kernel`, :func:`_moc_klist_q_kernel`;
+the torch :func:`moc_block_lists` builds the same lists and is the tests' yardstick):
 
 * forward / dQ: for every (batch, query head, query block of BLOCK_M rows), the ascending list of
   chunks selected by at least one row of the block;
@@ -732,8 +735,9 @@ def _moc_km_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, Ent, ChunkOff, Cn
 
 def moc_block_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int, group: int,
                     block_m: int, block_n: int):
-    """Block lists for the kernels, in torch (see the module docstring; the forward builds the
-    query-side lists with :func:`_moc_qlist_kernel` instead, which gives the same lists).
+    """Block lists for the kernels, in torch (see the module docstring): the yardstick of the list
+    kernels (:func:`_query_block_lists`, :func:`_backward_lists`, which the kernels use) and the
+    fallback beyond SELECT_MAX_C chunks.
 
     Returns ``qlist`` int32 [B, Hq, NQB, C] (ascending chunk ids, first ``qcount`` valid),
     ``qcount`` int32 [B, Hq, NQB], ``klist`` int32 [B, Hk, NKB, NQB] (query block ids) and
