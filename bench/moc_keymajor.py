@@ -231,7 +231,7 @@ def main() -> None:
         tmoc.KM_BLOCKS["cuda"] = tuple(int(x) for x in a.km_cfg.split(","))
     if a.ratio is not None:
         tmoc.KM_RATIO = a.ratio
-    out["km_cfg"] = [tmoc._km_blocks(128, 2, "fwd"), tmoc._km_blocks(128, 2, "bwd")]
+    out["km_cfg"] = [tmoc._km_blocks(128, 2, "fwd"), tmoc._km_blocks(128, 2, "dq"), tmoc._km_blocks(128, 2, "dkdv")]
     out["km_ratio"] = tmoc.KM_RATIO
     bm_q, bm_k = tmoc._blocks(128)[0], tmoc._km_blocks(128, 2, "fwd")[0]
     rows = []

@@ -43,7 +43,7 @@ with ``register_fake`` and ``register_autograd``.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -138,6 +138,14 @@ def _moc_select_kernel(S, Own, Lim, Sel, Tq, C, TOPK, CAUSAL: tl.constexpr, BLOC
 
 
 @triton.jit
+def _flagged_first(flag):
+    """Positions that list the set entries of 0/1 ``flag`` first, then the others, each in
+    ascending order (a stable partition), and the count of set entries."""
+    cnt = tl.sum(flag, axis=0)
+    return tl.where(flag > 0, tl.cumsum(flag, axis=0) - 1, cnt + tl.cumsum(1 - flag, axis=0) - 1), cnt
+
+
+@triton.jit
 def _moc_qlist_kernel(Sel, Lim, QList, QCount, U, BlkLim, Tq, C, NQB, NSB, BLOCK_M: tl.constexpr,
                       SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LIST: tl.constexpr,
                       UNION: tl.constexpr):
@@ -165,21 +173,15 @@ def _moc_qlist_kernel(Sel, Lim, QList, QCount, U, BlkLim, Tq, C, NQB, NSB, BLOCK
         if UNION:
             sb = qb * (BLOCK_M // BLOCK_S) + s0 // BLOCK_S
             tl.store(U + (bh.to(tl.int64) * NSB + sb) * C + cols, part.to(tl.uint8), mask=cmask & (sb < NSB))
-            srows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-            lim = tl.max(tl.load(Lim + srows, mask=srows < Tq, other=0), axis=0)
-            tl.store(BlkLim + sb, lim, mask=(bh == 0) & (sb < NSB))
+            if bh == 0:   # the row limits are the same for every (batch, head)
+                srows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+                lim = tl.max(tl.load(Lim + srows, mask=srows < Tq, other=0), axis=0)
+                tl.store(BlkLim + sb, lim, mask=sb < NSB)
     if LIST:
-        cnt = tl.sum(blk, axis=0)
-        pos = tl.where(blk > 0, tl.cumsum(blk, axis=0) - 1, cnt + tl.cumsum(1 - blk, axis=0) - 1)
+        pos, cnt = _flagged_first(blk)
         out = (bh.to(tl.int64) * NQB + qb)
         tl.store(QList + out * C + pos, cols, mask=cmask)
         tl.store(QCount + out, cnt)
-
-
-@triton.jit
-def _chunk_of(Bounds, key, C, LOGS: tl.constexpr):
-    """The chunk holding key ``key`` (0 <= key < Bounds[C]): the largest c with Bounds[c] <= key."""
-    return _find_segment(Bounds, key, C, LOGS)
 
 
 @triton.jit
@@ -197,8 +199,8 @@ def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, 
     nkb = tl.num_programs(0)
     kstart = kb * BLOCK_N
     kend = tl.minimum(kstart + BLOCK_N, Tk) - 1
-    c_first = _chunk_of(Bounds, kstart, C, LOGS)
-    c_last = _chunk_of(Bounds, kend, C, LOGS)
+    c_first = _find_segment(Bounds, kstart, C, LOGS)   # the chunk holding the first key
+    c_last = _find_segment(Bounds, kend, C, LOGS)
     qs = tl.arange(0, BLOCK_Q)
     qmask = qs < NSB
     need = tl.zeros([BLOCK_Q], dtype=tl.int32)
@@ -211,8 +213,7 @@ def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, 
     if kstart < PREFIX:
         need = need * 0 + 1
     need = tl.where(qmask & (blim > kstart), need, 0)
-    cnt = tl.sum(need, axis=0)
-    pos = tl.where(need > 0, tl.cumsum(need, axis=0) - 1, cnt + tl.cumsum(1 - need, axis=0) - 1)
+    pos, cnt = _flagged_first(need)
     row = ((b * tl.num_programs(1) + hk) * nkb + kb).to(tl.int64)
     tl.store(KList + row * NSB + pos, qs, mask=qmask)
     tl.store(KMeta + row * 3, cnt)
@@ -857,15 +858,14 @@ KM_BWD = "split"
 
 def _km_blocks(block_d: int, esize: int = 2, kind: str = "fwd") -> tuple[int, int, int, int]:
     """Tiles of the key-major kernels, ``kind`` "fwd" (forward and its combine), "dq" (dQ and its
-    combine; "bwd" is the same: its BLOCK_M is the row tile the work lists count in) or "dkdv"
-    (BLOCK_N keys per program, BLOCK_M gathered rows per step; independent of the lists). H100
+    combine; its BLOCK_M is the row tile the work lists count in), "dkdv" (BLOCK_N keys per
+    program, BLOCK_M gathered rows per step; independent of the lists) or "dkdv_atomic" (the
+    dK/dV kernel with ATOMIC_DQ; its own default, "cuda_dkdv_atomic" sets it). H100
     sweeps at T = 32768, D = 128, bf16: 128-row tiles are the fastest forward and 64 x 64 the
     fastest dQ (bench/moc_keymajor.py --tune); dK/dV takes 128 keys over 64-row steps with 8
     warps and 3 stages (bench/moc_profile.py --km-dkdv: backward 15.4 vs 18.0 ms at 64 x 64)."""
-    kind = "dq" if kind == "bwd" else kind
     if _interpreting():
         return KM_BLOCKS.get(f"interp_{kind}", KM_BLOCKS.get("interp", BLOCKS.get("interp", (16, 16, 4, 1))))
-    # "dkdv_atomic": the dK/dV kernel with ATOMIC_DQ (its own default; "cuda_dkdv_atomic" sets it)
     for key in (f"cuda_{kind}", "cuda"):
         if key in KM_BLOCKS:
             return KM_BLOCKS[key]
@@ -1090,7 +1090,7 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, 
     _check_i32(q, k, v, o, do)
     delta, lse2 = bwd_row_stats(o, do, lse, BD)
     G = Hq // Hk
-    km, lists = _plan(sel, bm, _km_blocks(BD, es, "bwd")[0], query_major,
+    km, lists = _plan(sel, bm, _km_blocks(BD, es, "dq")[0], query_major,
                       lambda: _backward_lists(sel, bounds, lim, prefix, G, Tk, bm, bm_kv, bn_kv))
     if km is not None:
         return _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km)
@@ -1180,45 +1180,54 @@ _ROUTE_KEYS = ("causal", "chunk_size", "top_k", "prefix", "boundaries", "drop_of
 
 
 class _Geometry(NamedTuple):
-    """Routing facts that depend only on the shapes (``reference.routing_geometry``), on the
-    device in the kernels' int32 and on the host, built once per shape."""
-    bounds: torch.Tensor     # long [C + 1]
-    lim: torch.Tensor        # long [Tq]
-    own: torch.Tensor        # long [Tq]
+    """Routing facts that depend only on the shapes (``reference.routing_geometry``), built once
+    per shape: what the router and the kernels read on the device, and the chunk lengths."""
+    bounds: torch.Tensor     # long [C + 1] (``chunk_scores``)
     bounds32: torch.Tensor   # int32 [C + 1]
     lim32: torch.Tensor      # int32 [Tq]
     own32: torch.Tensor      # int32 [Tq]
     lens: list               # chunk lengths (host)
-    lim_host: torch.Tensor   # long [Tq] (CPU)
-    own_host: torch.Tensor   # long [Tq] (CPU)
-    causal: bool
 
 
-_GEOMETRY: dict = {}
-_PROVEN: dict = {}
+def _shape_key(tq, tk, causal, chunk_size, boundaries) -> tuple:
+    if boundaries is not None:
+        boundaries = tuple(int(x) for x in (boundaries.tolist() if hasattr(boundaries, "tolist") else boundaries))
+    return int(tq), int(tk), bool(causal), int(chunk_size), boundaries
 
 
 def _geometry(tq: int, tk: int, causal: bool, chunk_size: int, boundaries, device) -> _Geometry:
-    """Cached :class:`_Geometry`: a call after the first makes no device tensor from host data
-    (a host-to-device copy waits for the stream) and reads nothing back."""
-    from ...plugins.context.reference import chunk_bounds, routing_geometry
-    if boundaries is not None:
-        boundaries = tuple(int(x) for x in (boundaries.tolist() if hasattr(boundaries, "tolist") else boundaries))
-    key = (int(tq), int(tk), bool(causal), int(chunk_size), boundaries, str(torch.device(device)))
-    geo = _GEOMETRY.get(key)
-    if geo is None:
-        bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")
-        b = chunk_bounds(tk, chunk_size, boundaries)
-        dev = [t.to(device) for t in (bounds, lim, own, bounds.int(), lim.int(), own.int())]
-        geo = _Geometry(*dev, [b[i + 1] - b[i] for i in range(len(b) - 1)], lim, own, bool(causal))
-        if len(_GEOMETRY) >= 64:
-            _GEOMETRY.clear()
-        _GEOMETRY[key] = geo
-    return geo
+    """:class:`_Geometry`, cached per shape and device: a call after the first makes no device
+    tensor from host data (a host-to-device copy waits for the stream) and reads nothing back."""
+    return _geometry_cached(*_shape_key(tq, tk, causal, chunk_size, boundaries), str(torch.device(device)))
 
 
-def _query_major_proven(geo: _Geometry, top_k: int, drop_off: float, bm: int) -> bool:
-    """True when the geometry alone shows that auto would pick the query-major path for any
+@functools.lru_cache(maxsize=64)
+def _geometry_cached(tq, tk, causal, chunk_size, boundaries, device) -> _Geometry:
+    from ...plugins.context.reference import routing_geometry
+    bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")
+    lens = (bounds[1:] - bounds[:-1]).tolist()
+    return _Geometry(bounds.to(device), *(t.int().to(device) for t in (bounds, lim, own)), lens)
+
+
+@functools.lru_cache(maxsize=256)
+def _proof_counts(tq, tk, causal, chunk_size, boundaries, top_k: int, dropping: bool, bm: int):
+    """``(pairs, bound)`` of :func:`_query_major_proven`, from the host geometry."""
+    from ...plugins.context.reference import routing_geometry
+    bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")
+    C = bounds.numel() - 1
+    has = own >= 0
+    # candidates per row, as the router counts them: chunks before the own one (causal, the row
+    # having keys), every chunk but the own one otherwise
+    cand = torch.where(has & (lim > 0), own, torch.zeros_like(own)) if causal else C - has.long()
+    pairs = int(has.sum()) + (0 if dropping else int(torch.clamp(cand, max=int(top_k)).sum()))
+    nqb = triton.cdiv(tq, bm)
+    blk_lim = torch.nn.functional.pad(lim, (0, nqb * bm - tq)).view(nqb, bm).amax(1)
+    bound = int(torch.searchsorted(bounds[:-1].contiguous(), blk_lim, side="left").sum()) * bm
+    return pairs, bound
+
+
+def _query_major_proven(tq, tk, causal, chunk_size, boundaries, top_k: int, drop_off: float, bm: int) -> bool:
+    """True when the shapes alone show that auto would pick the query-major path for any
     selection the router can make, so the forward and backward skip the auto decision and its
     host sync. Key-major tiles x BLOCK_M_k >= the (row, chunk) pairs selected, at least
     ``min(top_k, candidates) + 1`` per row with keys (own chunk only under drop-off);
@@ -1226,27 +1235,9 @@ def _query_major_proven(geo: _Geometry, top_k: int, drop_off: float, bm: int) ->
     picks query-major when ``km tiles x BLOCK_M_k x KM_RATIO > qm tiles x bm`` (:func:`_plan`):
     implied when ``pairs x KM_RATIO > bound x bm``. ``bm``: the largest query block of the
     kernels (the bound grows with it)."""
-    key = (id(geo), int(top_k), drop_off > 0, int(bm))
-    got = _PROVEN.get(key)
-    if got is None or got[0] is not geo:
-        own, lim = geo.own_host, geo.lim_host
-        C = len(geo.lens)
-        has = own >= 0
-        if geo.causal:
-            cand = torch.where(has & (lim > 0), own, torch.zeros_like(own))
-        else:
-            cand = C - has.long()
-        pairs = int(has.sum()) + (0 if drop_off > 0 else int(torch.clamp(cand, max=int(top_k)).sum()))
-        tq = own.numel()
-        nqb = triton.cdiv(tq, bm)
-        blk_lim = torch.nn.functional.pad(lim, (0, nqb * bm - tq)).view(nqb, bm).amax(1)
-        starts = torch.tensor([0] + list(itertools.accumulate(geo.lens))[:-1], dtype=torch.long)
-        bound = int(torch.searchsorted(starts, blk_lim, side="left").sum()) * bm
-        got = (geo, pairs, bound)
-        if len(_PROVEN) >= 256:
-            _PROVEN.clear()
-        _PROVEN[key] = got
-    return got[1] * KM_RATIO > got[2]
+    pairs, bound = _proof_counts(*_shape_key(tq, tk, causal, chunk_size, boundaries), int(top_k), drop_off > 0,
+                                 int(bm))
+    return pairs * KM_RATIO > bound
 
 
 def moc_route(q: torch.Tensor, k: torch.Tensor, causal: bool = True, chunk_size: int = 64, top_k: int = 4,
@@ -1292,13 +1283,14 @@ def _proven_for(q, k, params) -> bool:
     """:func:`_query_major_proven` for the router's own selection under ``params`` (auto path only)."""
     if _path() != "auto" or q.shape[1] == 0 or k.shape[1] == 0:
         return False
-    geo = _geometry(q.shape[1], k.shape[1], params.get("causal", True), params.get("chunk_size", 64),
-                    params.get("boundaries"), q.device)
-    if not geo.lens or triton.next_power_of_2(len(geo.lens)) > SELECT_MAX_C:
+    shape = (q.shape[1], k.shape[1], params.get("causal", True), params.get("chunk_size", 64),
+             params.get("boundaries"))
+    C = len(_geometry(*shape, q.device).lens)
+    if C == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
         return False
     BD, es = _block_d(q.shape[-1]), q.element_size()
     bm = max(_blocks(BD, es, "fwd")[0], _blocks(BD, es, "dq")[0])
-    return _query_major_proven(geo, params.get("top_k", 4), params.get("drop_off", 0.0), bm)
+    return _query_major_proven(*shape, params.get("top_k", 4), params.get("drop_off", 0.0), bm)
 
 
 def moc_attention_fwd(q, k, v, scale=None, routing=None, **params):
