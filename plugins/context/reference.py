@@ -117,8 +117,7 @@ def chunk_descriptors(k: torch.Tensor, bounds: torch.Tensor, lens: list[int] | N
     kf = k.detach().to(_acc_dtype(k.dtype))
     b, t = kf.shape[:2]
     if lens is None:
-        lens_t = (bounds[1:] - bounds[:-1]).to(kf.device)
-        lens = lens_t.tolist()
+        lens = (bounds[1:] - bounds[:-1]).tolist()
     c = len(lens)
     size = lens[0] if c else 0
     if c and all(n == size for n in lens[:-1]) and lens[-1] <= size:
