@@ -8,8 +8,8 @@ heads, head dim 128, bf16, causal:
    the forward (``_fwd_impl``) per ``BLOCKS["cuda_fwd"]`` candidate, the backward
    (``_bwd_impl``: lists, dK/dV and dQ) per ``cuda_dq`` candidate (dK/dV at its default) and
    per ``cuda_dkdv`` candidate (dQ at its default);
-2. end to end (routing included) forward and forward+backward at the defaults and at the best
-   tiles of the sweep, the key-major path, the blockzoo dense core and SDPA flash (FA2), all in
+2. end to end (routing included) forward and forward+backward at the defaults (and with
+   ``FLAT_CHUNKS = False``: one loop per listed chunk) and at the best tiles of the sweep, the key-major path, the blockzoo dense core and SDPA flash (FA2), all in
    this run;
 3. a ``torch.profiler`` trace of one forward+backward at the best tiles (GPU time per kernel,
    kernels per call, kernel time against wall time), and whether the call makes a host sync
@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from blockzoo.kernels.triton import moc as tmoc  # noqa: E402
 from blockzoo.kernels.triton.attention import attention as dense_attention  # noqa: E402
 
-FWD = "64/64/4/2,64/64/4/3,128/64/8/2,128/64/8/3,64/128/4/2,128/128/8/2"
+FWD = "64/64/4/2,64/64/4/3,64/64/4/4,128/64/8/2,128/64/8/3,64/128/4/2,128/128/8/2"
 DQ = "64/64/4/2,64/64/4/3,128/64/8/2,128/64/8/3"
 DKDV = "64/64/4/2,64/64/4/3,64/128/8/2,64/128/8/3,32/128/8/2,32/128/4/2"
 
@@ -133,10 +133,11 @@ def measure(kind, T, H, D, params, fwd, dq, dkdv, km_dkdv=()):
     row["route"] = bench(lambda: tmoc.moc_route(q, k, **params))
     sel, bounds, lim, _ = tmoc.moc_route(q, k, **params)
     sc = 1.0 / math.sqrt(D)
-    o, lse = tmoc._fwd_impl(q, k, v, sel, bounds, lim, 0, sc, True)
+    seg = tmoc._flat_seg_len(T, T, True, params["chunk_size"], None, 0)   # the flattened chunk loop
+    o, lse = tmoc._fwd_impl(q, k, v, sel, bounds, lim, 0, sc, True, seg)
     do = torch.randn_like(q)
-    row["sweep_fwd"] = sweep("fwd", fwd, lambda: tmoc._fwd_impl(q, k, v, sel, bounds, lim, 0, sc, True))
-    bwd = lambda: tmoc._bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, 0, sc, True)  # noqa: E731
+    row["sweep_fwd"] = sweep("fwd", fwd, lambda: tmoc._fwd_impl(q, k, v, sel, bounds, lim, 0, sc, True, seg))
+    bwd = lambda: tmoc._bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, 0, sc, True, seg)  # noqa: E731
     row["sweep_dq"] = sweep("dq", dq, bwd)
     row["sweep_dkdv"] = sweep("dkdv", dkdv, bwd)
     if km_dkdv:   # the key-major dK/dV kernel's tiles (its backward forced, same routing)
@@ -146,6 +147,10 @@ def measure(kind, T, H, D, params, fwd, dq, dkdv, km_dkdv=()):
     moc = lambda a_, b_, c_: tmoc.moc_attention(a_, b_, c_, **params)  # noqa: E731
     row["default_fwd"] = bench(lambda: moc(q, k, v))
     row["default_fb"] = bench(fb_fn(moc, q, k, v))
+    tmoc.FLAT_CHUNKS = False   # A/B: one pipelined loop per listed chunk
+    row["perchunk_fwd"] = bench(lambda: moc(q, k, v))
+    row["perchunk_fb"] = bench(fb_fn(moc, q, k, v))
+    tmoc.FLAT_CHUNKS = True
     chosen = {kd: best(row[f"sweep_{kd}"]) for kd in ("fwd", "dq", "dkdv")}
     row["best_cfg"] = chosen
     for kd, c in chosen.items():
@@ -197,7 +202,7 @@ def main() -> None:
             if f"sweep_{kd}" in r:
                 print(f"  {kd:>7}: " + "  ".join(f"{c} {t:.3f}" if isinstance(t, float) else f"{c} ERR"
                                                   for c, t in r[f"sweep_{kd}"].items()))
-        for name in ("default", "best", "key"):
+        for name in ("default", "perchunk", "best", "key"):
             print(f"  {name:>8}: fwd {r[name + '_fwd']:.3f} ({r['fa2_fwd'] / r[name + '_fwd']:.2f}x)  "
                   f"f+b {r[name + '_fb']:.3f} ({r['fa2_fb'] / r[name + '_fb']:.2f}x)")
         p = r["profile_best_fb"]

@@ -299,6 +299,66 @@ def test_triton_query_major_whole_and_mixed_blocks(monkeypatch, causal):
         torch.testing.assert_close(a.cpu().double(), b, rtol=0, atol=2e-5)
 
 
+FLAT_CASES = [
+    # (Tq, Tk, Hq, Hk, D, params): ragged last chunk + prefix cutting chunk 0 + GQA; a prefix
+    # spanning two whole chunks; non-causal with Tq < Tk; chunk not a multiple of the key step
+    (45, 45, 4, 2, 40, dict(chunk_size=16, top_k=2, prefix=3)),
+    (64, 64, 2, 1, 16, dict(chunk_size=8, top_k=2, prefix=16)),
+    (30, 52, 2, 2, 16, dict(causal=False, chunk_size=16, top_k=2)),
+    (50, 50, 2, 2, 24, dict(chunk_size=24, top_k=1)),
+    (150, 150, 2, 1, 16, dict(chunk_size=128, top_k=1, prefix=5)),   # two 64-key tiles per chunk (GPU)
+]
+
+
+def test_flat_seg_len_rule():
+    """The flattened loop is taken when every chunk but about one is as long as the longest."""
+    from blockzoo.kernels.triton import moc as tmoc
+    assert tmoc._flat_seg_len(8192, 8192, True, 512, None, 0) == 512
+    assert tmoc._flat_seg_len(45, 45, True, 16, None, 3) == 16          # 13 + 16 + 13: 6 keys short
+    assert tmoc._flat_seg_len(64, 64, True, 8, None, 16) == 0           # two whole chunks in the prefix
+    assert tmoc._flat_seg_len(64, 64, True, 8, None, 8) == 8            # one
+    assert tmoc._flat_seg_len(61, 61, True, 64, (0, 9, 10, 33, 50), 0) == 0
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: f"Tq{c[0]}-Tk{c[1]}-H{c[2]}:{c[3]}-D{c[4]}-"
+                         + "-".join(f"{k}{v}" for k, v in c[5].items()))
+def test_triton_flat_chunk_loop_matches_per_chunk_loops(monkeypatch, case):
+    """Forward and dQ walking every listed chunk's tiles in one loop (FLAT_CHUNKS, seg_len > 0)
+    against one loop per chunk and the fp64 reference; the prefix-spanning case is run with a
+    forced seg_len (the rule would pick the per-chunk loops) so whole-prefix chunks in the list
+    are walked as masked tiles. Interpreted, the two loops do the same tile steps in the same
+    order: equal bit for bit."""
+    from blockzoo.kernels.triton import moc as tmoc
+    Tq, Tk, Hq, Hk, D, params = case
+    monkeypatch.setattr(tmoc, "PATH", "query")
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
+    if INTERP:   # 8-key steps: several tiles per chunk
+        for kind in ("fwd", "dq"):
+            monkeypatch.setitem(tmoc.BLOCKS, f"interp_{kind}", (16, 8, 4, 1))
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(Tq + Tk + D)
+    q = torch.randn(1, Tq, Hq, D, generator=g).to(dev).requires_grad_()
+    k = torch.randn(1, Tk, Hk, D, generator=g).to(dev).requires_grad_()
+    v = torch.randn(1, Tk, Hk, D, generator=g).to(dev).requires_grad_()
+    do = torch.randn(1, Tq, Hq, D, generator=g).to(dev)
+    sel, bounds, lim, prefix = tmoc._routing_tensors(q, k, params, None)
+    seg = params["chunk_size"]
+    runs = {}
+    for flat in (True, False):
+        monkeypatch.setattr(tmoc, "FLAT_CHUNKS", flat)
+        with poisoned():
+            o, _ = tmoc._fwd_op(q, k, v, sel, bounds, lim, prefix, D ** -0.5, True, seg)
+            runs[flat] = (o, *torch.autograd.grad(o, (q, k, v), do))
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = moc_reference(qd, kd, vd, **params)
+    want = (ref, *torch.autograd.grad(ref, (qd, kd, vd), do.cpu().double()))
+    for a, b, w in zip(runs[True], runs[False], want, strict=True):
+        torch.testing.assert_close(a.detach().cpu().double(), w.detach(), rtol=0, atol=2e-5)
+        if INTERP:
+            assert torch.equal(a, b)
+
+
 KM_CASES = [
     # (B, Tq, Tk, Hq, Hk, D, params): ragged last chunk + GQA 4:2 + prefix, GQA 4:1 with variable
     # boundaries (a 1-key chunk), non-causal, Tq < Tk, Tq > Tk (rows without keys), drops on
@@ -569,7 +629,7 @@ def test_triton_custom_op_opcheck():
     k = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
     v = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
     sel, bounds, lim, prefix = tmoc._routing_tensors(q, k, dict(chunk_size=8, top_k=1), None)
-    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25, False),
+    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25, False, 8),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -180,26 +180,39 @@ def attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
             valid = cols[None, :] < Tk
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(valid, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # rows with no visible key so far keep m = -inf; subtract 0 instead (no NaN)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
+            v = _load_tile(v_base, cols, stride_vn, offs_d, Tk, D, MASKED, EVEN_D)
+            acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, qk, v, valid, qk_scale)
         else:
             if NEG_SCALE:
                 m_new = tl.maximum(m_i, tl.max(qk * qk_scale, 1))
             else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_sub = m_new
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_tile(v_base, cols, stride_vn, offs_d, Tk, D, MASKED, EVEN_D)
-        acc = _dot_acc(p.to(v.dtype), v, acc)
-        m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = _load_tile(v_base, cols, stride_vn, offs_d, Tk, D, MASKED, EVEN_D)
+            acc = _dot_acc(p.to(v.dtype), v, acc)
+            m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_tile(acc, m_i, l_i, qk, v, valid, qk_scale):
+    """One masked online-softmax step: the raw scores ``qk`` [BLOCK_M, BLOCK_N] of a key tile,
+    its value tile ``v`` and which (row, key) pairs count (``valid``). The step of
+    :func:`attn_fwd_inner`'s masked blocks and of loops that walk their own key tiles
+    (context.moc's flattened chunk loop). Returns ``(acc, m_i, l_i)``."""
+    s = tl.where(valid, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with no visible key so far keep m = -inf; subtract 0 instead (no NaN)
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot_acc(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -434,17 +447,25 @@ def attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, offs_m
         cols = start_n + offs_n0
         k = _load_tile(k_base, cols, s_kt, offs_d, Tk, D, MASKED, EVEN_D)
         v = _load_tile(v_base, cols, s_vt, offs_d, Tk, D, MASKED, EVEN_D)
-        qk = _dot(q, tl.trans(k))
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            valid = cols[None, :] < Tk
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(valid, p, 0.0)
-        dp = _dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
-        dq = _dot_acc(ds, k, dq)
+        valid = cols[None, :] < Tk
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
+        dq = attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED)
     return dq
+
+
+@triton.jit
+def attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED: tl.constexpr):
+    """One key tile's share of a query block's dQ (unscaled): P = exp2(Q K^T * qk_scale - lse2)
+    (zero where not ``valid``, with MASKED), dS = P (dO V^T - delta), dQ += dS K. The step of
+    :func:`attn_bwd_dq_inner` and of context.moc's flattened chunk loop."""
+    qk = _dot(q, tl.trans(k))
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(valid, p, 0.0)
+    dp = _dot(do, tl.trans(v))
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    return _dot_acc(ds, k, dq)
 
 
 @triton.jit

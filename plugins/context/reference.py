@@ -114,26 +114,28 @@ def chunk_descriptors(k: torch.Tensor, bounds: torch.Tensor, lens: list[int] | N
     as a host list when the caller has them (the GPU router): then the equal-chunk test and the
     divisors need nothing from the device, so no host sync (same values: lengths are exact in
     the float types)."""
-    kf = k.detach().to(_acc_dtype(k.dtype))
-    b, t = kf.shape[:2]
+    acc = _acc_dtype(k.dtype)
+    k = k.detach()
+    b = k.shape[0]
     if lens is None:
         lens = (bounds[1:] - bounds[:-1]).tolist()
     c = len(lens)
     size = lens[0] if c else 0
     if c and all(n == size for n in lens[:-1]) and lens[-1] <= size:
         full = c - 1 if lens[-1] < size else c
-        parts = [kf[:, :full * size].reshape(b, full, size, *kf.shape[2:]).sum(2)]
+        # sums accumulated in ``acc`` straight from k (no upcast copy of k)
+        parts = [k[:, :full * size].reshape(b, full, size, *k.shape[2:]).sum(2, dtype=acc)]
         if full < c:
-            parts.append(kf[:, full * size:].sum(1, keepdim=True))
+            parts.append(k[:, full * size:].sum(1, keepdim=True, dtype=acc))
         sums = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         # the divisors as a device tensor made by fills (no host-to-device copy)
-        lens_t = torch.full((c,), size, dtype=kf.dtype, device=kf.device)
+        lens_t = torch.full((c,), size, dtype=acc, device=k.device)
         if full < c:
             lens_t[-1] = lens[-1]
     else:
-        lens_t = (bounds[1:] - bounds[:-1]).to(kf.device)
-        sums = torch.segment_reduce(kf, "sum", lengths=lens_t.expand(b, c).contiguous(), axis=1)
-    return sums / lens_t.to(kf.dtype)[None, :, None, None]
+        lens_t = (bounds[1:] - bounds[:-1]).to(k.device)
+        sums = torch.segment_reduce(k.to(acc), "sum", lengths=lens_t.expand(b, c).contiguous(), axis=1)
+    return sums / lens_t.to(acc)[None, :, None, None]
 
 
 @torch.no_grad()
@@ -160,8 +162,15 @@ def routing_geometry(tq: int, tk: int, causal: bool, chunk_size: int, boundaries
 def chunk_scores(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor, lens: list[int] | None = None) -> torch.Tensor:
     """Router scores ``q_i . desc_c`` per head: fp32 (fp64 for fp64 inputs) [B, Hq, Tq, C]
     (``lens``: as :func:`chunk_descriptors`)."""
-    desc = expand_kv(chunk_descriptors(k, bounds, lens), q.shape[2])     # [B, C, Hq, D]
-    return torch.einsum("bthd,bchd->bhtc", q.detach().to(desc.dtype), desc).contiguous()
+    desc = chunk_descriptors(k, bounds, lens)                             # [B, C, Hk, D]
+    b, tq, hq, d = q.shape
+    c, hk = desc.shape[1], desc.shape[2]
+    g = hq // hk
+    # one copy of q, upcast and laid out [B, Hk, G, Tq, D] (query head h = hk * G + g shares kv
+    # head hk), then one matmul per (batch, kv head) straight into [B, Hq, Tq, C]
+    qh = torch.empty((b, hk, g, tq, d), dtype=desc.dtype, device=q.device)
+    qh.copy_(q.detach().unflatten(2, (hk, g)).permute(0, 2, 3, 1, 4))
+    return torch.matmul(qh.view(b, hk, g * tq, d), desc.permute(0, 2, 3, 1)).view(b, hq, tq, c)
 
 
 @torch.no_grad()
