@@ -50,7 +50,6 @@ from .attention import (
     _check,
     _check_i32,
     _dot,
-    _dot_acc,
     _interpreting,
     _load_tile,
     _loop_bound,
@@ -58,8 +57,11 @@ from .attention import (
     _store_tile,
     _unit_last,
     attn_bwd_dkdv_inner,
+    attn_bwd_dkdv_tile,
     attn_bwd_dq_inner,
+    attn_bwd_dq_tile,
     attn_fwd_inner,
+    attn_fwd_tile,
 )
 
 __all__ = ["membank_attention", "membank_fwd", "membank_bwd"]
@@ -80,16 +82,8 @@ def window_fwd_masked(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, pos, offs_d,
         k = _load_tile(k_base, cols, s_kt, offs_d, Tk, D, True, EVEN_D)
         qk = _dot(q, tl.trans(k))
         valid = (cols[None, :] < Tk) & (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
-        s = tl.where(valid, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
         v = _load_tile(v_base, cols, s_vt, offs_d, Tk, D, True, EVEN_D)
-        acc = _dot_acc(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, qk, v, valid, qk_scale)
     return acc, m_i, l_i
 
 
@@ -102,12 +96,8 @@ def window_dq_masked(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, pos, of
         cols = start_n + offs_n0
         k = _load_tile(k_base, cols, s_kt, offs_d, Tk, D, True, EVEN_D)
         v = _load_tile(v_base, cols, s_vt, offs_d, Tk, D, True, EVEN_D)
-        qk = _dot(q, tl.trans(k))
         valid = (cols[None, :] < Tk) & (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
-        p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
-        dq = _dot_acc(ds, k, dq)
+        dq = attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True)
     return dq
 
 
@@ -127,14 +117,9 @@ def window_dkdv_masked(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, s_q
         for g in range(0, _loop_bound(GROUP)):
             q = _load_tile(q_base + g * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
             lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
-            qkT = _dot(k, tl.trans(q))
-            pT = tl.where(valid, tl.math.exp2(qkT * qk_scale - lse2[None, :]), 0.0)
             do = _load_tile(do_base + g * s_doh, offs_m, s_dot, offs_d, Tq, D, True, EVEN_D)
-            dv = _dot_acc(pT.to(do.dtype), do, dv)
             delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
-            dpT = _dot(v, tl.trans(do))
-            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-            dk = _dot_acc(dsT, q, dk)
+            dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
     return dk, dv
 
 

@@ -24,7 +24,7 @@ the ``offs_m`` argument of its causal mask (``key_rel <= offs_m + diag`` with ``
 The dQ kernel reuses :func:`attention.attn_bwd_dq_inner` the same way; the preprocess kernel
 (delta, lse2) is the core's. When the chunk segments are equal in length (:func:`_flat_seg_len`),
 both instead run ONE loop over (listed chunk, tile) pairs (:func:`_flat_tile` gives each tile's
-keys and mask; the steps are the core's :func:`attention.attn_fwd_tile` /
+keys, values and mask; the steps are the core's :func:`attention.attn_fwd_tile` /
 :func:`attention.attn_bwd_dq_tile`), so the software pipeline is not drained per chunk. dK/dV need a per-(key, row) selection, which the core's
 ``attn_bwd_dkdv_inner`` cannot express (its query rows are internal), so :func:`_moc_dkdv_kernel`
 has its own loop over the listed query blocks (group heads inside the program: no atomics); each
@@ -243,13 +243,12 @@ def _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C):
 
 
 @triton.jit
-def _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C, PREFIX,
-               BLOCK_N: tl.constexpr):
+def _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C, PREFIX, k_base, v_base, s_kt, s_vt,
+               offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr):
     """Tile ``i`` of a query block's flattened chunk loop (TPC tiles per listed chunk): its key
-    positions ``cols`` [BLOCK_N], the segment end ``jb`` (the loads' bound) and ``valid``
-    [BLOCK_M, BLOCK_N]: key < min(lim_row, jb) for rows that selected the chunk (keys start at
-    ``max(start, PREFIX)``, so one compare per pair). Tiles past a short segment's end are all
-    invalid (their keys are not loaded)."""
+    and value tiles (keys from ``max(start, PREFIX)``, zero past the segment end) and ``valid``
+    [BLOCK_M, BLOCK_N]: key < min(lim_row, end) for rows that selected the chunk, one compare
+    per pair. Tiles past a short segment's end are all invalid."""
     e = i // TPC
     c = tl.load(QList + lst + e)
     ja = tl.maximum(tl.load(Bounds + c), PREFIX)
@@ -257,7 +256,9 @@ def _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C, 
     s = tl.load(Sel + sel_row + offs_m.to(tl.int64) * C + c, mask=rmask, other=0)
     row_end = tl.where(s != 0, tl.minimum(lim, jb), 0)
     cols = ja + (i - e * TPC) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return cols, jb, cols[None, :] < row_end[:, None]
+    k = _load_tile(k_base, cols, s_kt, offs_d, jb, D, True, EVEN_D)
+    v = _load_tile(v_base, cols, s_vt, offs_d, jb, D, True, EVEN_D)
+    return k, v, cols[None, :] < row_end[:, None]
 
 
 @triton.jit
@@ -294,10 +295,8 @@ def _moc_fwd_kernel(Q, K, V, Out, LSE, Sel, Lim, Bounds, QList, QCount,
     if FLAT:
         # one loop over (listed chunk, tile) pairs, so the pipeline does not drain per chunk
         for i in range(0, _loop_bound(cnt * TPC)):
-            cols, jb, valid = _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C,
-                                         PREFIX, BLOCK_N)
-            k = _load_tile(k_base, cols, s_kt, offs_d, jb, D, True, EVEN_D)
-            v = _load_tile(v_base, cols, s_vt, offs_d, jb, D, True, EVEN_D)
+            k, v, valid = _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C, PREFIX,
+                                     k_base, v_base, s_kt, s_vt, offs_d, D, BLOCK_N, EVEN_D)
             acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, _dot(q, tl.trans(k)), v, valid, qk_scale)
     else:
         for t in range(0, _loop_bound(cnt)):
@@ -353,10 +352,8 @@ def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount
     cnt = tl.load(QCount + (b * Hq + h) * NQB + pid_m)
     if FLAT:
         for i in range(0, _loop_bound(cnt * TPC)):
-            cols, jb, valid = _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C,
-                                         PREFIX, BLOCK_N)
-            k = _load_tile(k_base, cols, s_kt, offs_d, jb, D, True, EVEN_D)
-            v = _load_tile(v_base, cols, s_vt, offs_d, jb, D, True, EVEN_D)
+            k, v, valid = _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C, PREFIX,
+                                     k_base, v_base, s_kt, s_vt, offs_d, D, BLOCK_N, EVEN_D)
             dq = attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True)
     else:
         for t in range(0, _loop_bound(cnt)):
