@@ -233,13 +233,17 @@ def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, 
 
 
 @triton.jit
-def _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C):
-    """offs_m for the core's causal mask over a segment starting at key ``ja`` of chunk ``c``:
-    ``lim_i - 1 - ja`` for rows that selected ``c``, ``-1`` (nothing visible) otherwise."""
+def _chunk_segment(QList, Bounds, Sel, Lim, lst, t, sel_row, offs_m, Tq, C, PREFIX):
+    """Listed chunk ``t`` of a query block for the per-chunk loops: its segment start ``ja =
+    max(start, PREFIX)``, length, and the ``offs_m`` argument of the core's causal mask over it
+    (``lim_i - 1 - ja`` for rows that selected the chunk, ``-1``: nothing visible, otherwise)."""
+    c = tl.load(QList + lst + t)
+    ja = tl.maximum(tl.load(Bounds + c), PREFIX)
+    seg = tl.maximum(tl.load(Bounds + c + 1) - ja, 0)
     rmask = offs_m < Tq
     s = tl.load(Sel + sel_row + offs_m.to(tl.int64) * C + c, mask=rmask, other=0)
     lim = tl.load(Lim + offs_m, mask=rmask, other=0)
-    return tl.where(s != 0, lim - 1 - ja, -1)
+    return ja, seg, tl.where(s != 0, lim - 1 - ja, -1)
 
 
 @triton.jit
@@ -300,11 +304,7 @@ def _moc_fwd_kernel(Q, K, V, Out, LSE, Sel, Lim, Bounds, QList, QCount,
             acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, _dot(q, tl.trans(k)), v, valid, qk_scale)
     else:
         for t in range(0, _loop_bound(cnt)):
-            c = tl.load(QList + lst + t)
-            ja = tl.maximum(tl.load(Bounds + c), PREFIX)
-            jb = tl.load(Bounds + c + 1)
-            seg = tl.maximum(jb - ja, 0)
-            rows = _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C)
+            ja, seg, rows = _chunk_segment(QList, Bounds, Sel, Lim, lst, t, sel_row, offs_m, Tq, C, PREFIX)
             hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
             acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
                                            rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N,
@@ -357,11 +357,7 @@ def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount
             dq = attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True)
     else:
         for t in range(0, _loop_bound(cnt)):
-            c = tl.load(QList + lst + t)
-            ja = tl.maximum(tl.load(Bounds + c), PREFIX)
-            jb = tl.load(Bounds + c + 1)
-            seg = tl.maximum(jb - ja, 0)
-            rows = _row_limits(Sel, Lim, sel_row, offs_m, c, ja, Tq, C)
+            ja, seg, rows = _chunk_segment(QList, Bounds, Sel, Lim, lst, t, sel_row, offs_m, Tq, C, PREFIX)
             hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
             dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
                                    rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N, True, True, EVEN_D)
