@@ -12,7 +12,9 @@ heads, head dim 128, bf16, causal:
    ``FLAT_CHUNKS = False``: one loop per listed chunk) and at the best tiles of the sweep, the key-major path, the blockzoo dense core and SDPA flash (FA2), all in
    this run;
 3. a ``torch.profiler`` trace of one forward+backward at the best tiles (GPU time per kernel,
-   kernels per call, kernel time against wall time), and whether the call makes a host sync
+   kernels per call, kernel time against wall time) and of the dense core's on the same inputs
+   (its forward / dQ / dK/dV kernels are what MoC's are measured against), and whether the call
+   makes a host sync
    (``torch.cuda.set_sync_debug_mode("error")``).
 
     python3 bench/moc_profile.py [--T 8192,32768] [--fwd 64/64/4/2,...] [--dq ...] [--dkdv ...]
@@ -159,6 +161,8 @@ def measure(kind, T, H, D, params, fwd, dq, dkdv, km_dkdv=()):
     row["best_fwd"] = bench(lambda: moc(q, k, v))
     row["best_fb"] = bench(fb_fn(moc, q, k, v))
     row["profile_best_fb"] = profile(fb_fn(moc, q, k, v))
+    # the dense core's kernels on the same inputs: what each MoC kernel is measured against
+    row["profile_dense_fb"] = profile(fb_fn(lambda a_, b_, c_: dense_attention(a_, b_, c_, causal=True), q, k, v))
     row["host_syncs_fb"] = syncs(fb_fn(moc, q, k, v))
     os.environ["BLOCKZOO_MOC_PATH"] = "key"
     km_best = best(row.get("sweep_km_dkdv", {}))
@@ -209,6 +213,8 @@ def main() -> None:
         print(f"  best f+b: wall {p['wall_ms']:.3f} ms, kernels {p['gpu_ms']:.3f} ms, {p['kernels_per_call']:.0f} kernels")
         for n, ms in p["top"][:6]:
             print(f"     {ms:7.3f}  {n}")
+        p = r["profile_dense_fb"]
+        print(f"  dense core f+b: kernels {p['gpu_ms']:.3f} ms: " + ", ".join(f"{n[:28]} {ms:.3f}" for n, ms in p["top"][:4]))
 
 
 if __name__ == "__main__":
