@@ -125,7 +125,10 @@ def _attn_kernel(qc, sq, kc, sk, vq, vs, lt, gamma, causal, qb, kb, pmode, o):
         m = np.full(nr, -np.inf, dtype=np.float32)
         lsum = np.zeros(nr, dtype=np.float32)
         acc = np.zeros((nr, d), dtype=np.float32)
-        for jb in range(nbk):
+        # causal: key blocks past the block's last row see nothing; skipping them is exact (a
+        # fully masked tile leaves m, l and acc unchanged bit for bit)
+        nbk_vis = min(nbk, (i1 - 1 + diag) // kb + 1) if causal else nbk
+        for jb in range(max(nbk_vis, 0)):
             j0 = jb * kb
             j1 = min(tk, j0 + kb)
             nc = j1 - j0
