@@ -43,6 +43,9 @@ the running ``(acc, m_i, l_i)`` state and a ``[lo, hi)`` key range (multiples of
 Variants (block-sparse key lists, an extra depth segment, quantised tiles, kept-KV index lists)
 call it with their own ranges or base pointers; ``MASKED=True`` applies the key-bound and the
 bottom-right causal mask, ``MASKED=False`` applies none (the fast path for full interior blocks).
+The per-tile steps under a given mask are helpers too (:func:`attn_fwd_tile`,
+:func:`attn_bwd_dq_tile`, :func:`attn_bwd_dkdv_tile`), for loops that walk their own key or
+query tiles (context.moc's flattened chunk loop, token.membank's window).
 
 This module imports only ``math``/``os``/``torch``/``triton`` so that it can be loaded by file
 path (the GPU bench does this).
