@@ -321,6 +321,26 @@ def test_flat_seg_len_rule():
 
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize(("params", "want"), [(dict(chunk_size=16, top_k=1), 16),
+                                              (dict(boundaries=(0, 5, 20, 21, 40, 48), top_k=1), 0)])
+def test_public_op_passes_the_flat_segment_length(monkeypatch, params, want):
+    """moc_attention's forward and backward both reach the kernels with the host's segment
+    length (fixed chunks: the flattened loop; variable boundaries: 0, the per-chunk loops)."""
+    from blockzoo.kernels.triton import moc as tmoc
+    monkeypatch.setattr(tmoc, "PATH", "query")
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
+    seen = []
+    real = tmoc._tiles_per_chunk
+    monkeypatch.setattr(tmoc, "_tiles_per_chunk", lambda seg_len, bn: seen.append(seg_len) or real(seg_len, bn))
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=g).to(dev).requires_grad_() for _ in range(3))
+    o = tmoc.moc_attention(q, k, v, **params)
+    torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert seen == [want, want]      # forward, then dQ
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
 @pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: f"Tq{c[0]}-Tk{c[1]}-H{c[2]}:{c[3]}-D{c[4]}-"
                          + "-".join(f"{k}{v}" for k, v in c[5].items()))
 def test_triton_flat_chunk_loop_matches_per_chunk_loops(monkeypatch, case):
