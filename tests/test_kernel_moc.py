@@ -313,11 +313,11 @@ FLAT_CASES = [
 def test_flat_seg_len_rule():
     """The flattened loop is taken when every chunk but about one is as long as the longest."""
     from blockzoo.kernels.triton import moc as tmoc
-    assert tmoc._flat_seg_len(8192, 8192, True, 512, None, 0) == 512
-    assert tmoc._flat_seg_len(45, 45, True, 16, None, 3) == 16          # 13 + 16 + 13: 6 keys short
-    assert tmoc._flat_seg_len(64, 64, True, 8, None, 16) == 0           # two whole chunks in the prefix
-    assert tmoc._flat_seg_len(64, 64, True, 8, None, 8) == 8            # one
-    assert tmoc._flat_seg_len(61, 61, True, 64, (0, 9, 10, 33, 50), 0) == 0
+    assert tmoc._flat_seg_len(8192, 512, None, 0) == 512
+    assert tmoc._flat_seg_len(45, 16, None, 3) == 16          # 13 + 16 + 13: 6 keys short
+    assert tmoc._flat_seg_len(64, 8, None, 16) == 0           # two whole chunks in the prefix
+    assert tmoc._flat_seg_len(64, 8, None, 8) == 8            # one
+    assert tmoc._flat_seg_len(61, 64, (0, 9, 10, 33, 50), 0) == 0
 
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")

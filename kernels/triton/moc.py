@@ -233,17 +233,22 @@ def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, 
 
 
 @triton.jit
-def _chunk_segment(QList, Bounds, Sel, Lim, lst, t, sel_row, offs_m, Tq, C, PREFIX):
-    """Listed chunk ``t`` of a query block for the per-chunk loops: its segment start ``ja =
-    max(start, PREFIX)``, length, and the ``offs_m`` argument of the core's causal mask over it
-    (``lim_i - 1 - ja`` for rows that selected the chunk, ``-1``: nothing visible, otherwise)."""
+def _listed_chunk(QList, Bounds, Sel, lst, t, sel_row, offs_m, rmask, C, PREFIX):
+    """Listed chunk ``t`` of a query block: its segment ``[ja, jb)`` with ``ja = max(start,
+    PREFIX)`` (prefix keys are swept once, before the chunks) and whether each row selected it."""
     c = tl.load(QList + lst + t)
     ja = tl.maximum(tl.load(Bounds + c), PREFIX)
-    seg = tl.maximum(tl.load(Bounds + c + 1) - ja, 0)
-    rmask = offs_m < Tq
-    s = tl.load(Sel + sel_row + offs_m.to(tl.int64) * C + c, mask=rmask, other=0)
-    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
-    return ja, seg, tl.where(s != 0, lim - 1 - ja, -1)
+    jb = tl.load(Bounds + c + 1)
+    return ja, jb, tl.load(Sel + sel_row + offs_m.to(tl.int64) * C + c, mask=rmask, other=0) != 0
+
+
+@triton.jit
+def _chunk_segment(QList, Bounds, Sel, lst, t, sel_row, offs_m, rmask, lim, C, PREFIX):
+    """:func:`_listed_chunk` for the per-chunk loops: segment start, length, and the ``offs_m``
+    argument of the core's causal mask over it (``lim_i - 1 - ja`` for rows that selected the
+    chunk, ``-1``: nothing visible, otherwise)."""
+    ja, jb, chose = _listed_chunk(QList, Bounds, Sel, lst, t, sel_row, offs_m, rmask, C, PREFIX)
+    return ja, tl.maximum(jb - ja, 0), tl.where(chose, lim - 1 - ja, -1)
 
 
 @triton.jit
@@ -254,11 +259,8 @@ def _flat_tile(QList, Bounds, Sel, lst, sel_row, offs_m, rmask, lim, i, TPC, C, 
     [BLOCK_M, BLOCK_N]: key < min(lim_row, end) for rows that selected the chunk, one compare
     per pair. Tiles past a short segment's end are all invalid."""
     e = i // TPC
-    c = tl.load(QList + lst + e)
-    ja = tl.maximum(tl.load(Bounds + c), PREFIX)
-    jb = tl.load(Bounds + c + 1)
-    s = tl.load(Sel + sel_row + offs_m.to(tl.int64) * C + c, mask=rmask, other=0)
-    row_end = tl.where(s != 0, tl.minimum(lim, jb), 0)
+    ja, jb, chose = _listed_chunk(QList, Bounds, Sel, lst, e, sel_row, offs_m, rmask, C, PREFIX)
+    row_end = tl.where(chose, tl.minimum(lim, jb), 0)
     cols = ja + (i - e * TPC) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_tile(k_base, cols, s_kt, offs_d, jb, D, True, EVEN_D)
     v = _load_tile(v_base, cols, s_vt, offs_d, jb, D, True, EVEN_D)
@@ -304,7 +306,7 @@ def _moc_fwd_kernel(Q, K, V, Out, LSE, Sel, Lim, Bounds, QList, QCount,
             acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, _dot(q, tl.trans(k)), v, valid, qk_scale)
     else:
         for t in range(0, _loop_bound(cnt)):
-            ja, seg, rows = _chunk_segment(QList, Bounds, Sel, Lim, lst, t, sel_row, offs_m, Tq, C, PREFIX)
+            ja, seg, rows = _chunk_segment(QList, Bounds, Sel, lst, t, sel_row, offs_m, rmask, lim, C, PREFIX)
             hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
             acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
                                            rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N,
@@ -357,7 +359,7 @@ def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount
             dq = attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True)
     else:
         for t in range(0, _loop_bound(cnt)):
-            ja, seg, rows = _chunk_segment(QList, Bounds, Sel, Lim, lst, t, sel_row, offs_m, Tq, C, PREFIX)
+            ja, seg, rows = _chunk_segment(QList, Bounds, Sel, lst, t, sel_row, offs_m, rmask, lim, C, PREFIX)
             hi = tl.cdiv(seg, BLOCK_N) * BLOCK_N
             dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
                                    rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N, True, True, EVEN_D)
@@ -1329,12 +1331,17 @@ def _routing_tensors(q, k, params, routing):
     return sel.to(q.device), bounds.to(q.device), lim.to(q.device), prefix
 
 
+def _route_shape(q, k, params) -> tuple:
+    """The router's shape key (:func:`_shape_key`) for q, k and the op's ``params``."""
+    return _shape_key(q.shape[1], k.shape[1], params.get("causal", True), params.get("chunk_size", 64),
+                      params.get("boundaries"))
+
+
 def _proven_for(q, k, params) -> bool:
     """:func:`_query_major_proven` for the router's own selection under ``params`` (auto path only)."""
     if _path() != "auto" or q.shape[1] == 0 or k.shape[1] == 0:
         return False
-    shape = (q.shape[1], k.shape[1], params.get("causal", True), params.get("chunk_size", 64),
-             params.get("boundaries"))
+    shape = _route_shape(q, k, params)
     C = len(_geometry(*shape, q.device).lens)
     if C == 0 or triton.next_power_of_2(C) > SELECT_MAX_C:
         return False
@@ -1344,14 +1351,14 @@ def _proven_for(q, k, params) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _flat_seg_len(tq, tk, causal, chunk_size, boundaries, prefix: int) -> int:
+def _flat_seg_len(tk: int, chunk_size: int, boundaries, prefix: int) -> int:
     """The longest chunk segment ``[max(start, prefix), end)`` when the flattened forward / dQ
     loop (every listed chunk walked as ``ceil(longest / BLOCK_N)`` tiles) wastes at most one
     longest segment's worth of keys over all chunks together (fixed chunk sizes: only the last
     chunk and the chunks the prefix cuts are short); 0 otherwise (variable boundaries: one loop
     per chunk)."""
-    from ...plugins.context.reference import routing_geometry
-    bounds = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")[0].tolist()
+    from ...plugins.context.reference import chunk_bounds
+    bounds = chunk_bounds(tk, chunk_size, boundaries)
     segs = [max(0, b1 - max(b0, prefix)) for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True)]
     longest = max(segs, default=0)
     return longest if longest > 0 and sum(longest - s for s in segs) <= longest else 0
@@ -1360,8 +1367,8 @@ def _flat_seg_len(tq, tk, causal, chunk_size, boundaries, prefix: int) -> int:
 def _seg_len_for(q, k, params, prefix: int) -> int:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return 0
-    return _flat_seg_len(*_shape_key(q.shape[1], k.shape[1], params.get("causal", True),
-                                     params.get("chunk_size", 64), params.get("boundaries")), int(prefix))
+    _, tk, _, chunk_size, boundaries = _route_shape(q, k, params)
+    return _flat_seg_len(tk, chunk_size, boundaries, int(prefix))
 
 
 def moc_attention_fwd(q, k, v, scale=None, routing=None, **params):
