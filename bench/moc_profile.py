@@ -9,7 +9,8 @@ heads, head dim 128, bf16, causal:
    (``_bwd_impl``: lists, dK/dV and dQ) per ``cuda_dq`` candidate (dK/dV at its default) and
    per ``cuda_dkdv`` candidate (dQ at its default);
 2. end to end (routing included) forward and forward+backward at the defaults (and with
-   ``FLAT_CHUNKS = False``: one loop per listed chunk) and at the best tiles of the sweep, the key-major path, the blockzoo dense core and SDPA flash (FA2), all in
+   ``FLAT_CHUNKS = False``: one loop per listed chunk; with ``ROW_MASKS = False``: dK/dV takes
+   the per-pair mask on every listed query block) and at the best tiles of the sweep, the key-major path, the blockzoo dense core and SDPA flash (FA2), all in
    this run;
 3. a ``torch.profiler`` trace of one forward+backward at the best tiles (GPU time per kernel,
    kernels per call, kernel time against wall time) and of the dense core's on the same inputs
@@ -25,6 +26,7 @@ Tiles are BLOCK_M/BLOCK_N/warps/stages; for dK/dV BLOCK_M is the query step, BLO
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -107,7 +109,7 @@ def sweep(kind, cands, call, table=None):
     for c in cands:
         table[f"cuda_{kind}"] = cfg_of(c)
         try:
-            out[c] = triton.testing.do_bench(call)
+            out[c] = triton.testing.do_bench(call, return_mode="median")
         except Exception as e:  # noqa: BLE001 (out of resources: record and go on)
             out[c] = repr(e)[:160]
     table.pop(f"cuda_{kind}", None)
@@ -120,7 +122,7 @@ def best(res: dict) -> str | None:
 
 
 def measure(kind, T, H, D, params, fwd, dq, dkdv, km_dkdv=()):
-    bench = triton.testing.do_bench
+    bench = functools.partial(triton.testing.do_bench, return_mode="median")
     q, k, v = inputs(kind, T, H, D, seed=T)
     qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     row: dict = {"inputs": kind, "T": T}
@@ -153,6 +155,11 @@ def measure(kind, T, H, D, params, fwd, dq, dkdv, km_dkdv=()):
     row["perchunk_fwd"] = bench(lambda: moc(q, k, v))
     row["perchunk_fb"] = bench(fb_fn(moc, q, k, v))
     tmoc.FLAT_CHUNKS = True
+    tmoc.ROW_MASKS = False     # A/B: dK/dV takes the per-pair mask on every listed query block
+    row["pairmask_fwd"] = bench(lambda: moc(q, k, v))
+    row["pairmask_fb"] = bench(fb_fn(moc, q, k, v))
+    row["profile_pairmask_fb"] = profile(fb_fn(moc, q, k, v))
+    tmoc.ROW_MASKS = True
     chosen = {kd: best(row[f"sweep_{kd}"]) for kd in ("fwd", "dq", "dkdv")}
     row["best_cfg"] = chosen
     for kd, c in chosen.items():
@@ -206,13 +213,15 @@ def main() -> None:
             if f"sweep_{kd}" in r:
                 print(f"  {kd:>7}: " + "  ".join(f"{c} {t:.3f}" if isinstance(t, float) else f"{c} ERR"
                                                   for c, t in r[f"sweep_{kd}"].items()))
-        for name in ("default", "perchunk", "best", "key"):
+        for name in ("default", "perchunk", "pairmask", "best", "key"):
             print(f"  {name:>8}: fwd {r[name + '_fwd']:.3f} ({r['fa2_fwd'] / r[name + '_fwd']:.2f}x)  "
                   f"f+b {r[name + '_fb']:.3f} ({r['fa2_fb'] / r[name + '_fb']:.2f}x)")
         p = r["profile_best_fb"]
         print(f"  best f+b: wall {p['wall_ms']:.3f} ms, kernels {p['gpu_ms']:.3f} ms, {p['kernels_per_call']:.0f} kernels")
         for n, ms in p["top"][:6]:
             print(f"     {ms:7.3f}  {n}")
+        p = r["profile_pairmask_fb"]
+        print("  pairmask f+b kernels: " + ", ".join(f"{n[:24]} {ms:.3f}" for n, ms in p["top"][:3]))
         p = r["profile_dense_fb"]
         print(f"  dense core f+b: kernels {p['gpu_ms']:.3f} ms: " + ", ".join(f"{n[:28]} {ms:.3f}" for n, ms in p["top"][:4]))
 

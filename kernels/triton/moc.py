@@ -106,6 +106,14 @@ def _blocks(block_d: int, esize: int = 2, kind: str = "fwd") -> tuple[int, int, 
 #: forward+backward 3.52 vs 3.68 ms (random), 3.10 vs 3.22 ms (coherent)
 FLAT_CHUNKS = True
 
+#: the dK/dV kernel walks a key block's listed query blocks past its causal cut (KMeta's n_diag
+#: on) with the per-row selection folded into lse2 (no per-pair mask); False: every listed block
+#: takes the per-pair mask (the A/B switch of bench/moc_profile.py). H100, T = 8192, chunk 512,
+#: top_k 8, same run: dK/dV 1.535 vs 1.598 ms (random), 1.342 vs 1.396 ms (coherent). The same
+#: fold in the forward (a 0 / -inf row bias) and dQ was slower or equal there (0.842 vs 0.816 ms
+#: forward), so they keep the per-pair mask.
+ROW_MASKS = True
+
 #: tests may set BLOCKS["interp"] = (BM, BN, warps, stages) to exercise other tilings, tuning
 #: scripts BLOCKS["cuda"]; a key with a kind suffix ("interp_dkdv", "cuda_fwd", "cuda_dq", ...)
 #: sets one kernel's tiles and wins over the plain key
@@ -164,7 +172,8 @@ def _moc_qlist_kernel(Sel, Lim, QList, QCount, U, BlkLim, Tq, C, NQB, NSB, BLOCK
     the block, ascending, then the others ascending (QList [B, Hq, NQB, C]), and their count
     (QCount [B, Hq, NQB]). UNION: the same union per sub-block of BLOCK_S rows (BLOCK_M a
     multiple of BLOCK_S) as uint8 U [B, Hq, NSB, C], and (batch 0, head 0) each sub-block's
-    largest row limit BlkLim [NSB] (the backward's key-block lists, :func:`_moc_klist_q_kernel`)."""
+    largest and smallest row limits BlkLim [2, NSB] (the backward's key-block lists,
+    :func:`_moc_klist_q_kernel`)."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -186,8 +195,10 @@ def _moc_qlist_kernel(Sel, Lim, QList, QCount, U, BlkLim, Tq, C, NQB, NSB, BLOCK
             tl.store(U + (bh.to(tl.int64) * NSB + sb) * C + cols, part.to(tl.uint8), mask=cmask & (sb < NSB))
             if bh == 0:   # the row limits are the same for every (batch, head)
                 srows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-                lim = tl.max(tl.load(Lim + srows, mask=srows < Tq, other=0), axis=0)
-                tl.store(BlkLim + sb, lim, mask=sb < NSB)
+                lims = tl.load(Lim + srows, mask=srows < Tq, other=0)
+                tl.store(BlkLim + sb, tl.max(lims, axis=0), mask=sb < NSB)
+                tl.store(BlkLim + NSB + sb, tl.min(tl.where(srows < Tq, lims, 2147483647), axis=0),
+                         mask=sb < NSB)
     if LIST:
         pos, cnt = _flagged_first(blk)
         out = (bh.to(tl.int64) * NQB + qb)
@@ -202,8 +213,10 @@ def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, 
     some row of some head of the GQA group selected a chunk touching the key block, or every
     sub-block that can see it when it overlaps the prefix, restricted to sub-blocks whose
     largest row limit passes the block start; ascending, then the others ascending (KList [B,
-    Hk, NKB, NSB]); KMeta [B, Hk, NKB, 3] = (count, first chunk, last chunk + 1). The same lists
-    as the torch :func:`moc_block_lists` (its ``klist`` / ``kmeta``)."""
+    Hk, NKB, NSB]); KMeta [B, Hk, NKB, 4] = (count, first chunk, last chunk + 1, n_diag):
+    listed sub-blocks from position n_diag on have every row's limit past the key block's last
+    key (no per-pair causal mask there). The same lists as the torch :func:`moc_block_lists`
+    (its ``klist`` / ``kmeta``)."""
     kb = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -225,11 +238,14 @@ def _moc_klist_q_kernel(U, BlkLim, Bounds, KList, KMeta, C, NSB, GROUP, PREFIX, 
         need = need * 0 + 1
     need = tl.where(qmask & (blim > kstart), need, 0)
     pos, cnt = _flagged_first(need)
+    blim_min = tl.load(BlkLim + NSB + qs, mask=qmask, other=0)
+    n_diag = tl.max(tl.where((need > 0) & (blim_min <= kend), pos + 1, 0), axis=0)
     row = ((b * tl.num_programs(1) + hk) * nkb + kb).to(tl.int64)
     tl.store(KList + row * NSB + pos, qs, mask=qmask)
-    tl.store(KMeta + row * 3, cnt)
-    tl.store(KMeta + row * 3 + 1, c_first)
-    tl.store(KMeta + row * 3 + 2, c_last + 1)
+    tl.store(KMeta + row * 4, cnt)
+    tl.store(KMeta + row * 4 + 1, c_first)
+    tl.store(KMeta + row * 4 + 2, c_last + 1)
+    tl.store(KMeta + row * 4 + 3, n_diag)
 
 
 @triton.jit
@@ -369,13 +385,18 @@ def _moc_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim, Bounds, QList, QCount
 
 
 @triton.jit
-def _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst, cnt,
-                   offs_n, offs_d, nmask, in_prefix, chunk_n, c_one, s_qt, s_qh, s_dt, s_dh, Tq, C, GROUP,
-                   PREFIX, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, ONE: tl.constexpr):
-    """:func:`_moc_dkdv_kernel`'s loop over its listed query blocks x the GQA group. ONE: every
-    key of the block is in chunk ``c_one`` (the selection is a per-row vector)."""
+def _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst, lo, hi,
+                   offs_n, offs_d, nmask, in_prefix, chunk_n, c_one, all_rows, s_qt, s_qh, s_dt, s_dh, Tq, C, GROUP,
+                   PREFIX, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                   MODE: tl.constexpr):
+    """:func:`_moc_dkdv_kernel`'s loop over its listed query blocks ``[lo, hi)`` x the GQA group.
+    MODE 0: keys of several chunks (a per-(key, row) selection); 1: every key of the block is in
+    chunk ``c_one`` (the selection is a per-row vector, the causal limit per pair); 2: as 1, and
+    every row's limit is past the block (listed blocks from KMeta's n_diag on), so the mask is
+    per row only and folds into lse2 (+inf for a row that did not select the chunk: p = 0);
+    ``all_rows``: the block lies inside the prefix (every row sees it)."""
     offs_m0 = tl.arange(0, BLOCK_M)
-    for it in range(0, _loop_bound(cnt * GROUP)):
+    for it in range(_loop_bound(lo * GROUP), _loop_bound(hi * GROUP)):
         blk = it // GROUP
         g = it - blk * GROUP
         start_m = tl.load(KList + lst + blk) * BLOCK_M
@@ -383,30 +404,35 @@ def _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_bas
         rmask = offs_m < Tq
         q = _load_tile(q_base + g * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
         lse2 = tl.load(lse2_base + g * Tq + offs_m, mask=rmask, other=float("inf"))
-        lim = tl.load(Lim + offs_m, mask=rmask, other=0)
-        if ONE:
+        valid = nmask[:, None]   # read only by MODE 0 and 1
+        if MODE == 2:
+            s1 = tl.load(sel_base + g * Tq * C + offs_m.to(tl.int64) * C + c_one, mask=rmask, other=0)
+            lse2 = tl.where((s1 != 0) | all_rows, lse2, float("inf"))
+        elif MODE == 1:
             # key n is visible to row m iff n < lim_m and (n < PREFIX or the row chose the
             # chunk): one compare per pair against a per-row limit (lim <= Tk covers nmask)
+            lim = tl.load(Lim + offs_m, mask=rmask, other=0)
             s1 = tl.load(sel_base + g * Tq * C + offs_m.to(tl.int64) * C + c_one, mask=rmask, other=0)
             lim_eff = tl.where(s1 != 0, lim, tl.minimum(lim, PREFIX))
             valid = offs_n[:, None] < lim_eff[None, :]
         else:
+            lim = tl.load(Lim + offs_m, mask=rmask, other=0)
             s = tl.load(sel_base + g * Tq * C + offs_m[None, :].to(tl.int64) * C + chunk_n[:, None],
                         mask=rmask[None, :] & nmask[:, None], other=0)
             valid = nmask[:, None] & (offs_n[:, None] < lim[None, :]) & ((s != 0) | in_prefix[:, None])
         do = _load_tile(do_base + g * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
         delta = tl.load(delta_base + g * Tq + offs_m, mask=rmask, other=0.0)
-        dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, True)
+        dk, dv, _ = attn_bwd_dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid, qk_scale, MODE != 2)
     return dk, dv
 
 
 @triton.jit
-def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, KCount,
+def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, KMeta,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
                      s_db, s_dt, s_dh, s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
                      Hq, Hk, Tq, Tk, GROUP, C, NQB, NKB, PREFIX, qk_scale, sm_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     """dK/dV of one key block over its listed query blocks x the GQA group (transposed FA2
     form). Key n is visible to row m of head g iff n < lim_m and (n < PREFIX or
     sel[g, m, chunk(n)])."""
@@ -421,11 +447,13 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
     v = _load_tile(V + b * s_vb + hk.to(tl.int64) * s_vh, offs_n, s_vt, offs_d, Tk, D, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    meta = KMeta + ((b * Hk + hk) * NKB + pid_n) * 4
+    cnt = tl.load(meta)
+    c_lo = tl.load(meta + 1)
+    c_hi = tl.load(meta + 2)
     # chunk of each key (bounds are ascending; a linear scan over the block's chunk range)
     nmask = offs_n < Tk
     chunk_n = tl.zeros([BLOCK_N], dtype=tl.int32)
-    c_lo = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3 + 1)
-    c_hi = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3 + 2)
     for c in range(_loop_bound(c_lo), _loop_bound(c_hi)):
         start = tl.load(Bounds + c)
         chunk_n = tl.where(offs_n >= start, c, chunk_n)
@@ -437,18 +465,27 @@ def _moc_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, Sel, Lim, Bounds, KList, 
     delta_base = DELTA + (b * Hq + h0) * Tq
     sel_base = Sel + (b * Hq + h0) * Tq * C
     lst = ((b * Hk + hk) * NKB + pid_n) * NQB
-    cnt = tl.load(KCount + ((b * Hk + hk) * NKB + pid_n) * 3)
     # a key block inside one chunk (chunk sizes multiples of BLOCK_N: the common case) reads one
-    # selection byte per query row instead of one per (key, row) pair; two copies of the loop
-    # (each a top-level loop, so both are software-pipelined)
+    # selection byte per query row instead of one per (key, row) pair; with ROWS its listed
+    # blocks past the causal cut (KMeta's n_diag on) take the per-row mask alone, unless the key
+    # block straddles the prefix end. Each copy of the loop is a top-level loop (pipelined).
+    all_rows = n0 + BLOCK_N <= PREFIX
+    n_pair = cnt
+    if ROWS:
+        if all_rows | (n0 >= PREFIX):
+            n_pair = tl.load(meta + 3)
     if c_hi - c_lo == 1:
         dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst,
-                                cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, s_qt, s_qh, s_dt, s_dh, Tq, C,
-                                GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, True)
+                                0, n_pair, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, all_rows, s_qt, s_qh,
+                                s_dt, s_dh, Tq, C, GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, 1)
+        if ROWS:
+            dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList,
+                                    lst, n_pair, cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, all_rows,
+                                    s_qt, s_qh, s_dt, s_dh, Tq, C, GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, 2)
     else:
         dk, dv = _moc_dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sel_base, Lim, KList, lst,
-                                cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, s_qt, s_qh, s_dt, s_dh, Tq, C,
-                                GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, False)
+                                0, cnt, offs_n, offs_d, nmask, in_prefix, chunk_n, c_lo, all_rows, s_qt, s_qh,
+                                s_dt, s_dh, Tq, C, GROUP, PREFIX, qk_scale, D, BLOCK_M, EVEN_D, 0)
     dk = dk * sm_scale
     _store_tile(DK + b * s_dkb + hk.to(tl.int64) * s_dkh, dk.to(DK.dtype.element_ty), offs_n, s_dkt,
                 offs_d, Tk, D, EVEN_D)
@@ -784,7 +821,8 @@ def moc_block_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, 
 
     Returns ``qlist`` int32 [B, Hq, NQB, C] (ascending chunk ids, first ``qcount`` valid),
     ``qcount`` int32 [B, Hq, NQB], ``klist`` int32 [B, Hk, NKB, NQB] (query block ids) and
-    ``kmeta`` int32 [B, Hk, NKB, 3] = (count, first chunk, last chunk + 1) per key block.
+    ``kmeta`` int32 [B, Hk, NKB, 4] = (count, first chunk, last chunk + 1, n_diag) per key block
+    (listed query blocks from position n_diag on lie entirely past the key block's causal cut).
     """
     B, Hq, Tq, C = sel.shape
     blk = _union_blocks(sel, block_m)
@@ -824,6 +862,8 @@ def _key_block_lists(blk: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor,
     need = (cs[..., c_last + 1] - cs[..., c_first]) > 0               # [B, Hq, NQB, NKB]
     lim_p = torch.nn.functional.pad(lim, (0, pad)) if pad else lim
     blk_lim = lim_p.view(nqb, block_m).amax(1)                          # [NQB]
+    lim_hi = torch.nn.functional.pad(lim, (0, pad), value=2 ** 31 - 1) if pad else lim
+    blk_lim_min = lim_hi.view(nqb, block_m).amin(1)                     # [NQB]
     if prefix > 0:
         pref = (kstart < prefix)[None, :] & (blk_lim[:, None] > kstart[None, :])  # [NQB, NKB]
         need = need | pref[None, None]
@@ -833,8 +873,11 @@ def _key_block_lists(blk: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor,
     kkey = torch.where(need, qi, qi + nqb)
     klist = (torch.sort(kkey, dim=-1).values % nqb).to(torch.int32).contiguous()
     kcount = need.sum(-1).to(torch.int32)
+    # n_diag: list positions up to the last listed query block with a row limit inside the key block
+    diag = (blk_lim_min[None, :] <= kend[:, None])[None, None]          # [1, 1, NKB, NQB]
+    n_diag = torch.where(need & diag, need.int().cumsum(-1), 0).amax(-1).to(torch.int32)
     kmeta = torch.stack([kcount, c_first.to(torch.int32).expand_as(kcount),
-                         (c_last + 1).to(torch.int32).expand_as(kcount)], -1).contiguous()
+                         (c_last + 1).to(torch.int32).expand_as(kcount), n_diag], -1).contiguous()
     return klist, kmeta
 
 
@@ -864,7 +907,7 @@ def _backward_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, 
     qlist = _alloc((B, Hq, nqb, C), torch.int32, dev)
     qcount = _alloc((B, Hq, nqb), torch.int32, dev)
     u = _alloc((B, Hq, nsb, C), torch.uint8, dev)
-    blk_lim = _alloc((nsb,), torch.int32, dev)
+    blk_lim = _alloc((2, nsb), torch.int32, dev)
     both = bm_dq % bm_kv == 0
     sub = max(1, min(bm_kv if both else bm_dq, 4096 // bc))
     _moc_qlist_kernel[(nqb, Hq, B)](sel, lim, qlist, qcount, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_dq, SUB=sub,
@@ -876,7 +919,7 @@ def _backward_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, 
                                         SUB=sub, BLOCK_S=bm_kv, BLOCK_C=bc, LIST=False, UNION=True, num_warps=4)
     Hk = Hq // group
     klist = _alloc((B, Hk, nkb, nsb), torch.int32, dev)
-    kmeta = _alloc((B, Hk, nkb, 3), torch.int32, dev)
+    kmeta = _alloc((B, Hk, nkb, 4), torch.int32, dev)
     _moc_klist_q_kernel[(nkb, Hk, B)](u, blk_lim, bounds, klist, kmeta, C, nsb, group, int(prefix), tk,
                                       BLOCK_N=bn_kv, BLOCK_Q=triton.next_power_of_2(nsb), LOGS=_logs(C),
                                       num_warps=4)
@@ -1159,7 +1202,7 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, 
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hk, Tq, Tk, G, C, nsb, nkb, int(prefix), qk_scale, float(scale),
-        D=D, BLOCK_D=BD, BLOCK_M=bm_kv, BLOCK_N=bn_kv, num_warps=warps_kv, num_stages=stages_kv)
+        D=D, BLOCK_D=BD, BLOCK_M=bm_kv, BLOCK_N=bn_kv, ROWS=ROW_MASKS, num_warps=warps_kv, num_stages=stages_kv)
     tpc = _tiles_per_chunk(seg_len, bn)
     _moc_dq_kernel[(nqb, Hq, B)](
         q, k, v, do, dq, lse2, delta, sel, lim, bounds, qlist, qcount,
