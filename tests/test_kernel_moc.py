@@ -328,6 +328,7 @@ def test_public_op_passes_the_flat_segment_length(monkeypatch, params, want):
     length (fixed chunks: the flattened loop; variable boundaries: 0, the per-chunk loops)."""
     from blockzoo.kernels.triton import moc as tmoc
     monkeypatch.setattr(tmoc, "PATH", "query")
+    monkeypatch.setattr(tmoc, "DENSE_ORDER_MIN", 2.0)   # the forward's list walk (dense order: below)
     monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
     seen = []
     real = tmoc._tiles_per_chunk
@@ -341,14 +342,39 @@ def test_public_op_passes_the_flat_segment_length(monkeypatch, params, want):
 
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize(("params", "share_min", "want"), [(dict(chunk_size=16, top_k=1), 0.0, 16),
+                                                           (dict(chunk_size=16, top_k=1), 2.0, 0),
+                                                           (dict(boundaries=(0, 16, 32, 48), top_k=1), 0.0, 0)])
+def test_public_op_passes_the_dense_order_chunk(monkeypatch, params, share_min, want):
+    """moc_attention's forward reaches the kernels with the fixed chunk size when the density
+    rule picks the dense-order walk (0 otherwise), and its output matches the reference."""
+    from blockzoo.kernels.triton import moc as tmoc
+    monkeypatch.setattr(tmoc, "PATH", "query")
+    monkeypatch.setattr(tmoc, "DENSE_ORDER_MIN", share_min)
+    monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
+    seen = []
+    real = tmoc._fwd_impl
+    monkeypatch.setattr(tmoc, "_fwd_impl", lambda *a: seen.append(a[-1]) or real(*a))
+    dev = _dev("triton")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=g).to(dev) for _ in range(3))
+    o = tmoc.moc_attention(q, k, v, **params)
+    assert seen == [want]
+    ref = moc_reference(*(t.cpu().double() for t in (q, k, v)), **params)
+    torch.testing.assert_close(o.cpu().double(), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")
 @pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: f"Tq{c[0]}-Tk{c[1]}-H{c[2]}:{c[3]}-D{c[4]}-"
                          + "-".join(f"{k}{v}" for k, v in c[5].items()))
 def test_triton_flat_chunk_loop_matches_per_chunk_loops(monkeypatch, case):
     """Forward and dQ walking every listed chunk's tiles in one loop (FLAT_CHUNKS, seg_len > 0)
     against one loop per chunk and the fp64 reference; the prefix-spanning case is run with a
     forced seg_len (the rule would pick the per-chunk loops) so whole-prefix chunks in the list
-    are walked as masked tiles. Interpreted, the two loops do the same tile steps in the same
-    order: equal bit for bit."""
+    are walked as masked tiles. The forward also runs in dense order (_moc_fwd_dense_kernel, where
+    the chunk size and prefix are multiples of the key step: every key tile, unselected chunks
+    masked per row). Interpreted, all three do the same arithmetic on every row that sees a
+    tile, in the same order: equal bit for bit."""
     from blockzoo.kernels.triton import moc as tmoc
     Tq, Tk, Hq, Hk, D, params = case
     monkeypatch.setattr(tmoc, "PATH", "query")
@@ -365,18 +391,34 @@ def test_triton_flat_chunk_loop_matches_per_chunk_loops(monkeypatch, case):
     sel, bounds, lim, prefix = tmoc._routing_tensors(q, k, params, None)
     seg = params["chunk_size"]
     runs = {}
-    for flat in (True, False):
+    # flattened list walk; per-chunk loops; the dense-order forward (chunk passed: taken where
+    # the chunk size and prefix are multiples of the key step)
+    for name, flat, chunk in (("flat", True, 0), ("per-chunk", False, 0), ("dense", True, seg)):
         monkeypatch.setattr(tmoc, "FLAT_CHUNKS", flat)
         with poisoned():
-            o, _ = tmoc._fwd_op(q, k, v, sel, bounds, lim, prefix, D ** -0.5, True, seg)
-            runs[flat] = (o, *torch.autograd.grad(o, (q, k, v), do))
+            o, _ = tmoc._fwd_op(q, k, v, sel, bounds, lim, prefix, D ** -0.5, True, seg, chunk)
+            runs[name] = (o, *torch.autograd.grad(o, (q, k, v), do))
     qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref = moc_reference(qd, kd, vd, **params)
     want = (ref, *torch.autograd.grad(ref, (qd, kd, vd), do.cpu().double()))
-    for a, b, w in zip(runs[True], runs[False], want, strict=True):
+    for a, b, d, w in zip(runs["flat"], runs["per-chunk"], runs["dense"], want, strict=True):
         torch.testing.assert_close(a.detach().cpu().double(), w.detach(), rtol=0, atol=2e-5)
+        torch.testing.assert_close(d.detach().cpu().double(), w.detach(), rtol=0, atol=2e-5)
         if INTERP:
-            assert torch.equal(a, b)
+            assert torch.equal(a, b) and torch.equal(d, b)
+
+
+def test_dense_order_rule():
+    """The forward walks in dense order when fixed chunks give a high expected pair share (the
+    issue's T = 8192 shape), not at T = 16384, never with variable boundaries or given routing."""
+    from blockzoo.kernels.triton import moc as tmoc
+    assert tmoc._pair_share(8192, 8192, True, 512, None, 8) > tmoc.DENSE_ORDER_MIN > \
+        tmoc._pair_share(16384, 16384, True, 512, None, 8)
+    assert tmoc._pair_share(64, 64, True, 16, None, 3) == 1.0       # every row takes every chunk
+    q = torch.zeros(1, 8192, 1, 8)
+    assert tmoc._dense_chunk_for(q, q, dict(chunk_size=512, top_k=8)) == 512
+    assert tmoc._dense_chunk_for(q, q, dict(chunk_size=512, top_k=2)) == 0
+    assert tmoc._dense_chunk_for(q, q, dict(boundaries=(0, 4096, 8192), top_k=8)) == 0
 
 
 KM_CASES = [
@@ -649,7 +691,7 @@ def test_triton_custom_op_opcheck():
     k = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
     v = torch.randn(1, 24, 1, 16, generator=g).to(dev).requires_grad_()
     sel, bounds, lim, prefix = tmoc._routing_tensors(q, k, dict(chunk_size=8, top_k=1), None)
-    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25, False, 8),
+    torch.library.opcheck(torch.ops.blockzoo.moc_fwd, (q, k, v, sel, bounds, lim, prefix, 0.25, False, 8, 8),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -219,6 +219,28 @@ def attn_fwd_tile(acc, m_i, l_i, qk, v, valid, qk_scale):
 
 
 @triton.jit
+def attn_fwd_tile_rows(acc, m_i, l_i, qk, v, keep, qk_scale, NEG_SCALE: tl.constexpr):
+    """:func:`attn_fwd_tile` for a tile whose every key is visible to the rows with ``keep``
+    [BLOCK_M] and to no other row (context.moc's dense-order tiles below the causal cut). The
+    row mask is a per-row bias (0 or -inf) inside the exponent, so the step costs what the
+    unmasked step does: no per-pair compare or select. For kept rows every value equals
+    :func:`attn_fwd_tile`'s (max(qk) * scale = max(qk * scale) for scale > 0); a dropped row's p
+    is exp2(-inf) = 0 and its m, l, acc are unchanged."""
+    bias = tl.where(keep, 0.0, float("-inf"))
+    if NEG_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk * qk_scale, 1) + bias)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + bias)
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - (m_sub - bias)[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot_acc(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_kv_ranges(m0, Tk, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key ranges for query rows [m0, m0+BLOCK_M): unmasked [0, n_full), masked [n_full, n_end)."""
     n_tk_full = (Tk // BLOCK_N) * BLOCK_N
