@@ -346,22 +346,30 @@ def test_public_op_passes_the_flat_segment_length(monkeypatch, params, want):
                                                            (dict(chunk_size=16, top_k=1), 2.0, 0),
                                                            (dict(boundaries=(0, 16, 32, 48), top_k=1), 0.0, 0)])
 def test_public_op_passes_the_dense_order_chunk(monkeypatch, params, share_min, want):
-    """moc_attention's forward reaches the kernels with the fixed chunk size when the density
-    rule picks the dense-order walk (0 otherwise), and its output matches the reference."""
+    """moc_attention's forward and backward reach the kernels with the fixed chunk size when the
+    density rule picks the dense-order walk (0 otherwise); output and gradients match the
+    reference."""
     from blockzoo.kernels.triton import moc as tmoc
     monkeypatch.setattr(tmoc, "PATH", "query")
     monkeypatch.setattr(tmoc, "DENSE_ORDER_MIN", share_min)
     monkeypatch.delenv("BLOCKZOO_MOC_PATH", raising=False)
     seen = []
-    real = tmoc._fwd_impl
-    monkeypatch.setattr(tmoc, "_fwd_impl", lambda *a: seen.append(a[-1]) or real(*a))
+    real_f, real_b = tmoc._fwd_impl, tmoc._bwd_impl
+    monkeypatch.setattr(tmoc, "_fwd_impl", lambda *a: seen.append(a[-1]) or real_f(*a))
+    monkeypatch.setattr(tmoc, "_bwd_impl", lambda *a: seen.append(a[-1]) or real_b(*a))
     dev = _dev("triton")
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 48, 2, 16, generator=g).to(dev) for _ in range(3))
-    o = tmoc.moc_attention(q, k, v, **params)
-    assert seen == [want]
-    ref = moc_reference(*(t.cpu().double() for t in (q, k, v)), **params)
-    torch.testing.assert_close(o.cpu().double(), ref, rtol=0, atol=2e-5)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=g).to(dev).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 48, 2, 16, generator=g).to(dev)
+    with poisoned():
+        o = tmoc.moc_attention(q, k, v, **params)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    assert seen == [want, want]      # forward, then backward
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = moc_reference(qd, kd, vd, **params)
+    want_g = torch.autograd.grad(ref, (qd, kd, vd), do.cpu().double())
+    for got, w in zip((o, *grads), (ref, *want_g), strict=True):
+        torch.testing.assert_close(got.detach().cpu().double(), w.detach(), rtol=0, atol=2e-5)
 
 
 @pytest.mark.skipif(not (INTERP or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a GPU")

@@ -28,7 +28,8 @@ keys, values and mask; the steps are the core's :func:`attention.attn_fwd_tile` 
 :func:`attention.attn_bwd_dq_tile`), so the software pipeline is not drained per chunk. When the shapes predict that per-block unions
 cover nearly every chunk (fixed chunks, :data:`DENSE_ORDER_MIN`), the forward skips the lists and
 walks every causal key tile in the dense core's order instead (:func:`_moc_fwd_dense_kernel`;
-unselected chunks are masked per row with a 0 / -inf bias, not skipped). dK/dV need a per-(key,
+unselected chunks are masked per row with a 0 / -inf bias, not skipped), and so does dQ
+(:func:`_moc_dq_dense_kernel`, lse2 = +inf for such rows). dK/dV need a per-(key,
 row) selection, which the core's
 ``attn_bwd_dkdv_inner`` cannot express (its query rows are internal), so :func:`_moc_dkdv_kernel`
 has its own loop over the listed query blocks (group heads inside the program: no atomics); each
@@ -342,6 +343,27 @@ def _moc_fwd_kernel(Q, K, V, Out, LSE, Sel, Lim, Bounds, QList, QCount,
 
 
 @triton.jit
+def _dense_range(lim, rmask, PREFIX, BLOCK_N: tl.constexpr):
+    """Key range of a dense-order query block: tiles ``[PREFIX, n_full)`` lie below every row's
+    limit, ``[n_full, hi)`` cross the causal edge (hi: the rows' largest limit)."""
+    n_full = tl.maximum((tl.min(tl.where(rmask, lim, 2147483647), 0) // BLOCK_N) * BLOCK_N, PREFIX)
+    return n_full, tl.maximum(tl.max(tl.where(rmask, lim, 0), 0), PREFIX)
+
+
+@triton.jit
+def _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """Key tile at ``start_n`` of a dense-order walk: its columns, key and value tiles (rows past
+    ``hi`` zero with MASKED) and which rows selected its chunk, ``keep`` [BLOCK_M]."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    keep = tl.load(sel_rows + start_n // CHUNK, mask=rmask, other=0) != 0
+    k = _load_tile(k_base, cols, s_kt, offs_d, hi, D, MASKED, EVEN_D)
+    v = _load_tile(v_base, cols, s_vt, offs_d, hi, D, MASKED, EVEN_D)
+    return cols, k, v, keep
+
+
+@triton.jit
 def _moc_fwd_dense_kernel(Q, K, V, Out, LSE, Sel, Lim,
                           s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                           Hq, Tq, GROUP, C, PREFIX, CHUNK, qk_scale,
@@ -359,15 +381,12 @@ def _moc_fwd_dense_kernel(Q, K, V, Out, LSE, Sel, Lim,
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
-    q_base = Q + b * s_qb + h.to(tl.int64) * s_qh
     k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     rmask = offs_m < Tq
-    q = _load_tile(q_base, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -376,21 +395,14 @@ def _moc_fwd_dense_kernel(Q, K, V, Out, LSE, Sel, Lim,
         acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, lim - 1, offs_d,
                                        0, PREFIX, qk_scale, PREFIX, 0, D, BLOCK_N, True, True, EVEN_D, False)
     sel_rows = Sel + (b * Hq + h) * Tq * C + offs_m.to(tl.int64) * C
-    n_full = tl.maximum((tl.min(tl.where(rmask, lim, 2147483647), 0) // BLOCK_N) * BLOCK_N, PREFIX)
-    hi = tl.maximum(tl.max(tl.where(rmask, lim, 0), 0), PREFIX)
+    n_full, hi = _dense_range(lim, rmask, PREFIX, BLOCK_N)
     for start_n in range(_loop_bound(PREFIX), _loop_bound(n_full), BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n0
-        keep = tl.load(sel_rows + start_n // CHUNK, mask=rmask, other=0) != 0
-        k = _load_tile(k_base, cols, s_kt, offs_d, hi, D, False, EVEN_D)
-        v = _load_tile(v_base, cols, s_vt, offs_d, hi, D, False, EVEN_D)
+        cols, k, v, keep = _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
+                                       D, BLOCK_N, EVEN_D, False)
         acc, m_i, l_i = attn_fwd_tile_rows(acc, m_i, l_i, _dot(q, tl.trans(k)), v, keep, qk_scale, NEG_SCALE)
     for start_n in range(_loop_bound(n_full), _loop_bound(hi), BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n0
-        keep = tl.load(sel_rows + start_n // CHUNK, mask=rmask, other=0) != 0
-        k = _load_tile(k_base, cols, s_kt, offs_d, hi, D, True, EVEN_D)
-        v = _load_tile(v_base, cols, s_vt, offs_d, hi, D, True, EVEN_D)
+        cols, k, v, keep = _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
+                                       D, BLOCK_N, EVEN_D, True)
         valid = keep[:, None] & (cols[None, :] < lim[:, None])
         acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, _dot(q, tl.trans(k)), v, valid, qk_scale)
     empty = l_i == 0.0
@@ -400,6 +412,52 @@ def _moc_fwd_dense_kernel(Q, K, V, Out, LSE, Sel, Lim,
     _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
                 Tq, D, EVEN_D)
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=rmask)
+
+
+@triton.jit
+def _moc_dq_dense_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim,
+                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                         s_db, s_dt, s_dh, s_dqb, s_dqt, s_dqh,
+                         Hq, Tq, GROUP, C, PREFIX, CHUNK, qk_scale, sm_scale,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """dQ in the dense core's order, as :func:`_moc_fwd_dense_kernel`: below every row's limit a
+    row that did not select a tile's chunk gets lse2 = +inf there (p = 0, the core's unmasked
+    step); across the causal edge, the per-pair mask."""
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_m < Tq
+    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    do = _load_tile(DO + b * s_db + h.to(tl.int64) * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
+    row = (b * Hq + h) * Tq + offs_m
+    lse2 = tl.load(LSE2 + row, mask=rmask, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+    if PREFIX > 0:
+        dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, lim - 1, offs_d,
+                               0, PREFIX, qk_scale, PREFIX, 0, D, BLOCK_N, True, True, EVEN_D)
+    sel_rows = Sel + (b * Hq + h) * Tq * C + offs_m.to(tl.int64) * C
+    n_full, hi = _dense_range(lim, rmask, PREFIX, BLOCK_N)
+    for start_n in range(_loop_bound(PREFIX), _loop_bound(n_full), BLOCK_N):
+        cols, k, v, keep = _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
+                                       D, BLOCK_N, EVEN_D, False)
+        dq = attn_bwd_dq_tile(dq, q, do, tl.where(keep, lse2, float("inf")), delta, k, v, keep, qk_scale, False)
+    for start_n in range(_loop_bound(n_full), _loop_bound(hi), BLOCK_N):
+        cols, k, v, keep = _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
+                                       D, BLOCK_N, EVEN_D, True)
+        valid = keep[:, None] & (cols[None, :] < lim[:, None])
+        dq = attn_bwd_dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True)
+    dq = dq * sm_scale
+    _store_tile(DQ + b * s_dqb + h.to(tl.int64) * s_dqh, dq.to(DQ.dtype.element_ty), offs_m, s_dqt,
+                offs_d, Tq, D, EVEN_D)
 
 
 @triton.jit
@@ -1194,6 +1252,14 @@ def _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km: KeyMa
     return dq, dk, dv
 
 
+def _dense_launch_chunk(chunk: int, prefix: int, block_n: int, query_major: bool) -> int:
+    """CHUNK of the dense-order forward / dQ kernels when they run (the host's rule passed
+    ``chunk`` > 0, the chunk and prefix are multiples of the key step, the query-major path is
+    taken without the auto decision), else 0: the list walk."""
+    ok = chunk > 0 and chunk % block_n == 0 and prefix % block_n == 0
+    return int(chunk) if ok and _path() != "key" and (query_major or _path() == "query") else 0
+
+
 def _tiles_per_chunk(seg_len: int, block_n: int) -> int:
     """TPC of the flattened forward / dQ loop; 0: one pipelined loop per listed chunk."""
     return triton.cdiv(int(seg_len), block_n) if FLAT_CHUNKS and seg_len > 0 else 0
@@ -1212,8 +1278,7 @@ def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float, query_major:
         return o, _alloc((B, Hq, Tq), torch.float32, q.device).fill_(float("-inf"))
     _check_i32(q, k, v)
     nqb = triton.cdiv(Tq, bm)
-    dchunk = chunk if (chunk > 0 and chunk % bn == 0 and prefix % bn == 0 and _path() != "key"
-                       and (query_major or _path() == "query")) else 0
+    dchunk = _dense_launch_chunk(chunk, prefix, bn, query_major)
     if dchunk:   # dense-order walk (the host's density rule chose it): no chunk lists
         o = _alloc((B, Tq, Hq, D), q.dtype, q.device)
         lse = _alloc((B, Hq, Tq), torch.float32, q.device)
@@ -1246,7 +1311,7 @@ def _fwd_impl(q, k, v, sel, bounds, lim, prefix: int, scale: float, query_major:
 
 
 def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, query_major: bool = False,
-              seg_len: int = 0):
+              seg_len: int = 0, chunk: int = 0):
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     do = do.to(q.dtype)
     B, Tq, Hq, D, Tk, Hk = _check(q, k, v)
@@ -1283,6 +1348,16 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, 
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hk, Tq, Tk, G, C, nsb, nkb, int(prefix), qk_scale, float(scale),
         D=D, BLOCK_D=BD, BLOCK_M=bm_kv, BLOCK_N=bn_kv, ROWS=ROW_MASKS, num_warps=warps_kv, num_stages=stages_kv)
+    dchunk = _dense_launch_chunk(chunk, prefix, bn, query_major)
+    if dchunk:   # dense-order walk (as the forward)
+        _moc_dq_dense_kernel[(nqb, Hq, B)](
+            q, k, v, do, dq, lse2, delta, sel, lim,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Tq, G, C, int(prefix), int(dchunk), qk_scale, float(scale),
+            D=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        return dq, dk, dv
     tpc = _tiles_per_chunk(seg_len, bn)
     _moc_dq_kernel[(nqb, Hq, B)](
         q, k, v, do, dq, lse2, delta, sel, lim, bounds, qlist, qcount,
@@ -1312,8 +1387,9 @@ def _define_ops():
     @torch.library.custom_op("blockzoo::moc_bwd", mutates_args=())
     def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int,
-               scale: float, query_major: bool, seg_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale, query_major, seg_len)
+               scale: float, query_major: bool, seg_len: int,
+               chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale, query_major, seg_len, chunk)
 
     @fwd_op.register_fake
     def _(q, k, v, sel, bounds, lim, prefix, scale, query_major, seg_len, chunk):
@@ -1321,14 +1397,14 @@ def _define_ops():
         return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
     @bwd_op.register_fake
-    def _(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale, query_major, seg_len):
+    def _(do, q, k, v, o, lse, sel, bounds, lim, prefix, scale, query_major, seg_len, chunk):
         return q.new_empty(tuple(q.shape)), k.new_empty(tuple(k.shape)), k.new_empty(tuple(k.shape))
 
     def setup(ctx, inputs, output):
-        q, k, v, sel, bounds, lim, prefix, scale, query_major, seg_len, _chunk = inputs
+        q, k, v, sel, bounds, lim, prefix, scale, query_major, seg_len, chunk = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse, sel, bounds, lim)
-        ctx.prefix, ctx.scale, ctx.query_major, ctx.seg_len = prefix, scale, query_major, seg_len
+        ctx.prefix, ctx.scale, ctx.query_major, ctx.seg_len, ctx.chunk = prefix, scale, query_major, seg_len, chunk
         ctx.set_materialize_grads(False)
 
     def backward(ctx, do, dlse):
@@ -1338,7 +1414,7 @@ def _define_ops():
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv = bwd_op(do, q, k, v, o, lse, sel, bounds, lim, ctx.prefix, ctx.scale, ctx.query_major,
-                            ctx.seg_len)
+                            ctx.seg_len, ctx.chunk)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
     fwd_op.register_autograd(backward, setup_context=setup)
@@ -1487,15 +1563,16 @@ def _flat_seg_len(tk: int, chunk_size: int, boundaries, prefix: int) -> int:
     return longest if longest > 0 and sum(longest - s for s in segs) <= longest else 0
 
 
-#: the forward walks key tiles in the dense core's order (:func:`_moc_fwd_dense_kernel`: no chunk
-#: lists, unselected chunks masked per row rather than skipped) when the chunks are fixed and the
-#: router's expected share of (row, chunk) pairs, own chunks included, is at least this (from the
-#: shapes alone: rows choose min(top_k, candidates) + 1 of candidates + 1 chunks). Per-token
-#: routing then covers nearly every chunk in a 64-row block's union, and the list walk visits
-#: the same tiles at a higher cost per tile. 0: whenever the chunks allow it; > 1: never.
-#: H100, T = 8192 (share 0.79), chunk 512, top_k 8, forward probe (bench/moc_dense_order.py):
-#: 0.69-0.76 ms in dense order vs 0.86 ms through the lists (random), 0.70-0.76 vs 0.74-0.78
-#: (coherent); T = 16384 has share 0.48 (its coherent unions cover 58% of the tiles)
+#: the forward and dQ walk key tiles in the dense core's order (:func:`_moc_fwd_dense_kernel`,
+#: :func:`_moc_dq_dense_kernel`: no chunk lists, unselected chunks masked per row, not skipped)
+#: when the chunks are fixed and the router's expected share of (row, chunk) pairs, own chunks
+#: included, is at least this (from the shapes alone: rows choose min(top_k, candidates) + 1 of
+#: candidates + 1 chunks). Per-token routing then covers nearly every chunk in a 64-row block's
+#: union, and the list walk visits the same tiles at a higher cost per tile. 0: whenever the
+#: chunks allow it; > 1: never. H100, T = 8192 (share 0.79), chunk 512, top_k 8: forward 0.67
+#: vs 0.82-0.87 ms through the lists; dQ 0.83 vs 0.89 ms (random), 0.83 vs 0.80 ms (coherent,
+#: whose lists skip 12% of the tiles). T = 16384 has share 0.48 (its coherent unions cover 58%
+#: of the tiles) and keeps the lists.
 DENSE_ORDER_MIN = 0.75
 
 
