@@ -9,7 +9,8 @@ below the diagonal) and masks rows that did not select a tile's chunk, either wi
 row bias in the exponent (``bias``) or with the core's masked step (``where``); then, with the
 bias, masked or plain K/V loads and three forms of the loop index (the core's affine start with a
 ``multiple_of`` hint, without it, and the flattened MoC loop's (chunk, tile) division). Fixed chunk
-sizes (a multiple of BLOCK_N), no prefix, Tq = Tk, causal. It checks the output against the
+sizes (a multiple of BLOCK_N), no prefix, Tq = Tk, causal. (The shipped kernels that grew out of
+it: ``kernels/triton/moc.py: _moc_fwd_dense_kernel`` / ``_moc_dq_dense_kernel``.) It checks the output against the
 shipped kernel's on the same routing, then times both and the dense core.
 
     python3 bench/moc_dense_order.py [--T 8192] [--kinds random,coherent] [--out DIR]
@@ -37,12 +38,12 @@ from moc_gpu import inputs  # noqa: E402
 from blockzoo.kernels.triton import moc as tmoc  # noqa: E402
 from blockzoo.kernels.triton.attention import (  # noqa: E402
     _dot,
-    _dot_acc,
     _load_tile,
     _store_tile,
     attention,
     attn_fwd_inner,
     attn_fwd_tile,
+    attn_fwd_tile_rows,
 )
 
 
@@ -84,15 +85,7 @@ def _probe_fwd(Q, K, V, Out, Sel, s_qt, s_qh, s_kt, s_kh, Hq, T, GROUP, C, CHUNK
         qk = _dot(q, tl.trans(k))
         v = _load_tile(v_base, cols, s_kt, offs_d, T, D, MASKED_LOADS, True)
         if BIAS:
-            bias = tl.where(keep, 0.0, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + bias)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * qk_scale - (m_sub - bias)[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = _dot_acc(p.to(v.dtype), v, acc)
-            m_i = m_new
+            acc, m_i, l_i = attn_fwd_tile_rows(acc, m_i, l_i, qk, v, keep, qk_scale, False)
         else:
             acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, qk, v, keep[:, None], qk_scale)
     # the diagonal tiles lie in the rows' own chunk (always selected): the core's masked sweep
