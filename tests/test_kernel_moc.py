@@ -556,7 +556,8 @@ LIST_CASES = [
 def test_triton_backward_lists_match_torch_lists(case):
     """The backward's list kernels (query-block union per dK/dV step, key-block lists) build
     exactly the torch lists of moc_block_lists, for the dQ tiles and the dK/dV tiles separately
-    (also when the dQ block is not a multiple of the dK/dV step: a second union launch)."""
+    (also when the dQ block is not a multiple of the dK/dV step: a second union launch, and
+    without the dQ lists: the union launch alone)."""
     from blockzoo.kernels.triton import moc as tmoc
     case = dict(case)
     Tq, Tk, Hq, Hk = case.pop("Tq"), case.pop("Tk"), case.pop("Hq"), case.pop("Hk")
@@ -570,9 +571,13 @@ def test_triton_backward_lists_match_torch_lists(case):
         sel, bounds, lim, prefix = tmoc.moc_route(q, k, **case)
         pre = min(prefix, Tk)
         ql, qc, kl, km = tmoc._backward_lists(sel, bounds, lim, pre, Hq // Hk, Tk, bm_dq, bm_kv, bn_kv)
+        # the dense-order dQ reads no lists: the dK/dV lists alone, from the union-only launch
+        nql, nqc, kl2, km2 = tmoc._backward_lists(sel, bounds, lim, pre, Hq // Hk, Tk, bm_dq, bm_kv, bn_kv, False)
         wql, wqc, _, _ = tmoc.moc_block_lists(sel, bounds, lim, pre, Hq // Hk, bm_dq, 16)
         _, _, wkl, wkm = tmoc.moc_block_lists(sel, bounds, lim, pre, Hq // Hk, bm_kv, bn_kv)
-    for got, want, name in ((qc, wqc, "qcount"), (ql, wql, "qlist"), (km, wkm, "kmeta"), (kl, wkl, "klist")):
+    assert nql is None and nqc is None
+    for got, want, name in ((qc, wqc, "qcount"), (ql, wql, "qlist"), (km, wkm, "kmeta"), (kl, wkl, "klist"),
+                            (km2, wkm, "kmeta without dQ lists"), (kl2, wkl, "klist without dQ lists")):
         assert torch.equal(got.cpu(), want.cpu()), f"{name}, seed {seed}"
 
 

@@ -219,6 +219,19 @@ def attn_fwd_tile(acc, m_i, l_i, qk, v, valid, qk_scale):
 
 
 @triton.jit
+def attn_fwd_finish(acc, m_i, l_i):
+    """The end of an online-softmax sweep: ``(o, lse)`` with o = acc / l (fp32) and lse the
+    natural log-sum-exp, ``(m_i + log2 l) * ln 2``; a row that saw no key (l = 0) gets o = 0
+    and lse = -inf. The forward kernels built on the core
+    (dense, moc, membank, moda, temf) end with it."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return o, lse
+
+
+@triton.jit
 def attn_fwd_tile_rows(acc, m_i, l_i, qk, v, keep, qk_scale, NEG_SCALE: tl.constexpr):
     """:func:`attn_fwd_tile` for a tile whose every key is visible to the rows with ``keep``
     [BLOCK_M] and to no other row (context.moc's dense-order tiles below the causal cut). The
@@ -289,10 +302,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE,
                                    n_full, n_end, qk_scale, Tk, diag, D, BLOCK_N,
                                    True, CAUSAL, EVEN_D, NEG_SCALE)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_tile(o_base, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d, Tq, D, EVEN_D)
     lse_ptrs = LSE + (b * Hq + h) * Tq + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < Tq)

@@ -60,6 +60,7 @@ from .attention import (
     attn_bwd_dkdv_tile,
     attn_bwd_dq_inner,
     attn_bwd_dq_tile,
+    attn_fwd_finish,
     attn_fwd_inner,
     attn_fwd_tile,
 )
@@ -195,10 +196,7 @@ def _membank_fwd_kernel(Q, K, V, BK, BV, Out, LSE,
     acc, m_i, l_i = window_fwd_masked(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, pos, offs_d, f_hi, end,
                                       qk_scale, Tk, W, D, BLOCK_N, EVEN_D)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
                 Tq, D, EVEN_D)
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=offs_m < Tq)

@@ -76,6 +76,7 @@ from .attention import (
     attn_bwd_dkdv_tile,
     attn_bwd_dq_inner,
     attn_bwd_dq_tile,
+    attn_fwd_finish,
     attn_fwd_inner,
     attn_fwd_tile,
     attn_fwd_tile_rows,
@@ -333,21 +334,34 @@ def _moc_fwd_kernel(Q, K, V, Out, LSE, Sel, Lim, Bounds, QList, QCount,
             acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base + ja * s_kt, v_base + ja * s_vt, s_kt, s_vt,
                                            rows, offs_d, 0, hi, qk_scale, seg, 0, D, BLOCK_N,
                                            True, True, EVEN_D, False)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
                 Tq, D, EVEN_D)
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
 @triton.jit
-def _dense_range(lim, rmask, PREFIX, BLOCK_N: tl.constexpr):
-    """Key range of a dense-order query block: tiles ``[PREFIX, n_full)`` lie below every row's
+def _dense_block(Q, K, V, Sel, Lim, s_qb, s_qt, s_qh, s_kb, s_kh, s_vb, s_vh, Hq, Tq, GROUP, C, PREFIX,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_D: tl.constexpr):
+    """What both dense-order kernels start with: the program's query block (latest, the heaviest
+    under causal, first), batch, head, rows, query tile, its kv head's key / value bases, row
+    limits, selection rows, and its key range: tiles ``[PREFIX, n_full)`` lie below every row's
     limit, ``[n_full, hi)`` cross the causal edge (hi: the rows' largest limit)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = (h // GROUP).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_m < Tq
+    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
+    sel_rows = Sel + (b * Hq + h) * Tq * C + offs_m.to(tl.int64) * C
     n_full = tl.maximum((tl.min(tl.where(rmask, lim, 2147483647), 0) // BLOCK_N) * BLOCK_N, PREFIX)
-    return n_full, tl.maximum(tl.max(tl.where(rmask, lim, 0), 0), PREFIX)
+    hi = tl.maximum(tl.max(tl.where(rmask, lim, 0), 0), PREFIX)
+    return (b, h, offs_m, offs_d, rmask, q, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, lim, sel_rows,
+            n_full, hi)
 
 
 @triton.jit
@@ -377,25 +391,15 @@ def _moc_fwd_dense_kernel(Q, K, V, Out, LSE, Sel, Lim,
     unions cover (nearly) every chunk, where the list walk visits the same tiles at a higher
     cost per tile (:data:`DENSE_ORDER_MIN`)."""
     EVEN_D: tl.constexpr = D == BLOCK_D
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # latest (heaviest under causal) blocks first
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP
-    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
-    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rmask = offs_m < Tq
-    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    b, h, offs_m, offs_d, rmask, q, k_base, v_base, lim, sel_rows, n_full, hi = _dense_block(
+        Q, K, V, Sel, Lim, s_qb, s_qt, s_qh, s_kb, s_kh, s_vb, s_vh, Hq, Tq, GROUP, C, PREFIX,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
     if PREFIX > 0:
         acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, lim - 1, offs_d,
                                        0, PREFIX, qk_scale, PREFIX, 0, D, BLOCK_N, True, True, EVEN_D, False)
-    sel_rows = Sel + (b * Hq + h) * Tq * C + offs_m.to(tl.int64) * C
-    n_full, hi = _dense_range(lim, rmask, PREFIX, BLOCK_N)
     for start_n in range(_loop_bound(PREFIX), _loop_bound(n_full), BLOCK_N):
         cols, k, v, keep = _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
                                        D, BLOCK_N, EVEN_D, False)
@@ -405,10 +409,7 @@ def _moc_fwd_dense_kernel(Q, K, V, Out, LSE, Sel, Lim,
                                        D, BLOCK_N, EVEN_D, True)
         valid = keep[:, None] & (cols[None, :] < lim[:, None])
         acc, m_i, l_i = attn_fwd_tile(acc, m_i, l_i, _dot(q, tl.trans(k)), v, valid, qk_scale)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
                 Tq, D, EVEN_D)
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=rmask)
@@ -425,27 +426,17 @@ def _moc_dq_dense_kernel(Q, K, V, DO, DQ, LSE2, DELTA, Sel, Lim,
     row that did not select a tile's chunk gets lse2 = +inf there (p = 0, the core's unmasked
     step); across the causal edge, the per-pair mask."""
     EVEN_D: tl.constexpr = D == BLOCK_D
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP
-    k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
-    v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rmask = offs_m < Tq
-    q = _load_tile(Q + b * s_qb + h.to(tl.int64) * s_qh, offs_m, s_qt, offs_d, Tq, D, True, EVEN_D)
+    b, h, offs_m, offs_d, rmask, q, k_base, v_base, lim, sel_rows, n_full, hi = _dense_block(
+        Q, K, V, Sel, Lim, s_qb, s_qt, s_qh, s_kb, s_kh, s_vb, s_vh, Hq, Tq, GROUP, C, PREFIX,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, EVEN_D)
     do = _load_tile(DO + b * s_db + h.to(tl.int64) * s_dh, offs_m, s_dt, offs_d, Tq, D, True, EVEN_D)
     row = (b * Hq + h) * Tq + offs_m
     lse2 = tl.load(LSE2 + row, mask=rmask, other=float("inf"))
     delta = tl.load(DELTA + row, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lim = tl.load(Lim + offs_m, mask=rmask, other=0)
     if PREFIX > 0:
         dq = attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_kt, s_vt, lim - 1, offs_d,
                                0, PREFIX, qk_scale, PREFIX, 0, D, BLOCK_N, True, True, EVEN_D)
-    sel_rows = Sel + (b * Hq + h) * Tq * C + offs_m.to(tl.int64) * C
-    n_full, hi = _dense_range(lim, rmask, PREFIX, BLOCK_N)
     for start_n in range(_loop_bound(PREFIX), _loop_bound(n_full), BLOCK_N):
         cols, k, v, keep = _dense_tile(sel_rows, rmask, start_n, CHUNK, k_base, v_base, s_kt, s_vt, offs_d, hi,
                                        D, BLOCK_N, EVEN_D, False)
@@ -784,10 +775,7 @@ def _moc_km_combine_kernel(Q, K, V, OP, LP, NSel, Lim, Out, LSE,
         o_s = _load_tile(OP + (part + s) * D, offs_m.to(tl.int64) * NS, D, offs_d, Tq * NS, D, True, EVEN_D)
         o_s = tl.where((s < nsel)[:, None], o_s.to(tl.float32), 0.0)
         acc += ws[:, None] * o_s
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_sub + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_sub, l_i)
     _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh, o.to(Out.dtype.element_ty), offs_m, s_ot, offs_d,
                 Tq, D, EVEN_D)
     tl.store(LSE + bh * Tq + offs_m, lse, mask=rmask)
@@ -1019,27 +1007,30 @@ def _query_block_lists(sel: torch.Tensor, block_m: int):
 
 
 def _backward_lists(sel: torch.Tensor, bounds: torch.Tensor, lim: torch.Tensor, prefix: int, group: int,
-                    tk: int, bm_dq: int, bm_kv: int, bn_kv: int):
+                    tk: int, bm_dq: int, bm_kv: int, bn_kv: int, dq_lists: bool = True):
     """All lists of the query-major backward in two or three small launches and no host sync:
-    ``(qlist, qcount)`` for the dQ kernel (query blocks of ``bm_dq`` rows) and ``(klist,
-    kmeta)`` for the dK/dV kernel (key blocks of ``bn_kv`` keys over query steps of ``bm_kv``
-    rows); the same lists as :func:`moc_block_lists` (which builds them in torch ops)."""
+    ``(qlist, qcount)`` for the dQ kernel (query blocks of ``bm_dq`` rows; None without
+    ``dq_lists``: the dense-order dQ reads none) and ``(klist, kmeta)`` for the dK/dV kernel (key
+    blocks of ``bn_kv`` keys over query steps of ``bm_kv`` rows); the same lists as
+    :func:`moc_block_lists` (which builds them in torch ops)."""
     B, Hq, Tq, C = sel.shape
     dev = sel.device
     bc = triton.next_power_of_2(C)
     nqb, nsb, nkb = triton.cdiv(Tq, bm_dq), triton.cdiv(Tq, bm_kv), triton.cdiv(tk, bn_kv)
-    qlist = _alloc((B, Hq, nqb, C), torch.int32, dev)
-    qcount = _alloc((B, Hq, nqb), torch.int32, dev)
     u = _alloc((B, Hq, nsb, C), torch.uint8, dev)
     blk_lim = _alloc((2, nsb), torch.int32, dev)
-    both = bm_dq % bm_kv == 0
-    sub = max(1, min(bm_kv if both else bm_dq, 4096 // bc))
-    _moc_qlist_kernel[(nqb, Hq, B)](sel, lim, qlist, qcount, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_dq, SUB=sub,
-                                    BLOCK_S=bm_kv if both else bm_dq, BLOCK_C=bc, LIST=True, UNION=both,
-                                    num_warps=4)
-    if not both:
+    qlist = qcount = None
+    both = dq_lists and bm_dq % bm_kv == 0   # one launch gives the dQ lists and the dK/dV unions
+    if dq_lists:
+        qlist = _alloc((B, Hq, nqb, C), torch.int32, dev)
+        qcount = _alloc((B, Hq, nqb), torch.int32, dev)
+        sub = max(1, min(bm_kv if both else bm_dq, 4096 // bc))
+        _moc_qlist_kernel[(nqb, Hq, B)](sel, lim, qlist, qcount, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_dq,
+                                        SUB=sub, BLOCK_S=bm_kv if both else bm_dq, BLOCK_C=bc, LIST=True, UNION=both,
+                                        num_warps=4)
+    if not both:   # the unions alone (QList / QCount unused: LIST=False)
         sub = max(1, min(bm_kv, 4096 // bc))
-        _moc_qlist_kernel[(nsb, Hq, B)](sel, lim, qlist, qcount, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_kv,
+        _moc_qlist_kernel[(nsb, Hq, B)](sel, lim, blk_lim, blk_lim, u, blk_lim, Tq, C, nqb, nsb, BLOCK_M=bm_kv,
                                         SUB=sub, BLOCK_S=bm_kv, BLOCK_C=bc, LIST=False, UNION=True, num_warps=4)
     Hk = Hq // group
     klist = _alloc((B, Hk, nkb, nsb), torch.int32, dev)
@@ -1327,8 +1318,9 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, 
     _check_i32(q, k, v, o, do)
     delta, lse2 = bwd_row_stats(o, do, lse, BD)
     G = Hq // Hk
+    dchunk = _dense_launch_chunk(chunk, prefix, bn, query_major)
     km, lists = _plan(sel, bm, _km_blocks(BD, es, "dq")[0], query_major,
-                      lambda: _backward_lists(sel, bounds, lim, prefix, G, Tk, bm, bm_kv, bn_kv))
+                      lambda: _backward_lists(sel, bounds, lim, prefix, G, Tk, bm, bm_kv, bn_kv, not dchunk))
     if km is not None:
         return _bwd_km(do, q, k, v, lse2, delta, sel, bounds, lim, prefix, scale, km)
     if lists is None:   # too many chunks for the list kernels: torch lists
@@ -1348,7 +1340,6 @@ def _bwd_impl(do, q, k, v, o, lse, sel, bounds, lim, prefix: int, scale: float, 
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hk, Tq, Tk, G, C, nsb, nkb, int(prefix), qk_scale, float(scale),
         D=D, BLOCK_D=BD, BLOCK_M=bm_kv, BLOCK_N=bn_kv, ROWS=ROW_MASKS, num_warps=warps_kv, num_stages=stages_kv)
-    dchunk = _dense_launch_chunk(chunk, prefix, bn, query_major)
     if dchunk:   # dense-order walk (as the forward)
         _moc_dq_dense_kernel[(nqb, Hq, B)](
             q, k, v, do, dq, lse2, delta, sel, lim,
@@ -1460,16 +1451,24 @@ def _geometry_cached(tq, tk, causal, chunk_size, boundaries, device) -> _Geometr
     return _Geometry(bounds.to(device), *(t.int().to(device) for t in (bounds, lim, own)), lens)
 
 
-@functools.lru_cache(maxsize=256)
-def _proof_counts(tq, tk, causal, chunk_size, boundaries, top_k: int, dropping: bool, bm: int):
-    """``(pairs, bound)`` of :func:`_query_major_proven`, from the host geometry."""
+@functools.lru_cache(maxsize=64)
+def _router_rows(tq, tk, causal, chunk_size, boundaries):
+    """Host geometry per row, as the router counts it: ``(bounds, lim, has, cand)``; ``has``: the
+    row has an own chunk; ``cand``: its candidate chunks, those before the own one (causal, the
+    row having keys), every chunk but the own one otherwise. Shared by the path proof
+    (:func:`_proof_counts`) and the dense-order rule (:func:`_pair_share`)."""
     from ...plugins.context.reference import routing_geometry
     bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")
     C = bounds.numel() - 1
     has = own >= 0
-    # candidates per row, as the router counts them: chunks before the own one (causal, the row
-    # having keys), every chunk but the own one otherwise
     cand = torch.where(has & (lim > 0), own, torch.zeros_like(own)) if causal else C - has.long()
+    return bounds, lim, has, cand
+
+
+@functools.lru_cache(maxsize=256)
+def _proof_counts(tq, tk, causal, chunk_size, boundaries, top_k: int, dropping: bool, bm: int):
+    """``(pairs, bound)`` of :func:`_query_major_proven`, from the host geometry."""
+    bounds, lim, has, cand = _router_rows(tq, tk, causal, chunk_size, boundaries)
     pairs = int(has.sum()) + (0 if dropping else int(torch.clamp(cand, max=int(top_k)).sum()))
     nqb = triton.cdiv(tq, bm)
     blk_lim = torch.nn.functional.pad(lim, (0, nqb * bm - tq)).view(nqb, bm).amax(1)
@@ -1578,14 +1577,12 @@ DENSE_ORDER_MIN = 0.75
 
 @functools.lru_cache(maxsize=256)
 def _pair_share(tq, tk, causal, chunk_size, boundaries, top_k: int) -> float:
-    """The router's share of (row, chunk) pairs, :data:`DENSE_ORDER_MIN`'s measure."""
-    from ...plugins.context.reference import routing_geometry
-    bounds, lim, own = routing_geometry(tq, tk, causal, chunk_size, boundaries, "cpu")
-    C = bounds.numel() - 1
-    has = (own >= 0) & (lim > 0)
-    cand = own.clamp(min=0) if causal else torch.full_like(own, C - 1)
-    total = int((cand + 1)[has].sum())
-    return int((torch.clamp(cand, max=int(top_k)) + 1)[has].sum()) / total if total else 0.0
+    """The router's share of (row, chunk) pairs over the rows with keys, :data:`DENSE_ORDER_MIN`'s
+    measure: sum of min(top_k, cand) + 1 over sum of cand + 1."""
+    _, lim, has, cand = _router_rows(tq, tk, causal, chunk_size, boundaries)
+    rows = has & (lim > 0)
+    total = int((cand + 1)[rows].sum())
+    return int((torch.clamp(cand, max=int(top_k)) + 1)[rows].sum()) / total if total else 0.0
 
 
 def _dense_chunk_for(q, k, params) -> int:

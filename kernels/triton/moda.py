@@ -74,6 +74,7 @@ from .attention import (
     _run_tuned,
     _unit_last,
     attn_bwd_dq_inner,
+    attn_fwd_finish,
     attn_fwd_inner,
 )
 
@@ -316,10 +317,7 @@ def _moda_fwd_kernel(Q, K, V, DK, DV, Out, LSE,
                                    n_full, n_end, qk_scale, Tk, diag, D, BLOCK_N,
                                    True, CAUSAL, EVEN_D, NEG_SCALE)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_rows(Out + b * s_ob, o.to(Out.dtype.element_ty), tok, head, s_ot, s_oh, offs_d, rvalid, D, EVEN_D)
     tl.store(LSE + (b * Hq + head) * Tq + tok, lse, mask=rvalid)
 
@@ -547,10 +545,7 @@ def _moda_fwd_mma_kernel(Q, K, V, DK, DV, Out, LSE,
                                    n_full, n_end, qk_scale, Tk, diag, D, BLOCK_N,
                                    True, CAUSAL, EVEN_D, NEG_SCALE)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_rows(Out + b * s_ob, o.to(Out.dtype.element_ty), tok, head, s_ot, s_oh, offs_d, rvalid, D, EVEN_D)
     tl.store(LSE + (b * Hq + head) * Tq + tok, lse, mask=rvalid)
 

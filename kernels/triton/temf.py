@@ -58,6 +58,7 @@ from .attention import (
     _unit_last,
     attn_bwd_dkdv_inner,
     attn_bwd_dq_inner,
+    attn_fwd_finish,
     attn_fwd_inner,
 )
 
@@ -159,10 +160,7 @@ def _temf_fwd_kernel(Q, K, V, SK, SV, Out, LSE,
                                    n_full, n_end, qk_scale, Lc, 0, D, BLOCK_N,
                                    True, True, EVEN_D, NEG_SCALE)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = attn_fwd_finish(acc, m_i, l_i)
     _store_tile(Out + b * s_ob + h.to(tl.int64) * s_oh + c0 * s_ot, o.to(Out.dtype.element_ty), rel, s_ot,
                 offs_d, Lc, D, EVEN_D)
     tl.store(LSE + (b * Hq + h) * T + c0 + rel, lse, mask=rel < Lc)
