@@ -29,7 +29,7 @@ from blockzoo.plugins.attention.reference import attention_reference
 from blockzoo.plugins.token.evict import EvictGates, distill
 from blockzoo.plugins.token.module import make_policy
 from blockzoo.plugins.token.params import EvictParams, StreamingParams
-from blockzoo.plugins.token.reference import allocate_dims
+from blockzoo.plugins.token.reference import allocate_dims, running_min
 from blockzoo.registry import Backend, get_registry
 
 ALL = ("token.streaming", "token.h2o", "token.snapkv", "token.evict", "token.mixeddim")
@@ -450,3 +450,19 @@ def test_report_without_kv_policies_has_no_retention_plot(tmp_path):
     written = render(tmp_path)
     assert "retention.png" not in written and not (tmp_path / "retention.png").exists()
     assert "Retention table" not in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 128])
+def test_running_min_equals_cummin(n):
+    """token.mixeddim's allocator takes the running minimum of the gains along the ranks with a
+    log-step scan (torch's cummin is slow on CUDA for a short last dim): the same values, bit for
+    bit, with ties, -inf and +inf in the input."""
+    g = torch.Generator().manual_seed(1000 + n)
+    x = torch.randn(37, 5, n, generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.2, x.round(), x)          # ties
+    x = x.masked_fill(torch.rand(x.shape, generator=g) < 0.1, float("-inf"))
+    x = x.masked_fill(torch.rand(x.shape, generator=g) < 0.1, float("inf"))
+    got = running_min(x)
+    assert torch.equal(got, torch.cummin(x, -1).values)
+    assert got.shape == x.shape and got.dtype == x.dtype
+
