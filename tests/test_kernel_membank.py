@@ -129,9 +129,9 @@ def _spec(window=5, slots=3, backend="reference", n_kv_heads=2, rope=True, layer
             "block": {"mixer": {"type": CID, "params": {"window": window, "slots": slots}}}}
 
 
-def _model(spec, seed=0, training=False):
+def _model(spec, seed=0, training=False, device=None):
     torch.manual_seed(seed)
-    m = build(spec, training=training)
+    m = build(spec, training=training, device=device)  # built where it runs: the backends resolve there
     m.train(training)
     with torch.no_grad():  # sharper attention and pooling than the init gives
         for blk in m.blocks:
@@ -277,10 +277,9 @@ def test_triton_small_tiles(shape, monkeypatch):
 def test_triton_model_matches_reference_model():
     """Training forward + backward of a whole model on the triton backend vs the reference."""
     dev = "cuda" if HAS_CUDA and not INTERP else "cpu"
-    ref = _model(_spec(window=4, slots=2, backend="reference", layers=1, d_model=64), training=True)
-    tri = _model(_spec(window=4, slots=2, backend="triton", layers=1, d_model=64), training=True)
+    ref = _model(_spec(window=4, slots=2, backend="reference", layers=1, d_model=64), training=True, device=dev)
+    tri = _model(_spec(window=4, slots=2, backend="triton", layers=1, d_model=64), training=True, device=dev)
     tri.load_state_dict(ref.state_dict())
-    ref.to(dev), tri.to(dev)
     x = _tokens(1, 21).to(dev)
     lr, lt = ref.loss(x), tri.loss(x)
     lr.backward(), lt.backward()
@@ -294,7 +293,8 @@ def test_triton_model_matches_reference_model():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", _backends())
 def test_bad_inputs_name_the_problem(backend):
-    q, k, v, bk, bv = _inputs(1, 10, 10, 2, 1, 16, 4, 2, dtype=torch.float32, grad=False)
+    dev = "cuda" if backend == "triton" and HAS_CUDA and not INTERP else "cpu"  # where the backend runs
+    q, k, v, bk, bv = (x.to(dev) for x in _inputs(1, 10, 10, 2, 1, 16, 4, 2, dtype=torch.float32, grad=False))
     op = blockzoo.op(CID, backend)
     with pytest.raises((ValueError, BackendUnavailable), match="not a multiple of N"):
         op(q, k, v, bk[:, :5], bv[:, :5], window=4)

@@ -203,9 +203,9 @@ def _spec(chunk=4, s=2, hidden=8, backend="reference", n_kv_heads=2, d_model=48)
                                 "params": {"chunk": chunk, "summaries": s, "hidden": hidden}}}}
 
 
-def _model(spec, seed=0, training=False):
+def _model(spec, seed=0, training=False, device=None):
     torch.manual_seed(seed)
-    m = build(spec, training=training)
+    m = build(spec, training=training, device=device)  # built where it runs: the backends resolve there
     with torch.no_grad():  # sharper attention and a non-trivial compressor than the init gives
         for blk in m.blocks:
             blk.mixer.qkv.weight.mul_(4.0)
@@ -277,7 +277,7 @@ def test_training_triton_matches_reference():
     x = _tokens(2, 26).to(dev)
     grads, losses = [], []
     for backend in ("reference", "triton"):
-        m = _model(_spec(chunk=8, s=3, backend=backend, d_model=64), training=True).to(dev)
+        m = _model(_spec(chunk=8, s=3, backend=backend, d_model=64), training=True, device=dev)
         loss = m.loss(x)
         loss.backward()
         losses.append(float(loss.detach()))
