@@ -74,7 +74,6 @@ def main():
            # the allocator as of session 12 (torch.cummin), then the shipped one; the same caches
            "rewrite_torch_cummin_ms": timed(lambda x: torch.cummin(x, -1).values),
            "rewrite_ms": timed(fast_min),
-           "same_store": None,
            "decode_scores_ms": wall_ms(lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base,
                                                                 st.step, tk, tv, layout=st.host), reps)}
     res["same_store"] = all(all(torch.equal(x, y) for x, y in zip(s, stores[0], strict=True)) for s in stores[1:])

@@ -24,10 +24,9 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _bootstrap import ensure_blockzoo  # noqa: E402
+from _bootstrap import ensure_blockzoo, warm_up  # noqa: E402
 
 ensure_blockzoo()
 
@@ -83,16 +82,6 @@ def densities(routing, T: int, bm: int, bn: int, prefix: int = 0):
         tiles += (nb * mask).sum().item()
     dense_tiles = sel.shape[0] * sel.shape[1] * sum(((int(blk_lim[qb]) + bn - 1) // bn) for qb in range(nqb))
     return row_density, tiles / dense_tiles
-
-
-def warm_up(seconds: float = 3.0) -> None:
-    """Keep the GPU busy before the first timing: without it the first shape's first timings
-    (its routing, its forward) came out up to 2x slow (session 12)."""
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x @ x
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -219,16 +219,23 @@ def attn_fwd_tile(acc, m_i, l_i, qk, v, valid, qk_scale):
 
 
 @triton.jit
-def attn_fwd_finish(acc, m_i, l_i):
-    """The end of an online-softmax sweep: ``(o, lse)`` with o = acc / l (fp32) and lse the
-    natural log-sum-exp, ``(m_i + log2 l) * ln 2``; a row that saw no key (l = 0) gets o = 0
-    and lse = -inf. The forward kernels built on the core
-    (dense, moc, membank, moda, temf) end with it."""
+def attn_fwd_finish_log2(acc, m_i, l_i):
+    """The end of an online-softmax sweep with the log-sum-exp in log2 units: ``(o, lse2)``,
+    o = acc / l (fp32), lse2 = m_i + log2 l; a row that saw no key (l = 0) gets o = 0 and
+    lse2 = -inf. Split partials that a combine merges keep these units (kv_decode's split
+    pass, moc's key-major partials)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    return o, lse
+    return o, tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+
+
+@triton.jit
+def attn_fwd_finish(acc, m_i, l_i):
+    """:func:`attn_fwd_finish_log2` with the natural log-sum-exp, ``lse2 * ln 2`` (-inf stays
+    -inf). The forward kernels built on the core (dense, moc, membank, moda, temf) end with it."""
+    o, lse2 = attn_fwd_finish_log2(acc, m_i, l_i)
+    return o, lse2 * 0.6931471805599453
 
 
 @triton.jit

@@ -83,7 +83,16 @@ from triton.runtime.errors import OutOfResources
 
 from .._alloc import empty
 from ..select import FEW_EVICTIONS, _sortable_keys, select_topk  # noqa: F401  (torch ops, re-exported)
-from .attention import LOG2E, _block_d, _dot, _dot_acc, _interpreting, _loop_bound, attn_fwd_inner
+from .attention import (
+    LOG2E,
+    _block_d,
+    _dot,
+    _dot_acc,
+    _interpreting,
+    _loop_bound,
+    attn_fwd_finish_log2,
+    attn_fwd_inner,
+)
 
 __all__ = ["decode_attention", "token_scores", "select_topk", "compact", "evict_one", "h2o_step", "decode_h2o",
            "MAX_ROWS", "DECODE_CFG"]
@@ -214,10 +223,7 @@ def _decode_split_kernel(Q, K, V, OP, LP, LG,
         acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, qi, offs_d,
                                        u_end, hi, qk_scale, T, diag, D, BLOCK_N,
                                        True, True, EVEN_D, NEG_SCALE)
-    empty_row = l_i == 0.0
-    l_safe = tl.where(empty_row, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units
+    o, lse2 = attn_fwd_finish_log2(acc, m_i, l_i)  # log2 units
     prow = ((b * Hq + h) * Tq + qi) * S + sid  # [BLOCK_M] partial index
     tl.store(LP + prow, lse2, mask=rmask)
     o_ptrs = OP + prow[:, None] * D + offs_d[None, :]

@@ -77,6 +77,7 @@ from .attention import (
     attn_bwd_dq_inner,
     attn_bwd_dq_tile,
     attn_fwd_finish,
+    attn_fwd_finish_log2,
     attn_fwd_inner,
     attn_fwd_tile,
     attn_fwd_tile_rows,
@@ -723,10 +724,7 @@ def _moc_km_fwd_kernel(Q, K, V, OP, LP, Ent, TileOff, ChunkOff, Cnt, Lim, Bounds
                                    qk_scale, seg, 0, D, BLOCK_N, False, True, EVEN_D, False)
     acc, m_i, l_i = attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, rel, offs_d, n_full, hi,
                                    qk_scale, seg, 0, D, BLOCK_N, True, True, EVEN_D, False)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc * (1.0 / l_safe)[:, None]
-    lp = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    o, lp = attn_fwd_finish_log2(acc, m_i, l_i)
     part = bh * Tq * NS
     _store_tile(OP + part * D, o.to(OP.dtype.element_ty), ent.to(tl.int64), D, offs_d, Tq * NS, D, EVEN_D)
     tl.store(LP + part + ent, lp, mask=rvalid)
