@@ -281,6 +281,25 @@ def group_energy(sq: torch.Tensor, step: int) -> torch.Tensor:
     return sq.view(*sq.shape[:-1], sq.shape[-1] // step, step).sum(-1)
 
 
+def _last_sum(e: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim, left to right (a fixed order: every caller gets the same bits)."""
+    out = e[..., 0]
+    for j in range(1, e.shape[-1]):
+        out = out + e[..., j]
+    return out
+
+
+def unit_profile(ke: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
+    """[..., L] group energies of each token (zero beyond its width) -> its unit profile [..., L]:
+    the running minimum along the ranks of ``(ke / sum ke + ve / sum ve) / 2``, the share of the
+    token's K and V energy each unit holds. A unit's gain is ``score * profile`` (``score >= 0``;
+    rounding is monotone, so this equals the running minimum of ``score * share`` bit for bit), so
+    a token's gains never increase along its ranks. Element-wise in the token: the whole-cache
+    allocator and the incremental step compute the same bits for the same token."""
+    share = 0.5 * (ke / _last_sum(ke).clamp_min(1e-30)[..., None] + ve / _last_sum(ve).clamp_min(1e-30)[..., None])
+    return running_min(share)
+
+
 def allocate_units(scores: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor, caps: torch.Tensor,
                    protected: torch.Tensor, budget: int, unit: int = 1) -> torch.Tensor:
     """:func:`allocate_dims` on group energies: ke, ve [B, Hk, T, L] (energy of each group of
@@ -288,9 +307,7 @@ def allocate_units(scores: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor, cap
     groups per token [B, Hk, T]. ``unit`` only scales the numbers in error messages."""
     b, hk, t, d = ke.shape
     acc = ke.dtype
-    share = 0.5 * (ke / ke.sum(-1, keepdim=True).clamp_min(1e-30) + ve / ve.sum(-1, keepdim=True).clamp_min(1e-30))
-    gain = scores.to(acc).clamp_min(0)[..., None] * share
-    gain = running_min(gain)  # non-increasing along the ranks
+    gain = scores.to(acc).clamp_min(0)[..., None] * unit_profile(ke, ve)  # non-increasing along the ranks
     ranks = torch.arange(d, device=ke.device)
     allowed = (ranks < caps[..., None]) & ~protected[..., None]
     gain = gain.masked_fill(~allowed, float("-inf")).view(b * hk, t, d)
@@ -316,3 +333,86 @@ def allocate_units(scores: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor, cap
     got = _greedy(g2, rest)
     dims = torch.where(protected.view(b * hk, t), torch.full_like(got, d), got)
     return dims.view(b, hk, t)
+
+
+_I64_MAX = torch.iinfo(torch.int64).max
+_I64_MIN = torch.iinfo(torch.int64).min
+
+
+def _order_bits(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values >= 0 (or NaN-free, any sign) -> int64 whose order is the values' order (-0.0 and
+    +0.0 tie, as they do in a sort)."""
+    bits = (x.float() + 0.0).view(torch.int32)
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+
+
+def _k_smallest(key: torch.Tensor, n: torch.Tensor, k_max: int) -> torch.Tensor:
+    """bool like key [R, M]: the n[r] smallest keys of each row (keys unique where chosen;
+    _I64_MAX = never), through a top-k of the host bound ``k_max >= n``."""
+    out = torch.zeros_like(key, dtype=torch.bool)
+    k_max = min(k_max, key.shape[-1])
+    if k_max <= 0:
+        return out
+    idx = torch.topk(key, k_max, dim=-1, largest=False, sorted=True).indices
+    take = torch.arange(k_max, device=key.device)[None, :] < n[:, None]
+    take &= torch.gather(key, -1, idx) != _I64_MAX
+    return out.scatter_(-1, idx, take)
+
+
+def allocate_step(scores: torch.Tensor, profile: torch.Tensor, units: torch.Tensor, positions: torch.Tensor,
+                  protected: torch.Tensor, rest: torch.Tensor, k_max: int) -> torch.Tensor:
+    """:func:`allocate_units` on a cache whose tokens already hold their widths (``caps`` = the
+    units they hold), by selection instead of sorting the whole cache: the kept units per slot
+    [R, S], equal to :func:`allocate_units`' for the same tokens, bit for bit.
+
+    Slots, in any order: scores [R, S] (>= 0 after the clamp), profile [R, S, L]
+    (:func:`unit_profile` of each token's energies at its current width), units [R, S] (0 = an
+    empty slot), positions [R, S] (unique per row among the held slots; the ties of the
+    whole-cache sort go by time order, which is position order; ``positions * L < 2**32``),
+    protected [R, S] (held whole). rest [R]: the units the unprotected tokens may keep;
+    ``k_max`` (a host int) >= every row's ``held - rest`` (the units to drop): the work is top-k
+    selections of ``k_max``, so no device -> host copy.
+
+    Why it is the same: with caps = widths, stage 1 of :func:`allocate_units` keeps the ``rest``
+    largest held units, i.e. drops the ``held - rest`` smallest in the order (gain ascending, then
+    flat index (time, rank) descending), and each dropped unit is its token's last (gains do not
+    increase along ranks; ties keep the lower rank). Stage 2 gives every row ``n`` = the largest
+    stage-1 count of live tokens: a row with ``n - live`` fewer revives that many of its tokens
+    emptied in stage 1 (the best ``score / row max``, ties the earlier one) at one unit and, to
+    pay for them, drops the same number of its lowest remaining units of rank >= 1 (the greedy
+    over the forced unit 0s keeps the top ``rest - n`` other units, a prefix of stage 1's)."""
+    r, s_, L = profile.shape
+    dev = units.device
+    acc = profile.dtype
+    valid = units > 0
+    free = valid & ~protected
+    sc = scores.to(acc).clamp_min(0)
+    ranks = torch.arange(L, device=dev)
+    held = free[..., None] & (ranks < units[..., None])                        # [R, S, L]
+    flat = positions[..., None] * L + ranks                                    # time, rank
+    tie = (2**32 - 1) - flat                                                   # later first
+    key = (_order_bits(sc[..., None] * profile) << 32) | tie
+    key = key.masked_fill(~held, _I64_MAX).view(r, s_ * L)
+    drop = held.view(r, -1).sum(-1) - rest                                     # [R]
+    d1 = _k_smallest(key, drop, k_max).view(r, s_, L)
+    after = units - d1.sum(-1) * free                                          # stage 1's widths
+    live = free & (after > 0)
+    n_live = live.sum(-1)
+    need = n_live.max() - n_live                                               # [R] tokens to revive
+    # revive: the emptied tokens with the best score / row max (ties: the earlier), as the sort did
+    rowmax = sc.masked_fill(~valid, 0).amax(-1, keepdim=True).clamp_min(1e-30)
+    emptied = free & (after == 0)
+    rkey = (_order_bits(sc / rowmax) << 32) | (2**32 - 1 - positions)
+    rkey = rkey.masked_fill(~emptied, _I64_MIN)
+    revive = torch.zeros_like(emptied)
+    if min(k_max, s_) > 0:
+        idx = torch.topk(rkey, min(k_max, s_), dim=-1, largest=True, sorted=True).indices
+        take = (torch.arange(idx.shape[-1], device=dev)[None, :] < need[:, None]) & \
+            (torch.gather(rkey, -1, idx) != _I64_MIN)
+        revive.scatter_(-1, idx, take)
+    # and pay for them: the lowest remaining units of rank >= 1
+    key2 = key.view(r, s_, L).masked_fill(d1 | (ranks == 0), _I64_MAX).view(r, -1)
+    d2 = _k_smallest(key2, need, k_max).view(r, s_, L)
+    out = after - d2.sum(-1) * free
+    out = torch.where(revive, torch.ones_like(out), out)
+    return torch.where(protected & valid, units, out)
