@@ -146,7 +146,8 @@ def _lazy_registry(calls):
     caps = Capabilities(devices=("cpu",), dtypes=(torch.float32,))
     reg = Registry()
     for cid, ref in (("lazy.scale", lambda x, alpha=2.0: x * alpha),
-                     ("lazy.cancel", lambda x, alpha=2.0: (x + 1000.0) - 1000.0)):
+                     ("lazy.cancel", lambda x, alpha=2.0: (x + 1000.0) - 1000.0),
+                     ("lazy.cancel16", lambda x, alpha=2.0: (x + 32.0) - 32.0)):
         reg.add_component(Component(id=cid, slot="mlp", params=P, describe=describe,
                                     cases=lambda: [Case("n", {"x": (4, 64)})]))
         reg.add_backend(Backend(cid, "reference", counted(ref, cid)))
@@ -155,6 +156,10 @@ def _lazy_registry(calls):
     reg.add_backend(Backend("lazy.scale", "wrong_grad", wrong_grad, caps))
     # exact, unlike the fp32 reference
     reg.add_backend(Backend("lazy.cancel", "exact", lambda x, alpha=2.0: x * 1.0, caps))
+    # fp16: the reference's own rounding at fp16 (``same``), and 5% more than that (``worse``)
+    caps16 = Capabilities(devices=("cpu",), dtypes=(torch.float16,))
+    reg.add_backend(Backend("lazy.cancel16", "same", lambda x, alpha=2.0: (x + 32.0) - 32.0, caps16))
+    reg.add_backend(Backend("lazy.cancel16", "worse", lambda x, alpha=2.0: ((x + 32.0) - 32.0) * 1.05, caps16))
     return reg
 
 
@@ -199,3 +204,28 @@ def test_fp64_oracle_runs_only_when_the_table_fails(monkeypatch):
     assert fwd.ok and fwd.noise_bound > 0 and grad.ok
     x = conformance.make_inputs(case, torch.float32, "cpu", 3)["x"].detach()
     assert not compare(x, (x + 1000.0) - 1000.0, tolerance(torch.float32, "fwd")).ok
+
+
+def test_half_precision_cases_admit_the_references_own_rounding(monkeypatch):
+    """fp16 / bf16 cases: when the table fails, the oracle runs again at the case's precision
+    and in fp64, and a backend may err NOISE_FACTOR x that run's error (a cancelling sum in fp16
+    failed the table in CI with the reference itself as the backend); 5% more fails."""
+    import collections
+
+    import pytest
+    import torch
+
+    from blockzoo.registry import Case
+    from blockzoo.testing import compare, conformance, tolerance
+    from blockzoo.testing.conformance import ConformanceCase, check
+
+    calls = collections.Counter()
+    monkeypatch.setattr(conformance, "get_registry", lambda: _lazy_registry(calls))
+    case = Case("n", {"x": (4, 64)})
+    x = conformance.make_inputs(case, torch.float16, "cpu", 3)["x"].detach()
+    assert not compare((x + 32.0) - 32.0, x.float(), tolerance(torch.float16, "fwd")).ok  # the table alone
+    fwd, grad = check(ConformanceCase("lazy.cancel16", "same", case, torch.float16, "cpu"), seed=3)
+    assert fwd.ok and fwd.noise_bound > 0 and grad.ok
+    assert calls["lazy.cancel16"] == 1
+    with pytest.raises(AssertionError, match=r"out\[0\]: MISMATCH"):
+        check(ConformanceCase("lazy.cancel16", "worse", case, torch.float16, "cpu"), seed=3)
