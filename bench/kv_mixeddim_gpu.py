@@ -91,7 +91,7 @@ def check(st, q, k, v, tq, tol, fn=None, **kw):
         o, sp, stl = decode_kernel("triton", q, st, tk, tv)
     else:
         qp = permute_queries(q, st.k_order, st.hk)
-        o_n, o_r, sp, stl = fn(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv, **kw)
+        o_n, o_r, sp, stl = fn(q, qp, st.kbuf, st.vbuf, st.tok_off, st.count, st.elem_base, st.step, tk, tv, **kw)
         o = o_n + unpermute_output(o_r, st.v_order, st.hk)
     ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float(), "vbuf": st.vbuf.float()})
     o0, sp0, st0 = decode_reference(q.float(), ref, tk.float(), tv.float())
@@ -137,23 +137,23 @@ def main():
     # the two scores paths at the big shape
     qp_ = permute_queries(q, st.k_order, Hk)
     tk_, tv_ = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
-    outs = [km.pooled_decode(q, qp_, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk_, tv_, scores_from=sf)
-            for sf in ("keys", "logits")]
+    outs = [km.pooled_decode(q, qp_, st.kbuf, st.vbuf, st.tok_off, st.count, st.elem_base, st.step, tk_, tv_,
+                             scores_from=sf) for sf in ("keys", "logits")]
     # (informational: compiled, the two kernels' dots may round the last bits differently; each
     # path is checked against the fp32 reference above)
     res["scores_paths"] = {"bitwise_equal": all(torch.equal(x, y) for x, y in zip(*outs, strict=True)),
                            "max_rel_diff": max(rel_err(x, y) for x, y in zip(*outs, strict=True))}
     # 2. timings
     tk, tv = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
-    lev_tok = (st.tok_off[:, -1] - st.tok_off[:, 0]).tolist()
+    lev_tok = st.count.sum(1).tolist()  # tokens held per level (the store has no slack: = its slots)
     n_kept = sum(lev_tok) // (B * Hk) + 1
     kept_k, kept_v = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
     zk, zv = k[:, :, :n_kept].contiguous(), v[:, :, :n_kept].contiguous()
     qp = permute_queries(q, st.k_order, Hk)
 
     def pooled(scores=False, layout=st.host, **kw):
-        return lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv, None,
-                                        scores, layout=layout, **kw)
+        return lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.count, st.elem_base, st.step, tk,
+                                        tv, None, scores, layout=layout, **kw)
 
     t = {
         "full": bench(lambda: kd.decode_attention(q, k, v)),

@@ -65,7 +65,7 @@ def main():
         ref.running_min = running_min
         try:
             new = repack(st, tk, tv, tpos, tacc, T, keep, 4, 64)
-            stores.append(tuple(getattr(new, f) for f in ("kbuf", "vbuf", "pos", "acc", "tok_off")))
+            stores.append(tuple(getattr(new, f) for f in ("kbuf", "vbuf", "pos", "acc", "tok_off", "count")))
             return wall_ms(lambda: repack(st, tk, tv, tpos, tacc, T, keep, 4, 64), reps)
         finally:
             ref.running_min = fast_min
@@ -74,8 +74,8 @@ def main():
            # the allocator as of session 12 (torch.cummin), then the shipped one; the same caches
            "rewrite_torch_cummin_ms": timed(lambda x: torch.cummin(x, -1).values),
            "rewrite_ms": timed(fast_min),
-           "decode_scores_ms": wall_ms(lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base,
-                                                                st.step, tk, tv, layout=st.host), reps)}
+           "decode_scores_ms": wall_ms(lambda: km.pooled_decode(q, qp, st.kbuf, st.vbuf, st.tok_off, st.count,
+                                                                st.elem_base, st.step, tk, tv, layout=st.host), reps)}
     res["same_store"] = all(all(torch.equal(x, y) for x, y in zip(s, stores[0], strict=True)) for s in stores[1:])
     if not res["same_store"]:
         raise SystemExit(f"the allocator variants made different caches: {res}")

@@ -3,7 +3,10 @@
 
 - the pools hold exactly the kept channels of every token (unpacked == the original k, v with
   the dropped channels zeroed) and exactly ``keep * D`` K and V elements per row, in real
-  buffer bytes;
+  buffer bytes (no slack); with slack, the buffers hold the kept elements plus the spare slots';
+- spare capacity: a store repacked with slack and its held tokens shuffled inside each
+  (level, row) decodes (reference, every kernel) like the dense one, unused slots get score 0,
+  and repacks to the same store;
 - every backend's decode over the pools (ONE softmax over pools + tail) against a float64
   evaluation of dense attention over the zeroed keys/values, and the per-token scores against
   the probabilities; odd T, D = 40 / 48, GQA, multi-token steps, a longer tail, empty pools;
@@ -34,9 +37,9 @@ DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET")
 KERNELS = ["numba"] + (["triton"] if TRITON else [])
 
 
-def _store(b, hk, d, levels, t_pool, keep, seed=0, dtype=torch.float32, sinks=2, recent=3, device="cpu"):
-    """A packed store of t_pool random tokens compressed to ``keep`` tokens' worth of elements,
-    plus the original (full-width) k, v and the ranks."""
+def _store(b, hk, d, levels, t_pool, keep, seed=0, dtype=torch.float32, sinks=2, recent=3, device="cpu", slack=0):
+    """A packed store of t_pool random tokens compressed to ``keep`` tokens' worth of elements
+    (``slack`` spare slots per (level, row)), plus the original (full-width) k, v and the ranks."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, hk, t_pool, d, generator=g).to(dtype)
     v = torch.randn(b, hk, t_pool, d, generator=g).to(dtype)
@@ -46,11 +49,11 @@ def _store(b, hk, d, levels, t_pool, keep, seed=0, dtype=torch.float32, sinks=2,
     vr = torch.stack([torch.randperm(d, generator=g) for _ in range(b * hk)]).view(b, hk, d)
     st = PackedKV.empty(b, hk, d, levels, kr, vr, dtype, "cpu")
     if keep < t_pool:
-        st = repack(st, k, v, pos, acc, t_pool, keep, sinks, recent)
+        st = repack(st, k, v, pos, acc, t_pool, keep, sinks, recent, slack=slack)
     else:  # nothing to compress: every token in the top level
         st = _all_full(st, k, v, pos, acc)
     if device != "cpu":
-        for name in ("k_order", "v_order", "kbuf", "vbuf", "pos", "acc", "tok_off", "elem_base"):
+        for name in ("k_order", "v_order", "kbuf", "vbuf", "pos", "acc", "tok_off", "count", "elem_base"):
             setattr(st, name, getattr(st, name).to(device))
     return st, k, v, kr, vr
 
@@ -63,9 +66,11 @@ def _all_full(st, k, v, pos, acc):
     vr = torch.gather(v.reshape(r, t, d), -1, st.v_order[:, None, :].expand(r, t, d))
     tok_off = torch.zeros(st.levels, r + 1, dtype=torch.long)
     tok_off[-1] = torch.arange(r + 1) * t
+    count = torch.zeros(st.levels, r, dtype=torch.long)
+    count[-1] = t
     return PackedKV(b, hk, d, st.levels, st.k_order, st.v_order, kr.reshape(-1).clone(), vr.reshape(-1).clone(),
                     pos.reshape(-1).clone(), acc.reshape(-1).float(), tok_off,
-                    torch.zeros(st.levels, dtype=torch.long))
+                    torch.zeros(st.levels, dtype=torch.long), count=count)
 
 
 def _dense64(q, k, v, tq, scale=None):
@@ -90,10 +95,14 @@ def test_pools_hold_exactly_the_kept_channels_and_budget():
     g = d // levels
     assert bool((dims % g == 0).all()) and bool((dims >= g).all())
     assert bool((dims.sum(-1) == keep * d).all())
-    # real buffers: exactly keep * D elements per row for K and for V, nothing else in their storage
+    # real buffers (no slack): exactly keep * D elements per row for K and for V, nothing else in
+    # their storage; every slot held
     elt = st.kbuf.element_size()
-    assert st.kv_elements() == 2 * keep * d * b * hk
+    assert st.kv_elements() == st.kept_elements() == 2 * keep * d * b * hk
     assert st.kv_nbytes() == 2 * keep * d * b * hk * elt
+    assert st.held == st.slots == st.pos.shape[0]
+    torch.testing.assert_close(st.count, st.tok_off[:, 1:] - st.tok_off[:, :-1], rtol=0, atol=0)
+    assert st.host == (tuple(st.count.sum(1).tolist()), tuple(st.elem_base.tolist()))
     # the content is the original token with the dropped channels (rank >= dims) zeroed
     ko = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, d))
     vo = torch.gather(v, 2, pos[..., None].expand(-1, -1, -1, d))
@@ -148,7 +157,7 @@ def test_kernel_decode_matches_fp32_reference(kind, dtype, case):
     # the fp32 reference on the same stored values
     ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float().cpu(), "vbuf": st.vbuf.float().cpu(),
                       **{n: getattr(st, n).cpu() for n in ("k_order", "v_order", "pos", "acc", "tok_off",
-                                                            "elem_base")}})
+                                                            "count", "elem_base")}})
     want_o, want_sp, want_st = decode_reference(q.float().cpu(), ref, tk.float().cpu(), tv.float().cpu())
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     assert o.dtype == dtype and o.shape == q.shape
@@ -221,7 +230,9 @@ def test_budget_in_real_bytes_and_protected_whole(backend, budget):
                 # the new token goes into the pools unless the budget grew by a whole token this step
                 assert lc.size <= 1
                 tail = lc.k.untyped_storage().nbytes() + lc.v.untyped_storage().nbytes() if lc.size else 0
-                assert st.kv_nbytes() + tail == 2 * keep * d * rows * 4  # fp32, exact, real storage
+                assert st.kept_elements() * 4 + tail == 2 * keep * d * rows * 4  # fp32, exact
+                # the real storage: the buffers (kept elements + any slack), nothing else
+                assert st.kv_nbytes() == st.kv_elements() * 4 >= st.kept_elements() * 4
                 pos, dims = _held(lc)
                 assert bool((dims.sum(-1) == keep * d).all()) and bool((dims % g == 0).all())
                 for p in list(range(3)) + list(range(seen - 4, seen)):
@@ -305,7 +316,7 @@ def _handmade_store(counts, b, hk, d, levels, seed, dtype):
     order = [torch.stack([torch.randperm(d, generator=g) for _ in range(R)]) for _ in range(2)]
     return PackedKV(b, hk, d, levels, order[0], order[1], torch.cat(ks).to(dtype), torch.cat(vs).to(dtype),
                     torch.cat(ps).long(), torch.rand(n_tok, generator=g), torch.stack(tok_off),
-                    torch.tensor(elem_base, dtype=torch.long))
+                    torch.tensor(elem_base, dtype=torch.long), count=torch.tensor(counts, dtype=torch.long))
 
 
 SPLIT_CASES = [  # id, store, b, hk, group, d, levels, tq, extra tail, splits, (BLOCK_N, warps, stages, narrow)
@@ -330,7 +341,7 @@ def _split_case(case, dtype):
     tk = torch.randn(b, hk, tt, d, generator=g).to(dtype).to(DEV)
     tv = torch.randn(b, hk, tt, d, generator=g).to(dtype).to(DEV)
     q = torch.randn(b, tq, hk * grp, d, generator=g).to(dtype).to(DEV)
-    for name in ("k_order", "v_order", "kbuf", "vbuf", "pos", "acc", "tok_off", "elem_base"):
+    for name in ("k_order", "v_order", "kbuf", "vbuf", "pos", "acc", "tok_off", "count", "elem_base"):
         setattr(st, name, getattr(st, name).to(DEV))
     return st, q, tk, tv
 
@@ -338,7 +349,7 @@ def _split_case(case, dtype):
 def _pooled(fn, q, st, tk, tv, **kw):
     from blockzoo.plugins.token.mixeddim import permute_queries, unpermute_output
     qp = permute_queries(q, st.k_order, st.hk)
-    o_n, o_r, sp, stl = fn(q, qp, st.kbuf, st.vbuf, st.tok_off, st.elem_base, st.step, tk, tv, **kw)
+    o_n, o_r, sp, stl = fn(q, qp, st.kbuf, st.vbuf, st.tok_off, st.count, st.elem_base, st.step, tk, tv, **kw)
     return o_n + unpermute_output(o_r, st.v_order, st.hk), sp, stl
 
 
@@ -353,7 +364,7 @@ def test_triton_split_decode_matches_fp32_reference(case, dtype):
         o, sp, stl = _pooled(km.pooled_decode, q, st, tk, tv, num_splits=splits, cfg=cfg)
     ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float().cpu(), "vbuf": st.vbuf.float().cpu(),
                       **{n: getattr(st, n).cpu() for n in ("k_order", "v_order", "pos", "acc", "tok_off",
-                                                            "elem_base")}})
+                                                            "count", "elem_base")}})
     want_o, want_sp, want_st = decode_reference(q.float().cpu(), ref, tk.float().cpu(), tv.float().cpu())
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(o.cpu(), want_o, **tol)  # fp32 outputs (o_n + o_r)
@@ -368,7 +379,7 @@ def _levels_split(st, rows, tail, splits, cfg):
     kernel's chunking (a level's tokens in chunks of ``ceil(n / S)`` rounded up to whole tiles)."""
     bn, _, _, narrow = cfg
     bd, bm = max(16, 1 << (st.d - 1).bit_length()), max(16, 1 << (rows - 1).bit_length())
-    counts = (st.tok_off[:, 1:] - st.tok_off[:, :-1]).cpu()
+    counts = st.count.cpu()
     for lv in range(st.levels):
         wp = min(bd, max(16, 1 << ((lv + 1) * st.step - 1).bit_length())) if narrow else bd
         tile = max(16, min(bn * (bd // wp), 4096 // bm)) if narrow else bn
@@ -413,7 +424,7 @@ def test_triton_scores_from_logits_equal_scores_from_keys(case):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     ref = PackedKV(**{**st.__dict__, "kbuf": st.kbuf.float().cpu(), "vbuf": st.vbuf.float().cpu(),
                       **{n: getattr(st, n).cpu() for n in ("k_order", "v_order", "pos", "acc", "tok_off",
-                                                            "elem_base")}})
+                                                            "count", "elem_base")}})
     want = decode_reference(q.float().cpu(), ref, tk.float().cpu(), tv.float().cpu())
     for got, w in zip(outs[0], want, strict=True):  # the keys path against the fp32 reference
         torch.testing.assert_close(got.cpu(), w, rtol=1e-4, atol=1e-5)
@@ -454,3 +465,192 @@ def test_pooled_decode_rejects_bad_splits():
             _pooled(km.pooled_decode, q, st, tk, tv, num_splits=bad)
     with pytest.raises(ValueError, match="BLOCK_N must be a power of 2"):
         _pooled(km.pooled_decode, q, st, tk, tv, cfg=(24, 1, 1, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# spare capacity: slots a (level, row) owns beyond the tokens it holds; held tokens in any order
+def _on(st, device):
+    """``st`` with its tensors on ``device``."""
+    return PackedKV(**{**st.__dict__, **{n: getattr(st, n).to(device) for n in (
+        "k_order", "v_order", "kbuf", "vbuf", "pos", "acc", "tok_off", "count", "elem_base")}})
+
+
+def _shuffled(st, seed):
+    """A copy of ``st`` whose held tokens are permuted inside every (level, row): the slots
+    ``tok_off[l, r] .. tok_off[l, r] + count[l, r]`` (K, V, pos and acc together)."""
+    g = torch.Generator().manual_seed(seed)
+    kb, vb, pos, acc = st.kbuf.clone(), st.vbuf.clone(), st.pos.clone(), st.acc.clone()
+    for lv in range(st.levels):
+        w, t0, eb = st.width(lv), int(st.tok_off[lv, 0]), int(st.elem_base[lv])
+        for r in range(st.rows):
+            s0, c = int(st.tok_off[lv, r]), int(st.count[lv, r])
+            src, dst = s0 + torch.randperm(c, generator=g), s0 + torch.arange(c)
+            pos[dst], acc[dst] = st.pos[src], st.acc[src]
+            e_src = eb + (src - t0)[:, None] * w + torch.arange(w)
+            e_dst = eb + (dst - t0)[:, None] * w + torch.arange(w)
+            kb[e_dst], vb[e_dst] = st.kbuf[e_src], st.vbuf[e_src]
+    return PackedKV(**{**st.__dict__, "kbuf": kb, "vbuf": vb, "pos": pos, "acc": acc})
+
+
+SLACK_CASES = [  # id, b, hk, group, d, levels, t_pool, keep, tq, extra tail, slack
+    ("T37-D40-gqa3-slack3", 2, 2, 3, 40, 4, 37, 11, 1, 0, 3),
+    ("T29-D48-tq3-levels8-slack3", 1, 3, 2, 48, 8, 29, 9, 3, 2, 3),
+    ("T23-D12-slack1", 2, 1, 2, 12, 3, 23, 7, 1, 4, 1),
+]
+
+
+def _slack_case(case, dtype, seed):
+    """(the store without slack, the same tokens repacked with slack and shuffled inside every
+    (level, row), the store with slack unshuffled, q, tail k, tail v)."""
+    _, b, hk, grp, d, levels, t_pool, keep, tq, extra, slack = case
+    dense, *_ = _store(b, hk, d, levels, t_pool, keep, seed=seed, dtype=dtype)
+    spare, *_ = _store(b, hk, d, levels, t_pool, keep, seed=seed, dtype=dtype, slack=slack)
+    shuf = _shuffled(spare, seed + 1)
+    assert not torch.equal(shuf.pos, spare.pos)  # the shuffle really moved tokens
+    g = torch.Generator().manual_seed(seed + 2)
+    tt = tq + extra
+    tk = torch.randn(b, hk, tt, d, generator=g).to(dtype)
+    tv = torch.randn(b, hk, tt, d, generator=g).to(dtype)
+    q = torch.randn(b, tq, hk * grp, d, generator=g).to(dtype)
+    return dense, shuf, spare, q, tk, tv
+
+
+def _unused(st):
+    """[slots] bool: the slots no token occupies."""
+    held = torch.zeros(st.slots, dtype=torch.bool)
+    held[st.meta()[0].cpu()] = True
+    return ~held
+
+
+def _check_pool_scores(st, s_pool, dense, want_sp, **tol):
+    """The scores per slot of ``st`` against the scores per slot of ``dense`` (the same tokens),
+    matched through the time-order tables (the same positions, checked); unused slots exactly 0."""
+    idx, idx_d = st.table().cpu(), dense.table()
+    assert torch.equal(st.pos.cpu()[idx], dense.pos[idx_d])
+    torch.testing.assert_close(s_pool.cpu()[idx], want_sp[idx_d], **tol)
+    assert bool((s_pool.cpu()[_unused(st)] == 0).all())
+
+
+@pytest.mark.parametrize("case", SLACK_CASES, ids=[c[0] for c in SLACK_CASES])
+def test_slack_layout_and_storage_accounting(case):
+    dense, shuf, spare, *_ = _slack_case(case, torch.float32, seed=21)
+    slack, R, L = case[-1], dense.rows, dense.levels
+    widths = sum(dense.width(lv) for lv in range(L))
+    # the same tokens held; each (level, row) owns count + slack slots, the held ones first
+    assert torch.equal(spare.count, dense.count) and torch.equal(shuf.count, dense.count)
+    assert torch.equal(spare.tok_off[:, 1:] - spare.tok_off[:, :-1], spare.count + slack)
+    assert spare.held == dense.held == dense.slots and spare.slots == dense.slots + slack * R * L
+    assert spare.host == (tuple((spare.tok_off[:, -1] - spare.tok_off[:, 0]).tolist()),
+                          tuple(spare.elem_base.tolist()))
+    # storage: the buffers hold the kept elements plus the slack's, nothing else
+    elt = spare.kbuf.element_size()
+    assert dense.kv_elements() == dense.kept_elements() == spare.kept_elements() == shuf.kept_elements()
+    assert spare.kv_elements() == spare.kept_elements() + 2 * slack * R * widths
+    assert spare.kv_nbytes() == spare.kv_elements() * elt
+    # unused slots: pos -1, acc 0, K and V zero; the held ones are the dense store's tokens
+    unused = _unused(spare)
+    assert int(unused.sum()) == slack * R * L and torch.equal(unused, _unused(shuf))
+    assert bool((spare.pos[unused] == -1).all()) and bool((spare.acc[unused] == 0).all())
+    assert bool((spare.pos[~unused] >= 0).all())
+    slot_of_el = torch.cat([torch.arange(int(spare.tok_off[lv, 0]), int(spare.tok_off[lv, -1]))
+                            .repeat_interleave(spare.width(lv)) for lv in range(L)])
+    for buf in (spare.kbuf, spare.vbuf, shuf.kbuf, shuf.vbuf):
+        assert bool((buf[unused[slot_of_el]] == 0).all())
+    want = dense.unpack()
+    for st in (spare, shuf):
+        got = st.unpack()
+        for a, b in zip(got[:5], want[:5], strict=True):
+            assert torch.equal(a, b)
+        assert got[5].shape == want[5].shape and not bool(unused[got[5].reshape(-1)].any())
+        assert st.meta()[0].shape[0] == dense.slots
+
+
+@pytest.mark.parametrize("case", SLACK_CASES, ids=[c[0] for c in SLACK_CASES])
+def test_slack_shuffled_reference_decode_equals_the_dense_one(case):
+    dense, shuf, _, q, tk, tv = _slack_case(case, torch.float32, seed=23)
+    want_o, want_sp, want_st = decode_reference(q, dense, tk, tv)
+    o, s_pool, s_tail = decode_reference(q, shuf, tk, tv)
+    assert s_pool.shape == (shuf.slots,)
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_tail, want_st, rtol=1e-5, atol=1e-7)
+    _check_pool_scores(shuf, s_pool, dense, want_sp, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SLACK_CASES, ids=[c[0] for c in SLACK_CASES])
+def test_slack_shuffled_kernel_decode_matches_fp32_dense_reference(kind, dtype, case):
+    dense, shuf, _, q, tk, tv = _slack_case(case, dtype, seed=25)
+    dev = DEV if kind == "triton" else "cpu"
+    with poisoned():
+        o, s_pool, s_tail = decode_kernel(kind, q.to(dev), _on(shuf, dev), tk.to(dev), tv.to(dev))
+    # the fp32 reference decode of the same logical cache: the dense, unshuffled store
+    ref = PackedKV(**{**dense.__dict__, "kbuf": dense.kbuf.float(), "vbuf": dense.vbuf.float()})
+    want_o, want_sp, want_st = decode_reference(q.float(), ref, tk.float(), tv.float())
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert o.dtype == dtype and o.shape == q.shape and s_pool.shape == (shuf.slots,)
+    torch.testing.assert_close(o.float().cpu(), want_o, **tol)
+    torch.testing.assert_close(s_tail.cpu(), want_st, **tol)
+    _check_pool_scores(shuf, s_pool, dense, want_sp, **tol)
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_split_decode_over_a_slack_store(splits):
+    """Forced splits over a slack store: splits are sized from the slots, chunks from the held
+    count, so some programs start beyond the held tokens (nothing to read), and the last split
+    of every (level, row) zeroes its unused slots' scores."""
+    from blockzoo.kernels.triton import kv_mixeddim as km
+    case = ("T41-D40-gqa3-tq2-slack5", 2, 2, 3, 40, 4, 41, 13, 2, 1, 5)
+    dense, shuf, _, q, tk, tv = _slack_case(case, torch.float32, seed=27)
+    st = _on(shuf, DEV)
+    with poisoned():
+        o, sp, stl = _pooled(km.pooled_decode, q.to(DEV), st, tk.to(DEV), tv.to(DEV), num_splits=splits,
+                             cfg=(16, 1, 1, True))
+    want_o, want_sp, want_st = decode_reference(q, dense, tk, tv)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(o.cpu(), want_o, **tol)
+    torch.testing.assert_close(stl.cpu(), want_st, **tol)
+    _check_pool_scores(shuf, sp, dense, want_sp, **tol)
+
+
+@pytest.mark.parametrize("slack", [0, 2])
+def test_repack_of_a_slack_store_equals_repack_of_the_dense_one(slack):
+    """The rewrite reads only the held slots, in time order whatever their order in the slots:
+    repacking the shuffled slack store and the dense one (plus one new token) gives the same
+    store, bit for bit (the new store's slack aside)."""
+    case = ("T37-D40-gqa3-slack3", 2, 2, 3, 40, 4, 37, 11, 1, 0, 3)
+    dense, shuf, *_ = _slack_case(case, torch.float32, seed=29)
+    b, hk, d, t_pool, keep = 2, 2, 40, 37, 11
+    g = torch.Generator().manual_seed(30)
+    tk, tv = torch.randn(b, hk, 1, d, generator=g), torch.randn(b, hk, 1, d, generator=g)
+    tpos, tacc = torch.full((b, hk, 1), t_pool), torch.rand(b, hk, 1, generator=g)
+    want = repack(dense, tk, tv, tpos, tacc, t_pool + 1, keep, 2, 3)
+    got = repack(shuf, tk, tv, tpos, tacc, t_pool + 1, keep, 2, 3, slack=slack)
+    assert torch.equal(got.count, want.count)
+    if slack == 0:
+        for f in ("kbuf", "vbuf", "pos", "acc", "tok_off", "elem_base"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), f
+        assert got.host == want.host
+    for a, b_ in zip(got.unpack()[:5], want.unpack()[:5], strict=True):
+        assert torch.equal(a, b_)
+    with pytest.raises(ValueError, match="slack must be an int >= 0"):
+        repack(shuf, tk, tv, tpos, tacc, t_pool + 1, keep, 2, 3, slack=-1)
+
+
+def test_pooled_decode_rejects_a_bad_count():
+    from blockzoo.kernels.numba import kv_mixeddim as kn
+    st, q, tk, tv, _ = _case(CASES[0], torch.float32)
+    # wrong shape, a float dtype, another device, not a tensor
+    for c in (st.count[:, :-1], st.count.float(), st.count.to("meta"), st.count.tolist()):
+        with pytest.raises(ValueError, match="count"):
+            decode_kernel("numba", q, PackedKV(**{**st.__dict__, "count": c}), tk, tv)
+        with pytest.raises(ValueError, match="count"):
+            _pooled(kn.pooled_decode, q, PackedKV(**{**st.__dict__, "count": c}), tk, tv)
+    over = st.count.clone()
+    over[0, 0] += 1  # more tokens than the row's slots in the level
+    with pytest.raises(ValueError, match=r"count must be in \[0"):
+        decode_kernel("numba", q, PackedKV(**{**st.__dict__, "count": over}), tk, tv)
+    with pytest.raises(TypeError, match="count"):  # keyword-only, required
+        PackedKV(*[st.__dict__[f] for f in ("b", "hk", "d", "levels", "k_order", "v_order", "kbuf", "vbuf", "pos",
+                                            "acc", "tok_off", "elem_base", "host")])

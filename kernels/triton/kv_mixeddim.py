@@ -2,24 +2,30 @@
 
 Public contract::
 
-    o_n, o_r, s_pool, s_tail = pooled_decode(q, qp, kbuf, vbuf, tok_off, elem_base, step,
+    o_n, o_r, s_pool, s_tail = pooled_decode(q, qp, kbuf, vbuf, tok_off, count, elem_base, step,
                                              tail_k, tail_v, scale=None, scores=True,
                                              num_splits=None, cfg=None)
 
 q, qp ``[B, Tq, Hq, D]``: the new queries in natural channel order and in their kv head's key
-rank order. The pools: ``kbuf``, ``vbuf`` flat; level ``l`` (width ``w_l = (l + 1) * step``) holds
-the tokens ``tok_off[l, r] <= i < tok_off[l, r + 1]`` of row ``r = b * Hk + hk`` at elements
-``elem_base[l] + (i - tok_off[l, 0]) * w_l + [0, w_l)`` (rank order). The tail ``[B, Hk, t, D]``
-(natural order, unit last stride) holds the newest tokens, the step's ``Tq`` new ones last
-(bottom-right causal within the tail; every pooled token is older than every query).
+rank order. The pools: ``kbuf``, ``vbuf`` flat, in slots (room for one token each). In level ``l``
+(width ``w_l = (l + 1) * step``), row ``r = b * Hk + hk`` owns the slots ``tok_off[l, r] <= i <
+tok_off[l, r + 1]`` and holds ``count[l, r]`` tokens in the first ones of them, ``tok_off[l, r] <= i
+< tok_off[l, r] + count[l, r]``, in any order (the rest are spare capacity: never read); slot
+``i``'s elements are ``elem_base[l] + (i - tok_off[l, 0]) * w_l + [0, w_l)`` (rank order). So a
+row's held tokens of a level are still one contiguous run. The tail ``[B, Hk, t, D]`` (natural
+order, unit last stride) holds the newest tokens, the step's ``Tq`` new ones last (bottom-right
+causal within the tail; every pooled token is older than every query).
 
 Split-K ("flash-decoding"), one level per program. Grid ``(P, Hk, B)``: every program holds the
 ``G * Tq`` query rows of its kv group (padded to ``BLOCK_M >= 16`` for the MMAs) and runs ONE
 online softmax over a slice of ONE level of its row, or of the full-width tail: partials
 ``0 .. PP - 1`` split the levels (level ``l`` gets ``S_l`` of them, the same for every row: its
-row-average elements over a target per program, :func:`level_splits`; a level empty in every row
-gets none), partials ``PP .. P - 1`` split the tail. So a program streams one contiguous run of
-one width (a row's tokens of a level are contiguous in the pool) with one tile shape: with
+row-average slots' elements over a target per program, :func:`level_splits`; a level without
+slots in every row gets none), partials ``PP .. P - 1`` split the tail. The splits are sized from
+the capacities (slots), which the host knows, but a split's chunk of a row is ``ceil(count /
+S_l)`` held tokens (rounded up to whole tiles), so a program whose chunk starts at or beyond the
+held count reads nothing. So a program streams one contiguous run of one width (a row's held
+tokens of a level are contiguous in the pool) with one tile shape: with
 ``NARROW`` (the default) a level-``l`` tile is ``[BN_l, WP_l]`` (``WP_l`` = ``w_l`` padded to a power
 of 2 >= 16, ``BN_l = BLOCK_N * BLOCK_D / WP_l`` tokens, so every tile moves about the same bytes,
 with vector loads: the element base is a multiple of ``step``'s power-of-2 part), scores
@@ -32,18 +38,19 @@ them into ``o_r``, ``o_n`` and the row's final lse. The caller maps ``o_r`` back
 and adds.
 
 ``scores=True``: a third launch with the same program layout writes ``sum over the program's rows
-of exp(s - lse)`` per token (``s_pool [N]``, ``s_tail [B, Hk, t]``, fp32) with the final lse: the
-attention each token received, as the reference's probabilities give it. Every token is written
-by exactly one program (no atomics). By default (``scores_from``) the split pass also writes its
+of exp(s - lse)`` per token (``s_pool [slots]``, ``s_tail [B, Hk, t]``, fp32) with the final lse:
+the attention each token received, as the reference's probabilities give it; an unused slot gets
+0 (written by the last split of its (level, row)). Every slot is written by exactly one program
+(no atomics). By default (``scores_from``) the split pass also writes its
 scaled logits ``s`` (fp32 ``[G * Tq, tokens]``: 16 bytes a token at G * Tq = 4, against ~470 of
 K and V) and the third launch reads them back; for groups of more than :data:`LOGIT_ROWS_MAX`
 rows it recomputes them from K instead (half of the first pass's bytes, no buffer).
 
 The target per program (:func:`default_target`) spreads the pools' and the tail's elements over
 about 4 programs per SM, at least 4 full-width tiles each; ``num_splits`` forces that many
-programs per non-empty level and for the tail. The grid is sized on the host from the level
-token counts (:func:`host_layout`; ``PackedKV.host`` carries them from the rewrite, so a decode
-step needs no device -> host copy). ``cfg`` = ``(BLOCK_N, num_warps, num_stages, narrow)``
+programs per level with slots and for the tail. The grid is sized on the host from the levels'
+slot counts (capacities: :func:`host_layout`; ``PackedKV.host`` carries them from the rewrite, so a
+decode step needs no device -> host copy; ``count`` stays on the device). ``cfg`` = ``(BLOCK_N, num_warps, num_stages, narrow)``
 overrides the tile config. Earlier versions (removed): one program per row with the scores pass
 inside (session 4, 0.60 ms on the H100 shape of docs/performance.md); splits of EVERY level per
 program (session 6, 0.33-0.38 ms: short ragged runs per level, a host copy per call).
@@ -108,9 +115,9 @@ def _tail_span(sid, S, Tt, BLOCK_N: tl.constexpr):
 # split path: split pass (one level or the tail per program) -> combine -> (scores) score pass
 @triton.jit
 def _level_splits(TOK, R, RTGT, SFIX, SMAX, lev: tl.constexpr, W: tl.constexpr):
-    """Programs given to level ``lev`` (every row gets the same count): 0 for a level empty in
-    every row; ``SFIX`` when it is > 0; else ``ceil(row-average elements / target)`` in [1, SMAX]
-    (``RTGT`` = rows x target).
+    """Programs given to level ``lev`` (every row gets the same count): 0 for a level without
+    slots in every row; ``SFIX`` when it is > 0; else ``ceil(row-average slots' elements / target)``
+    in [1, SMAX] (``RTGT`` = rows x target). From the slots (``TOK``), as the host sizes the grid.
     :func:`level_splits` is the host's copy of this rule (it sizes the grid)."""
     base = TOK + lev * (R + 1)
     n = (tl.load(base + R) - tl.load(base)).to(tl.int64)
@@ -119,27 +126,28 @@ def _level_splits(TOK, R, RTGT, SFIX, SMAX, lev: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _level_span(TOK, EB, r, R, sid, S, lev: tl.constexpr, BN: tl.constexpr, EB_ALIGN: tl.constexpr):
-    """Split ``sid`` of ``S``'s tokens ``[lo, hi)`` of row ``r`` in level ``lev`` (chunks rounded up
-    to whole tiles), the level's first token ``tb`` and element base ``eb``."""
+def _level_span(TOK, CNT, EB, r, R, sid, S, lev: tl.constexpr, BN: tl.constexpr, EB_ALIGN: tl.constexpr):
+    """Split ``sid`` of ``S``'s slots ``[lo, hi)`` of the tokens row ``r`` holds in level ``lev``
+    (its first ``count`` slots; chunks rounded up to whole tiles; empty: ``lo >= hi``), the level's
+    first slot ``tb``, element base ``eb`` and the end of the row's held slots ``t1``."""
     row0 = TOK + lev * (R + 1)
     tb = tl.load(row0).to(tl.int32)
     t0 = tl.load(row0 + r).to(tl.int32)
-    t1 = tl.load(row0 + r + 1).to(tl.int32)
+    t1 = t0 + tl.load(CNT + lev * R + r).to(tl.int32)
     eb = tl.multiple_of(tl.load(EB + lev), EB_ALIGN)
     chunk = tl.cdiv(tl.cdiv(t1 - t0, S), BN) * BN
     lo = t0 + sid * chunk
     hi = tl.minimum(lo + chunk, t1)
-    return lo, hi, tb, eb
+    return lo, hi, tb, eb, t1
 
 
 @triton.jit
-def _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                BN: tl.constexpr, EB_ALIGN: tl.constexpr):
+def _level_tile(QP, TOK, CNT, EB, q_rows, rmask, r, R, sid, S, lev: tl.constexpr, W: tl.constexpr,
+                WP: tl.constexpr, BN: tl.constexpr, EB_ALIGN: tl.constexpr):
     """A level's tile setup for split ``sid`` (tiles ``[BN, WP]``, ``W`` real channels): its
     :func:`_level_span` (lo, hi, tb, eb), the channel offsets ``[0, WP)``, the token offsets
     ``[0, BN)``, the channel mask (``< W``) and the rows' ``qp`` ``[BLOCK_M, WP]`` (zero-padded)."""
-    lo, hi, tb, eb = _level_span(TOK, EB, r, R, sid, S, lev, BN, EB_ALIGN)
+    lo, hi, tb, eb, _ = _level_span(TOK, CNT, EB, r, R, sid, S, lev, BN, EB_ALIGN)
     offs_w = tl.arange(0, WP)
     offs_n = tl.arange(0, BN)
     wmask = offs_w < W
@@ -168,7 +176,7 @@ def _pad_cols(x, WP: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, LG, lg_rows, q_rows, rmask, r, R, sid, S, qk_scale,
+def _pool_level(m_i, l_i, QP, KB, VB, TOK, CNT, EB, LG, lg_rows, q_rows, rmask, r, R, sid, S, qk_scale,
                 lev: tl.constexpr, STEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr, LOGITS: tl.constexpr):
     """Split ``sid`` of ``S`` of level ``lev``: online softmax into an accumulator ``[BLOCK_M, WP]``
@@ -178,8 +186,8 @@ def _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, LG, lg_rows, q_rows, rmask, r, R,
     W: tl.constexpr = (lev + 1) * STEP
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
-    lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev, W,
-                                                            WP, BN, EB_ALIGN)
+    lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, CNT, EB, q_rows, rmask, r, R, sid, S, lev,
+                                                            W, WP, BN, EB_ALIGN)
     acc = tl.zeros([BLOCK_M, WP], tl.float32)
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
         cols = start + offs_n
@@ -228,7 +236,7 @@ def _tail_attend(m_i, l_i, Q, TK, TV, LG, lg_rows, q_rows, rmask, qi, offs_d, dm
 
 
 @triton.jit
-def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL, LGP, LGT,
+def _pooled_split_kernel(Q, QP, KB, VB, TOK, CNT, EB, TK, TV, PR, PN, PL, LGP, LGT,
                          s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, s_tvb, s_tvh, s_tvt,
                          Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX, N, qk_scale,
                          L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -249,9 +257,9 @@ def _pooled_split_kernel(Q, QP, KB, VB, TOK, EB, TK, TV, PR, PN, PL, LGP, LGT,
         for lev in tl.static_range(L):
             S_l = _level_splits(TOK, R, RTGT, SFIX, SMAX, lev, (lev + 1) * STEP)
             if (pid >= p0) & (pid < p0 + S_l):
-                acc, m_i, l_i = _pool_level(m_i, l_i, QP, KB, VB, TOK, EB, LGP, rows.to(tl.int64) * N, q_rows, rmask,
-                                            r, R, pid - p0, S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N,
-                                            NARROW, EB_ALIGN, LOGITS)
+                acc, m_i, l_i = _pool_level(m_i, l_i, QP, KB, VB, TOK, CNT, EB, LGP, rows.to(tl.int64) * N, q_rows,
+                                            rmask, r, R, pid - p0, S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M,
+                                            BLOCK_N, NARROW, EB_ALIGN, LOGITS)
             p0 += S_l
         out = PR + ((r * PP + pid).to(tl.int64) * BLOCK_M + rows)[:, None] * D
     else:
@@ -315,14 +323,16 @@ def _pooled_combine_kernel(PR, PN, PL, OR, ON, LSE2, s_ob, s_ot, s_oh, Hk, Tq, G
 
 
 @triton.jit
-def _score_level(QP, KB, TOK, EB, SP, LG, lg_rows, q_rows, rmask, lse2, r, R, sid, S, qk_scale,
+def _score_level(QP, KB, TOK, CNT, EB, SP, LG, lg_rows, q_rows, rmask, lse2, r, R, sid, S, qk_scale,
                  lev: tl.constexpr, STEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, NARROW: tl.constexpr, EB_ALIGN: tl.constexpr, FROM_LOGITS: tl.constexpr):
+    """Split ``sid`` of ``S``: the scores of its held slots; the last split also writes 0 to the
+    row's unused slots of the level (``[t0 + count, tok_off[lev, r + 1])``)."""
     W: tl.constexpr = (lev + 1) * STEP
     WP: tl.constexpr = min(BLOCK_D, max(16, triton.next_power_of_2(W))) if NARROW else BLOCK_D
     BN: tl.constexpr = max(16, min(BLOCK_N * (BLOCK_D // WP), 4096 // BLOCK_M)) if NARROW else BLOCK_N
-    lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, EB, q_rows, rmask, r, R, sid, S, lev, W,
-                                                            WP, BN, EB_ALIGN)
+    lo, hi, tb, eb, offs_w, offs_n, wmask, qp = _level_tile(QP, TOK, CNT, EB, q_rows, rmask, r, R, sid, S, lev,
+                                                            W, WP, BN, EB_ALIGN)
     for start in range(_loop_bound(lo), _loop_bound(hi), BN):
         cols = start + offs_n
         cmask = cols < hi
@@ -335,16 +345,22 @@ def _score_level(QP, KB, TOK, EB, SP, LG, lg_rows, q_rows, rmask, lse2, r, R, si
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
         tl.store(SP + cols, tl.sum(p, 0), mask=cmask)
+    if sid == S - 1:  # the row's unused slots (spare capacity): no attention
+        t1 = tl.load(CNT + lev * R + r).to(tl.int32) + tl.load(TOK + lev * (R + 1) + r).to(tl.int32)
+        te = tl.load(TOK + lev * (R + 1) + r + 1).to(tl.int32)
+        for start in range(_loop_bound(t1), _loop_bound(te), BN):
+            cols = start + offs_n
+            tl.store(SP + cols, tl.zeros([BN], tl.float32), mask=cols < te)
 
 
 @triton.jit
-def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT, LGP, LGT,
+def _pooled_scores_kernel(Q, QP, KB, TOK, CNT, EB, TK, LSE2, SP, ST_OUT, LGP, LGT,
                           s_qb, s_qt, s_qh, s_tkb, s_tkh, s_tkt, Hk, Tq, Tt, GROUP, R, PP, ST, RTGT, SFIX, SMAX,
                           N, qk_scale, L: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           NARROW: tl.constexpr, EB_ALIGN: tl.constexpr, FROM_LOGITS: tl.constexpr):
     """The attention each token received (``sum over the row's queries of exp2(s - lse2)``), with
-    the split pass's program layout; every token is written by exactly one program. FROM_LOGITS:
+    the split pass's program layout; every slot is written by exactly one program. FROM_LOGITS:
     ``s`` is read from the logits the split pass wrote (LGP, LGT) instead of recomputed from K."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -356,8 +372,9 @@ def _pooled_scores_kernel(Q, QP, KB, TOK, EB, TK, LSE2, SP, ST_OUT, LGP, LGT,
         for lev in tl.static_range(L):
             S_l = _level_splits(TOK, R, RTGT, SFIX, SMAX, lev, (lev + 1) * STEP)
             if (pid >= p0) & (pid < p0 + S_l):
-                _score_level(QP, KB, TOK, EB, SP, LGP, rows.to(tl.int64) * N, q_rows, rmask, lse2, r, R, pid - p0,
-                             S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN, FROM_LOGITS)
+                _score_level(QP, KB, TOK, CNT, EB, SP, LGP, rows.to(tl.int64) * N, q_rows, rmask, lse2, r, R,
+                             pid - p0, S_l, qk_scale, lev, STEP, BLOCK_D, BLOCK_M, BLOCK_N, NARROW, EB_ALIGN,
+                             FROM_LOGITS)
             p0 += S_l
     else:
         if not FROM_LOGITS:  # (the logits path never touches Q or K)
@@ -393,9 +410,10 @@ LOGIT_ROWS_MAX = 16
 
 def level_splits(level_tokens, step: int, rows: int, target: int, fixed: int = 0,
                  smax: int = MAX_SPLITS) -> list[int]:
-    """Programs per level (the host's copy of the kernels' ``_level_splits``; it sizes the grid):
-    0 for a level empty in every row, ``fixed`` when > 0, else the level's row-average elements
-    over ``target`` elements per program, rounded up, in [1, smax]."""
+    """Programs per level (the host's copy of the kernels' ``_level_splits``; it sizes the grid)
+    from ``level_tokens``, the slots per level over all rows (capacities): 0 for a level without
+    slots, ``fixed`` when > 0, else the level's row-average slots' elements over ``target``
+    elements per program, rounded up, in [1, smax]."""
     out = []
     for lev, n in enumerate(level_tokens):
         w = (lev + 1) * step
@@ -431,9 +449,9 @@ def _eb_align(step: int) -> int:
 
 
 def host_layout(tok_off: torch.Tensor, elem_base: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(tokens per level over all rows, element base per level) as host ints: what
-    :func:`pooled_decode` sizes its grid with (one device -> host copy). ``PackedKV.host`` keeps
-    it from the rewrite, so a decode step needs no copy."""
+    """(slots per level over all rows, i.e. capacities, element base per level) as host ints:
+    what :func:`pooled_decode` sizes its grid with (one device -> host copy). ``PackedKV.host``
+    keeps it from the rewrite, so a decode step needs no copy."""
     if tok_off.shape[0] == 0:
         return (), ()
     vals = torch.cat([tok_off[:, -1] - tok_off[:, 0], elem_base]).tolist()
@@ -442,12 +460,14 @@ def host_layout(tok_off: torch.Tensor, elem_base: torch.Tensor) -> tuple[tuple[i
 
 
 def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, tok_off: torch.Tensor,
-                  elem_base: torch.Tensor, step: int, tail_k: torch.Tensor, tail_v: torch.Tensor,
+                  count: torch.Tensor, elem_base: torch.Tensor, step: int, tail_k: torch.Tensor, tail_v: torch.Tensor,
                   scale: float | None = None, scores: bool = True, num_splits: int | None = None,
                   cfg: tuple[int, int, int, bool] | None = None, layout=None, scores_from: str = "auto"):
     """(o_n, o_r) [B, Tq, Hq, D] fp32 (tail part, natural order; pool part, value rank order;
     both already divided by the shared softmax sum) and, with ``scores``, the attention each
-    pooled token (``[N]``) and each tail token (``[B, Hk, t]``) received, fp32 (else None).
+    pooled slot (``[slots]``, 0 for an unused one) and each tail token (``[B, Hk, t]``) received,
+    fp32 (else None). ``count`` [levels, R] (integer, on the device): tokens held per (level, row),
+    each at most the row's slots in the level (not checked: that would need a device -> host copy).
     ``num_splits``: programs per non-empty level and for the tail, per row (>= 1; default: split
     by bytes, :func:`default_target`); ``cfg``: ``(BLOCK_N, num_warps, num_stages, narrow)``
     (default :func:`default_cfg`); ``layout``: :func:`host_layout` of ``tok_off`` / ``elem_base``
@@ -456,7 +476,7 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
     and the scores pass reads them: K is read once), "keys" (the scores pass recomputes them from
     K: no buffer) or "auto" (logits for at most :data:`LOGIT_ROWS_MAX` rows). The two agree to fp32
     rounding (bit for bit in the interpreter; compiled, the two kernels' dots may round apart)."""
-    b, tq, hq, d, hk, levels = check_pooled(q, qp, kbuf, vbuf, tok_off, elem_base, step, tail_k, tail_v)
+    b, tq, hq, d, hk, levels = check_pooled(q, qp, kbuf, vbuf, tok_off, count, elem_base, step, tail_k, tail_v)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"pooled_decode: num_splits must be an int >= 1 (or None for the default), got "
                          f"{num_splits!r}")
@@ -502,11 +522,11 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
         lgp = lgt = pl  # not read
     kb = kbuf if kbuf.numel() else torch.zeros(1, dtype=tail_k.dtype, device=dev)
     vb = vbuf if vbuf.numel() else torch.zeros(1, dtype=tail_v.dtype, device=dev)
-    tok, eb = tok_off.contiguous(), elem_base.contiguous()
+    tok, cnt, eb = tok_off.contiguous(), count.contiguous(), elem_base.contiguous()
     common = dict(L=levels, STEP=step, D=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=bn, NARROW=bool(narrow),
                   EB_ALIGN=align)
     _pooled_split_kernel[(PP + ST, hk, b)](
-        q, qp, kb, vb, tok, eb, tail_k, tail_v, pr, pn, pl, lgp, lgt,
+        q, qp, kb, vb, tok, cnt, eb, tail_k, tail_v, pr, pn, pl, lgp, lgt,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
         hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, max(n_tok, 1), scale * LOG2E, **common,
@@ -520,7 +540,7 @@ def pooled_decode(q: torch.Tensor, qp: torch.Tensor, kbuf: torch.Tensor, vbuf: t
     s_pool = empty((max(n_tok, 1),), dtype=torch.float32, device=dev)
     s_tail = empty((b, hk, max(tt, 1)), dtype=torch.float32, device=dev)
     _pooled_scores_kernel[(PP + ST, hk, b)](
-        q, qp, kb, tok, eb, tail_k, lse2, s_pool, s_tail, lgp, lgt,
+        q, qp, kb, tok, cnt, eb, tail_k, lse2, s_pool, s_tail, lgp, lgt,
         q.stride(0), q.stride(1), q.stride(2), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         hk, tq, tt, G, R, PP, ST, R * tgt, fixed, MAX_SPLITS, max(n_tok, 1), scale * LOG2E, **common,
         FROM_LOGITS=logits, num_warps=warps, num_stages=stages)

@@ -206,14 +206,12 @@ class MixedDimPolicy(KVPolicy):
         p = self.params
         store = lc.extra.get("packed")
         if store is not None:
-            from .mixeddim import repack
-            new = repack(store, lc.k, lc.v, lc.pos, scores, lc.seen, self.keep(lc.seen), p.sinks, p.recent)
-            if new is not None:
-                lc.extra["packed"] = new
-                b, hk = lc.k.shape[:2]
-                lc.k, lc.v = lc.k.new_empty(b, hk, 0, d), lc.v.new_empty(b, hk, 0, d)
-                lc.pos, lc.acc = lc.pos.new_empty(b, hk, 0), lc.acc.new_empty(b, hk, 0)
-                lc._bufs.clear()
+            if not self._rewrite_packed(lc, store, scores):
+                return
+            b, hk = lc.k.shape[:2]
+            lc.k, lc.v = lc.k.new_empty(b, hk, 0, d), lc.v.new_empty(b, hk, 0, d)
+            lc.pos, lc.acc = lc.pos.new_empty(b, hk, 0), lc.acc.new_empty(b, hk, 0)
+            lc._bufs.clear()
             return
         dims = lc.extra["dims"]
         budget = self.keep(lc.seen) * d
@@ -228,6 +226,38 @@ class MixedDimPolicy(KVPolicy):
         lc.k = k * dims_mask(dims, lc.extra["k_rank"]).to(k.dtype)
         lc.v = v * dims_mask(dims, lc.extra["v_rank"]).to(v.dtype)
         lc.pos, lc.acc, lc.extra["dims"] = pos, acc, dims
+
+    #: most units over budget a step may drop incrementally (more: the whole-cache rewrite)
+    STEP_MAX_DROP_LEVELS = 4
+
+    def _rewrite_packed(self, lc, store, scores) -> bool:
+        """The packed layout's rewrite; True when the tail moved into the pools. Incremental
+        (``mixeddim_step.step_rewrite``) when the store has spare slots from the last whole-cache
+        rewrite and the step is a few units over budget; else :func:`mixeddim.repack` with
+        ``slack`` spare slots. ``lc.extra["packed_step"]`` = (step state, units the pools hold
+        per row: a host int, so a step needs no device -> host copy to know how far over it is)."""
+        from .mixeddim import repack
+        from .mixeddim_step import step_rewrite, step_state
+        p = self.params
+        L = store.levels
+        t = lc.k.shape[2]
+        keep = self.keep(lc.seen)
+        inc = lc.extra.get("packed_step")
+        if inc is not None and t:
+            state, pool_units = inc
+            drop = pool_units + t * L - keep * L
+            if drop <= 0:
+                return False  # under budget: the tail stays, as repack would leave it
+            if drop <= self.STEP_MAX_DROP_LEVELS * L and step_rewrite(store, state, lc.k, lc.v, lc.pos, scores,
+                                                                      lc.seen, keep, p.sinks, p.recent, drop):
+                lc.extra["packed_step"] = (state, keep * L)
+                return True
+        new = repack(store, lc.k, lc.v, lc.pos, scores, lc.seen, keep, p.sinks, p.recent, slack=p.slack)
+        if new is None:
+            return False
+        lc.extra["packed"] = new
+        lc.extra["packed_step"] = (step_state(new), keep * L) if p.slack else None
+        return True
 
 
 POLICY_CLASSES = {"token.streaming": StreamingPolicy, "token.h2o": H2OPolicy, "token.snapkv": SnapKVPolicy,

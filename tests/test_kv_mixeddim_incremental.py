@@ -1,0 +1,111 @@
+"""token.mixeddim's incremental rewrite (``plugins/token/mixeddim_step.py``) against the
+whole-cache rewrite (``mixeddim.repack``): decode steps on two copies of a cache, one rewritten by
+:func:`step_rewrite` in a store with spare slots, one by :func:`repack`; after every step the two
+hold the same tokens at the same widths with the same channels, positions and scores, bit for
+bit, and the incremental store keeps its invariants (unused slots cleared, runs within capacity,
+per-slot energies equal to the stored channels').
+
+    .venv/bin/python -m pytest tests/test_kv_mixeddim_incremental.py -q
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from blockzoo.plugins.token.mixeddim import PackedKV, repack
+from blockzoo.plugins.token.mixeddim_step import step_rewrite, step_state
+
+
+def _bump(store_pos, row, step, seed, ties):
+    """A deterministic score increment per (row, position, step): the same in both caches."""
+    h = (store_pos * 2654435761 + row * 40503 + step * 9973 + seed) % 1000003
+    x = h.float() / 1000003.0
+    return (x * 4).floor() / 4 if ties else x
+
+
+def _acc_add(store: PackedKV, tail_acc, tail_pos, step, seed, ties):
+    rows = store.rows
+    lev, row, _, held, _ = store._slot_meta()
+    inc = _bump(store.pos.clamp_min(0), row, step, seed, ties) * held
+    store.acc += inc
+    r = torch.arange(rows, device=tail_pos.device).view(store.b, store.hk, 1).expand_as(tail_pos)
+    return tail_acc + _bump(tail_pos, r, step, seed, ties)
+
+
+def _logical(store: PackedKV):
+    k, v, pos, acc, dims, _ = store.unpack()
+    return k, v, pos, acc, dims
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,ties", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
+                         ids=["f32", "f32-ties", "bf16"])
+def test_incremental_rewrite_equals_whole_cache_rewrite(dtype, ties, device):
+    seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
+    g = torch.Generator().manual_seed(seed)
+    B, Hk, D, L, T0, keep, sinks, recent, slack = 2, 3, 16, 4, 37, 19, 2, 3, 5
+    k = torch.randn(B, Hk, T0, D, generator=g).to(dtype)
+    v = torch.randn(B, Hk, T0, D, generator=g).to(dtype)
+    if ties:
+        k, v = k.round(), v.round()
+    pos = torch.arange(T0).expand(B, Hk, T0).contiguous()
+    acc = torch.rand(B, Hk, T0, generator=g)
+    if ties:
+        acc = (acc * 4).floor() / 4
+    kr = torch.argsort(torch.rand(B, Hk, D, generator=g), -1)
+    vr = torch.argsort(torch.rand(B, Hk, D, generator=g), -1)
+    k, v, pos, acc, kr, vr = (x.to(device) for x in (k, v, pos, acc, kr, vr))
+    empty = PackedKV.empty(B, Hk, D, L, kr, vr, dtype, device)
+    ref = repack(empty, k, v, pos, acc, T0, keep, sinks, recent)
+    inc = repack(empty, k, v, pos, acc, T0, keep, sinks, recent, slack=slack)
+    state = step_state(inc)
+    for a, b in zip(_logical(inc), _logical(ref), strict=True):
+        assert torch.equal(a, b)
+    fallbacks = moved = 0
+    for step in range(1, 25):
+        seen = T0 + step
+        tk = torch.randn(B, Hk, 1, D, generator=g).to(dtype)
+        tv = torch.randn(B, Hk, 1, D, generator=g).to(dtype)
+        if ties:
+            tk, tv = tk.round(), tv.round()
+        tk, tv = tk.to(device), tv.to(device)
+        tpos = torch.full((B, Hk, 1), seen - 1, device=device)
+        t0 = torch.zeros(B, Hk, 1, device=device)
+        tacc_ref = _acc_add(ref, t0, tpos, step, seed, ties)
+        tacc_inc = _acc_add(inc, t0, tpos, step, seed, ties)
+        assert torch.equal(tacc_ref, tacc_inc)
+        ref = repack(ref, tk, tv, tpos, tacc_ref, seen, keep, sinks, recent)
+        before = inc.count.clone()
+        if not step_rewrite(inc, state, tk, tv, tpos, tacc_inc, seen, keep, sinks, recent, drop=L):
+            fallbacks += 1
+            assert torch.equal(inc.count, before), "a refused step wrote the store"
+            inc = repack(inc, tk, tv, tpos, tacc_inc, seen, keep, sinks, recent, slack=slack)
+            state = step_state(inc)
+        else:
+            moved += 1
+        for name, a, b in zip(("k", "v", "pos", "acc", "dims"), _logical(inc), _logical(ref), strict=True):
+            assert torch.equal(a, b), (seed, step, name)
+        # invariants: runs within capacity, unused slots cleared, energies of the stored channels
+        cap = inc.tok_off[:, 1:] - inc.tok_off[:, :-1]
+        assert bool((inc.count <= cap).all())
+        _, _, _, held, _ = inc._slot_meta()
+        assert bool((inc.pos[~held] == -1).all()) and bool((inc.acc[~held] == 0).all())
+        fresh = step_state(inc)
+        assert torch.equal(fresh.ke, state.ke) and torch.equal(fresh.ve, state.ve), (seed, step)
+        assert torch.equal(fresh.prof, state.prof)
+        lev, _, base, _, _ = inc._slot_meta()
+        w = (lev + 1) * inc.step
+        ar = torch.arange(D, device=device)
+        span = ar[None, :] < w[:, None]
+        el = (base[:, None] + ar).masked_fill(~span, 0)
+        for buf in (inc.kbuf, inc.vbuf):
+            assert not bool((buf[el] * span)[~held].any()), "an unused slot keeps channels"
+        assert inc.kv_elements() == inc.kept_elements() + 2 * int(((cap - inc.count).sum(1) *
+                                                                   (torch.arange(L, device=device) + 1) * inc.step).sum())
+    print(f'incremental steps {moved}, fallbacks to repack {fallbacks}')
+    assert moved >= 12, (moved, fallbacks)
