@@ -3,8 +3,9 @@
 store with ``slack`` spare slots per (level, row)) against the whole-cache ``repack``, over a run
 of decode steps at the decode benchmark's shape (B=16, Hk=8, T=32768, D=128, bf16, 25% budget, 4
 levels). Each step: a new token in the tail, fresh scores added to every token, then the rewrite.
-Reported: wall time per step of each (the incremental step reads one bool: whether every run had
-room; a step without room falls back to ``repack``, counted and timed in), the pooled decode with
+Reported: wall time per step of each (the incremental step makes no device -> host copy; as the
+policy does, the previous step's spare room is read one step late and a step that might not fit
+falls back to ``repack``, counted and timed in), the pooled decode with
 and without slack (the kernels read each run's held count), the memory the slack costs, and
 whether the two caches are equal after the run (the same decisions, checked).
 
@@ -29,7 +30,7 @@ import torch  # noqa: E402
 from kv_mixeddim_gpu import CUDA, DEV  # noqa: E402
 
 from blockzoo.plugins.token.mixeddim import PackedKV, decode_kernel, repack  # noqa: E402
-from blockzoo.plugins.token.mixeddim_step import step_rewrite, step_state  # noqa: E402
+from blockzoo.plugins.token.mixeddim_step import step_bound, step_rewrite, step_state  # noqa: E402
 
 
 def sync():
@@ -72,7 +73,7 @@ def main():
     q = torch.randn(B, 1, Hq, D, generator=g, device=DEV).to(dt)
     res = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
            "shape": [B, Hq, Hk, T, D], "levels": L, "keep": keep, "slack": a.slack, "steps": steps}
-    t_inc, t_full, fallbacks = [], [], 0
+    t_inc, t_full, fallbacks, flag = [], [], 0, None
     for i in range(steps):
         seen = T0 + i + 1
         tk, tv = k[:, :, seen - 1:seen].contiguous(), v[:, :, seen - 1:seen].contiguous()
@@ -86,20 +87,23 @@ def main():
         full = repack(full, tk, tv, tpos, tacc, seen, keep, sinks, recent)
         sync()
         t1 = time.perf_counter()
-        if a.profile and i == steps - 1:
+        fits, free = (1, a.slack) if flag is None else flag.tolist()
+        if not fits:
+            raise SystemExit("an incremental step had no room (the room check failed)")
+        if free < step_bound(L, 1):
+            fallbacks += 1
+            inc = repack(inc, tk, tv, tpos, tacc, seen, keep, sinks, recent, slack=a.slack)
+            state, flag = step_state(inc), None
+        elif a.profile and i == steps - 1:
             from torch.profiler import ProfilerActivity, profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
             with profile(activities=acts) as prof:
-                ok = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L)
+                flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L)
                 sync()
             for key in (("self_cuda_time_total",) if CUDA else ()) + ("cpu_time_total",):
                 print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
         else:
-            ok = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L)
-        if not ok:
-            fallbacks += 1
-            inc = repack(inc, tk, tv, tpos, tacc, seen, keep, sinks, recent, slack=a.slack)
-            state = step_state(inc)
+            flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L)
         sync()
         t2 = time.perf_counter()
         t_full.append((t1 - t0) * 1e3)

@@ -233,30 +233,39 @@ class MixedDimPolicy(KVPolicy):
     def _rewrite_packed(self, lc, store, scores) -> bool:
         """The packed layout's rewrite; True when the tail moved into the pools. Incremental
         (``mixeddim_step.step_rewrite``) when the store has spare slots from the last whole-cache
-        rewrite and the step is a few units over budget; else :func:`mixeddim.repack` with
-        ``slack`` spare slots. ``lc.extra["packed_step"]`` = (step state, units the pools hold
-        per row: a host int, so a step needs no device -> host copy to know how far over it is)."""
+        rewrite, the step is a few units over budget and every run had room for a step's worth of
+        entering tokens after the previous step; else :func:`mixeddim.repack` with ``slack`` spare
+        slots. ``lc.extra["packed_step"]``: the step state, the units the pools hold per row (a host
+        int: a step needs no device -> host copy to know how far over budget it is) and the
+        previous step's ``[fits, free]`` (read one step late, when it is long computed)."""
         from .mixeddim import repack
-        from .mixeddim_step import step_rewrite, step_state
+        from .mixeddim_step import step_bound, step_rewrite, step_state
         p = self.params
         L = store.levels
         t = lc.k.shape[2]
         keep = self.keep(lc.seen)
         inc = lc.extra.get("packed_step")
         if inc is not None and t:
-            state, pool_units = inc
-            drop = pool_units + t * L - keep * L
+            drop = inc["pool_units"] + t * L - keep * L
             if drop <= 0:
                 return False  # under budget: the tail stays, as repack would leave it
-            if drop <= self.STEP_MAX_DROP_LEVELS * L and step_rewrite(store, state, lc.k, lc.v, lc.pos, scores,
-                                                                      lc.seen, keep, p.sinks, p.recent, drop):
-                lc.extra["packed_step"] = (state, keep * L)
+            free = inc["free"]
+            if inc["flag"] is not None:
+                fits, free = inc["flag"].tolist()
+                if not fits:  # cannot happen when the room was checked: a bug, never silent
+                    raise RuntimeError("token.mixeddim: an incremental rewrite step found a run without room "
+                                       "or moved more tokens than its bound, and left the cache unchanged")
+            if drop <= self.STEP_MAX_DROP_LEVELS * L and free >= step_bound(drop, t):
+                flag = step_rewrite(store, inc["state"], lc.k, lc.v, lc.pos, scores, lc.seen, keep, p.sinks,
+                                    p.recent, drop)
+                inc.update(pool_units=keep * L, flag=flag)
                 return True
         new = repack(store, lc.k, lc.v, lc.pos, scores, lc.seen, keep, p.sinks, p.recent, slack=p.slack)
         if new is None:
             return False
         lc.extra["packed"] = new
-        lc.extra["packed_step"] = (step_state(new), keep * L) if p.slack else None
+        lc.extra["packed_step"] = {"state": step_state(new), "pool_units": keep * L, "flag": None,
+                                   "free": p.slack} if p.slack else None
         return True
 
 
