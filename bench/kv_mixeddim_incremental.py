@@ -9,7 +9,7 @@ falls back to ``repack``, counted and timed in), the pooled decode with
 and without slack (the kernels read each run's held count), the memory the slack costs, and
 whether the two caches are equal after the run (the same decisions, checked).
 
-    python3 bench/kv_mixeddim_incremental.py [--steps N] [--slack S] [--out DIR]
+    python3 bench/kv_mixeddim_incremental.py [--steps N] [--slack S] [--impl auto|torch|triton] [--out DIR]
     python3 bench/kv_mixeddim_incremental.py --smoke          (CPU, small)
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--slack", type=int, default=64)
+    ap.add_argument("--impl", default="auto", choices=("auto", "torch", "triton"),
+                    help="the incremental step's code: Triton kernels (auto on CUDA) or torch")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of the last "
                                                            "incremental step")
     a = ap.parse_args()
@@ -72,7 +74,8 @@ def main():
     state = step_state(inc)
     q = torch.randn(B, 1, Hq, D, generator=g, device=DEV).to(dt)
     res = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
-           "shape": [B, Hq, Hk, T, D], "levels": L, "keep": keep, "slack": a.slack, "steps": steps}
+           "shape": [B, Hq, Hk, T, D], "levels": L, "keep": keep, "slack": a.slack, "steps": steps,
+           "impl": a.impl}
     t_inc, t_full, fallbacks, flag = [], [], 0, None
     for i in range(steps):
         seen = T0 + i + 1
@@ -98,12 +101,12 @@ def main():
             from torch.profiler import ProfilerActivity, profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
             with profile(activities=acts) as prof:
-                flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L)
+                flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L, impl=a.impl)
                 sync()
             for key in (("self_cuda_time_total",) if CUDA else ()) + ("cpu_time_total",):
                 print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
         else:
-            flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L)
+            flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L, impl=a.impl)
         sync()
         t2 = time.perf_counter()
         t_full.append((t1 - t0) * 1e3)
@@ -122,7 +125,7 @@ def main():
             res[name] = do_bench(lambda st=st: decode_kernel("triton", q, st, tk, tv), warmup=25, rep=200)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kv_mixeddim_incremental.json").write_text(json.dumps(res, indent=1))
+    (out / f"kv_mixeddim_incremental_{a.impl}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k_: v_ for k_, v_ in res.items() if not k_.endswith("_all")}))
     if not same:
         raise SystemExit("the incremental and the whole-cache rewrite made different caches")

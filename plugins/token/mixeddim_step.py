@@ -102,27 +102,42 @@ def step_bound(drop: int, t: int) -> int:
     return 2 * drop + t
 
 
+def _use_triton(store: PackedKV, impl: str) -> bool:
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"token.mixeddim step_rewrite: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    # "auto" is the torch step for now: the Triton step matches it bit for bit in the interpreter
+    # and compiles for sm_90, but has not run compiled on a GPU yet (docs/performance.md)
+    return impl == "triton"
+
+
 def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep: int,
-                 sinks: int, recent: int, drop: int) -> torch.Tensor:
+                 sinks: int, recent: int, drop: int, impl: str = "auto") -> torch.Tensor:
     """Apply one step's re-allocation to ``store`` and ``state`` in place; the tail's tokens move
     into the pools. ``drop``: the units every row is over its budget (a host int the caller
     tracks: held units + the tail's - ``keep * levels``). No device -> host copy: returns a device
     tensor ``[fits, free]``: whether the step was applied (every run had room; when not, nothing
     was written) and the fewest spare slots any run has left. The caller makes sure of room
     beforehand: a run gains at most :func:`step_bound` tokens a step, so a step whose previous
-    ``free`` (read one step late, when it is long computed) is at least that bound fits."""
+    ``free`` (read one step late, when it is long computed) is at least that bound fits.
+    ``impl``: "triton" (``kernels/triton/kv_mixeddim_step.py``, four launches) or "torch" (the code
+    below; what "auto" picks until the Triton step has run compiled on a GPU); the same caches
+    (tested: both against :func:`repack` after every step)."""
     R, L, g, d = store.rows, store.levels, store.step, store.d
     dev = store.pos.device
     acc_dt = state.ke.dtype
     t = tail_k.shape[2]
     rows = torch.arange(R, device=dev)
     # -- the row view: slots (every level) then the tail ------------------------------------------
-    cnt = store.count                                                       # [L, R]
-    held = state.run < cnt[state.level, rows[:, None]]                      # [R, S]
     S = state.slot.shape[1]
     tk, tv = _rank_order(tail_k, store.k_order), _rank_order(tail_v, store.v_order)   # [R, t, D]
     ke_t = (tk.to(acc_dt) ** 2).view(R, t, L, g).sum(-1)
     ve_t = (tv.to(acc_dt) ** 2).view(R, t, L, g).sum(-1)
+    if _use_triton(store, impl):
+        from ...kernels.triton.kv_mixeddim_step import step_apply
+        return step_apply(store, state, tk, tv, tail_pos, tail_acc, ke_t, ve_t, unit_profile(ke_t, ve_t), seen, keep,
+                          sinks, recent, drop, S)
+    cnt = store.count                                                       # [L, R]
+    held = state.run < cnt[state.level, rows[:, None]]                      # [R, S]
     units = torch.cat([torch.where(held, state.level + 1, 0), torch.full((R, t), L, device=dev)], 1)
     pos = torch.cat([torch.where(held, store.pos[state.slot], -1), tail_pos.reshape(R, t)], 1)
     sc = torch.cat([torch.where(held, store.acc[state.slot], 0.0), tail_acc.reshape(R, t).float()], 1)

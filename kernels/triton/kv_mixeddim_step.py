@@ -1,0 +1,456 @@
+"""token.mixeddim's incremental rewrite step in Triton (``plugins/token/mixeddim_step.py``).
+
+Three launches, no device -> host copy, the same decisions and the same moves as the torch step
+(``step_rewrite``; compared bit for bit in the tests):
+
+1. ``_scan_kernel``, grid ``(P, R)``: program ``(p, r)`` takes ``BLOCK`` tokens of row ``r``'s view
+   (its held tokens level by level, then the tail's), builds the int64 key of every held unit of
+   every unprotected token (the gain's order-preserving bits, then ``2**32 - 1 - (pos * L +
+   rank)``: gain ascending, later token and higher rank first, as the whole-cache sort breaks ties)
+   and writes its ``KA`` smallest keys (with the token's id: its slot, or ``-1 - j`` for tail token
+   ``j``), its ``2 * KA`` smallest keys of units of rank >= 1, the largest clamped score, the
+   protected tokens, the unprotected tokens and their units.
+2. ``_stage1_kernel``, grid ``(R,)``: merges a row's partial lists: the row's ``drop`` smallest
+   units are stage 1's drops; a dropped unit of rank 0 empties its token; writes the row's live
+   tokens, the drops, the largest dropped key and the row's largest score.
+3. ``_apply_kernel``, grid ``(R,)``, twice (first the room check of every row, then the moves,
+   all or nothing): the largest live count over all rows gives each row the
+   tokens it revives (its best emptied ones by ``score / row max``, ties the earlier) and as many
+   stage-2 drops (its smallest remaining units of rank >= 1, from the scan's second lists); then
+   every changed token (at most ``2 * KA + T`` a row) moves: out of its run by swap-remove (the
+   run's last held tokens fill the holes), into its new run by append (its first ``w`` channels),
+   the vacated slots cleared; the per-slot energies move along and the unit profile of a token
+   whose width changed is recomputed (the same operations in the same order as
+   ``reference.unit_profile``, divisions correctly rounded). Every store of a row is made by its
+   own program, after all its loads.
+
+When a run of any row lacks room nothing is written (``FLAG``; the returned ``[fits, free]``), as
+in the torch step; the policy checks room one step ahead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+I64_MAX = tl.constexpr(2**63 - 1)
+I64_NEG = tl.constexpr(-(2**63 - 1))
+
+
+@triton.jit
+def _order_key(gain, pos, u, L: tl.constexpr):
+    """int64 key of a unit: gain's order-preserving bits (gain >= 0; -0.0 as +0.0), then later
+    (position, rank) first."""
+    bits = gain.to(tl.int32, bitcast=True)
+    bits = tl.where(gain == 0.0, 0, bits)
+    bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (bits.to(tl.int64) << 32) | (4294967295 - (pos * L + u))
+
+
+@triton.jit
+def _scan_kernel(TOK, CNT, POS, ACC, PROF, TPOS, TACC, TPROF,
+                 OA_KEY, OA_ID, OB_KEY, OB_ID, OSTAT, OMAX,
+                 R, P, T, seen, sinks, recent,
+                 L: tl.constexpr, LP: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    r = tl.program_id(1)
+    j = p * BLOCK + tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.int64)
+    H = tl.zeros([], tl.int64)
+    lvl = zero
+    slot = zero
+    inpool = j < 0
+    for lv in tl.static_range(L):
+        c = tl.load(CNT + lv * R + r)
+        t0 = tl.load(TOK + lv * (R + 1) + r)
+        m = (j >= H) & (j < H + c)
+        lvl = tl.where(m, lv, lvl)
+        slot = tl.where(m, t0 + (j - H), slot)
+        inpool = inpool | m
+        H += c
+    jt = j - H
+    intail = (jt >= 0) & (jt < T)
+    jt = tl.where(intail, jt, 0)
+    pos = tl.where(inpool, tl.load(POS + slot, mask=inpool, other=-1),
+                   tl.load(TPOS + r * T + jt, mask=intail, other=-1))
+    acc = tl.where(inpool, tl.load(ACC + slot, mask=inpool, other=0.0),
+                   tl.load(TACC + r * T + jt, mask=intail, other=0.0))
+    units = tl.where(inpool, lvl + 1, tl.where(intail, L, 0))
+    valid = inpool | intail
+    prot = valid & ((pos < sinks) | (pos >= seen - recent))
+    free = valid & ~prot
+    s = tl.maximum(acc, 0.0)
+    u = tl.arange(0, LP)
+    um = u < L
+    prof = tl.where(inpool[:, None], tl.load(PROF + slot[:, None] * L + u[None, :], mask=inpool[:, None] & um[None, :],
+                                             other=0.0),
+                    tl.load(TPROF + (r * T + jt)[:, None] * L + u[None, :], mask=intail[:, None] & um[None, :],
+                            other=0.0))
+    key = _order_key(s[:, None] * prof, pos[:, None], u[None, :].to(tl.int64), L)
+    heldu = free[:, None] & (u[None, :] < units[:, None])
+    ida = tl.where(inpool, slot, -1 - jt)
+    idt = tl.broadcast_to(ida[:, None], [BLOCK, LP])
+    keya = tl.where(heldu, key, I64_MAX)
+    keyb = tl.where(heldu & (u[None, :] >= 1), key, I64_MAX)
+    out = (r * P + p).to(tl.int64)
+    for i in tl.static_range(KA):
+        mn = tl.min(tl.min(keya, 1), 0)
+        hit = keya == mn
+        idm = tl.sum(tl.sum(tl.where(hit & (mn != I64_MAX), idt, 0), 1), 0)
+        tl.store(OA_KEY + out * KA + i, mn)
+        tl.store(OA_ID + out * KA + i, idm)
+        keya = tl.where(hit, I64_MAX, keya)
+    for i in tl.static_range(KB):
+        mn = tl.min(tl.min(keyb, 1), 0)
+        hit = keyb == mn
+        idm = tl.sum(tl.sum(tl.where(hit & (mn != I64_MAX), idt, 0), 1), 0)
+        tl.store(OB_KEY + out * KB + i, mn)
+        tl.store(OB_ID + out * KB + i, idm)
+        keyb = tl.where(hit, I64_MAX, keyb)
+    tl.store(OMAX + out, tl.max(tl.where(valid, s, 0.0), 0))
+    tl.store(OSTAT + out * 3 + 0, tl.sum(prot.to(tl.int64), 0))
+    tl.store(OSTAT + out * 3 + 1, tl.sum(free.to(tl.int64), 0))
+    tl.store(OSTAT + out * 3 + 2, tl.sum(tl.where(free, units, 0), 0))
+
+
+@triton.jit
+def _stage1_kernel(OA_KEY, OA_ID, OSTAT, OMAX, D1_KEY, D1_ID, LIVE, ROWMAX, TAU, FLAG,
+                   R, P, keep_units, L: tl.constexpr, KA: tl.constexpr, PKP: tl.constexpr, PP: tl.constexpr):
+    r = tl.program_id(0)
+    q = tl.arange(0, PKP)
+    qm = q < P * KA
+    keys = tl.load(OA_KEY + r * P * KA + q, mask=qm, other=I64_MAX)
+    ids = tl.load(OA_ID + r * P * KA + q, mask=qm, other=0)
+    pp = tl.arange(0, PP)
+    pm = pp < P
+    nprot = tl.sum(tl.load(OSTAT + (r * P + pp) * 3 + 0, mask=pm, other=0), 0)
+    nfree = tl.sum(tl.load(OSTAT + (r * P + pp) * 3 + 1, mask=pm, other=0), 0)
+    ufree = tl.sum(tl.load(OSTAT + (r * P + pp) * 3 + 2, mask=pm, other=0), 0)
+    rowmax = tl.max(tl.load(OMAX + r * P + pp, mask=pm, other=0.0), 0)
+    drop = ufree - (keep_units - nprot * L)
+    emptied = tl.zeros([], tl.int64)
+    tau = tl.full([], -1, tl.int64)
+    for i in tl.static_range(KA):
+        mn = tl.min(keys, 0)
+        hit = keys == mn
+        act = (i < drop) & (mn != I64_MAX)
+        idm = tl.sum(tl.where(hit & act, ids, 0), 0)
+        flat = 4294967295 - (mn & 4294967295)
+        emptied += (act & (flat % L == 0)).to(tl.int64)
+        tl.store(D1_KEY + r * KA + i, tl.where(act, mn, I64_MAX))
+        tl.store(D1_ID + r * KA + i, idm)
+        tau = tl.where(act, mn, tau)
+        keys = tl.where(hit, I64_MAX, keys)
+    tl.store(LIVE + r, nfree - emptied)
+    tl.store(ROWMAX + r, rowmax)
+    tl.store(TAU + r, tau)
+    tl.store(FLAG + r * 2 + 0, (drop <= KA).to(tl.int64))
+
+
+@triton.jit
+def _unit_profile(ke, ve, gm, LP: tl.constexpr, L: tl.constexpr):
+    """reference.unit_profile of rows [M, LP] (groups beyond L zero): sums left to right, divisions
+    correctly rounded, then the running minimum along the ranks."""
+    u = tl.arange(0, LP)[None, :]
+    sk = tl.sum(tl.where(u == 0, ke, 0.0), 1)
+    sv = tl.sum(tl.where(u == 0, ve, 0.0), 1)
+    for i in tl.static_range(1, L):
+        sk = sk + tl.sum(tl.where(u == i, ke, 0.0), 1)
+        sv = sv + tl.sum(tl.where(u == i, ve, 0.0), 1)
+    sk = tl.maximum(sk, 1e-30)
+    sv = tl.maximum(sv, 1e-30)
+    share = 0.5 * (tl.math.div_rn(ke, sk[:, None]) + tl.math.div_rn(ve, sv[:, None]))
+    run = tl.sum(tl.where(u == 0, share, 0.0), 1)
+    out = tl.where(u == 0, run[:, None], 0.0)
+    for i in tl.static_range(1, L):
+        run = tl.minimum(run, tl.sum(tl.where(u == i, share, 0.0), 1))
+        out = tl.where(u == i, run[:, None], out)
+    return tl.where(gm, out, 0.0)
+
+
+@triton.jit
+def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
+                  TOK, CNT, EB, POS, ACC, KE, VE, PROF, KB_, VB_,
+                  TPOS, TACC, TKE, TVE, TK, TV,
+                  R, P, T,
+                  L: tl.constexpr, LP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  KA: tl.constexpr, KB: tl.constexpr, PBP: tl.constexpr, TP: tl.constexpr, ME: tl.constexpr,
+                  RB: tl.constexpr, APPLY: tl.constexpr):
+    """Launched twice with the same decisions: APPLY=False writes each row's room check (FLAG);
+    APPLY=True moves the tokens if every row had room (all or nothing, as the torch step)."""
+    r = tl.program_id(0)
+    # -- the largest live count over every row -----------------------------------------------------
+    n_live = tl.zeros([], tl.int64)
+    for r0 in range(0, R, RB):
+        rr = r0 + tl.arange(0, RB)
+        n_live = tl.maximum(n_live, tl.max(tl.load(LIVE + rr, mask=rr < R, other=0), 0))
+    need = n_live - tl.load(LIVE + r)
+    rowmax = tl.maximum(tl.load(ROWMAX + r), 1e-30)
+    tau = tl.load(TAU + r)
+    # -- entries: stage-1 drops [0, KA), stage-2 drops [KA, 2 KA), tail tokens [2 KA, 2 KA + TP) --------
+    e = tl.arange(0, ME)
+    in1 = e < KA
+    intl = (e >= 2 * KA) & (e < 2 * KA + T)
+    k1 = tl.load(D1_KEY + r * KA + e, mask=in1, other=I64_MAX)
+    i1 = tl.load(D1_ID + r * KA + e, mask=in1, other=0)
+    # stage-2 drops: the `need` smallest scan-B keys above stage 1's largest drop
+    qb = tl.arange(0, PBP)
+    qbm = qb < P * KB
+    kb = tl.load(OB_KEY + r * P * KB + qb, mask=qbm, other=I64_MAX)
+    ib = tl.load(OB_ID + r * P * KB + qb, mask=qbm, other=0)
+    kb = tl.where(kb > tau, kb, I64_MAX)
+    k2 = tl.full([ME], I64_MAX, tl.int64)
+    i2 = tl.zeros([ME], tl.int64)
+    for i in tl.static_range(KA):
+        mn = tl.min(kb, 0)
+        hit = kb == mn
+        act = (i < need) & (mn != I64_MAX)
+        idm = tl.sum(tl.where(hit & act, ib, 0), 0)
+        k2 = tl.where(e == KA + i, tl.where(act, mn, I64_MAX), k2)
+        i2 = tl.where(e == KA + i, idm, i2)
+        kb = tl.where(hit, I64_MAX, kb)
+    key = tl.where(in1, k1, k2)
+    dropped = key != I64_MAX
+    flat = 4294967295 - (key & 4294967295)
+    rank = tl.where(dropped, flat % L, L)
+    ident = tl.where(in1, i1, i2)
+    ident = tl.where(intl, -1 - (e - 2 * KA), ident)
+    ok = dropped | intl
+    # -- revive: emptied tokens (a rank-0 stage-1 drop), the `need` best by score / row max ------------
+    emp = in1 & dropped & (rank == 0)
+    is_t = ident < 0
+    jt = tl.where(is_t, -1 - ident, 0)
+    sl = tl.where(is_t, 0, ident)
+    e_acc = tl.where(is_t, tl.load(TACC + r * T + jt, mask=ok & is_t, other=0.0),
+                     tl.load(ACC + sl, mask=ok & ~is_t, other=0.0))
+    e_pos = tl.where(is_t, tl.load(TPOS + r * T + jt, mask=ok & is_t, other=0),
+                     tl.load(POS + sl, mask=ok & ~is_t, other=0))
+    pri = tl.math.div_rn(tl.maximum(e_acc, 0.0), rowmax)
+    pbits = pri.to(tl.int32, bitcast=True)
+    pbits = tl.where(pri == 0.0, 0, pbits)
+    pkey = (pbits.to(tl.int64) << 32) | (4294967295 - e_pos)
+    pkey = tl.where(emp, pkey, I64_NEG)
+    revive = e < 0
+    for i in tl.static_range(KA):
+        mx = tl.max(pkey, 0)
+        hit = pkey == mx
+        act = (i < need) & (mx != I64_NEG)
+        revive = revive | (hit & act)
+        pkey = tl.where(hit, I64_NEG, pkey)
+    # -- per token: old level, old and new units; one representative entry per token -------------------
+    same = (ident[:, None] == ident[None, :]) & ok[:, None] & ok[None, :]
+    first = tl.sum((same & (e[None, :] < e[:, None])).to(tl.int32), 1) == 0
+    rep = ok & first
+    newu = tl.min(tl.where(same, rank[None, :], L), 1)
+    rev_tok = tl.max(tl.where(same, revive[None, :].to(tl.int32), 0), 1) > 0
+    newu = tl.where(rev_tok, 1, newu)
+    old_l = tl.zeros([ME], tl.int64) - 1
+    run_i = tl.zeros([ME], tl.int64)
+    for lv in tl.static_range(L):
+        t0 = tl.load(TOK + lv * (R + 1) + r)
+        t1 = tl.load(TOK + lv * (R + 1) + r + 1)
+        m = ~is_t & (sl >= t0) & (sl < t1)
+        old_l = tl.where(m, lv, old_l)
+        run_i = tl.where(m, sl - t0, run_i)
+    oldu = tl.where(is_t, L, old_l + 1)
+    changed = rep & ((newu != oldu) | is_t)
+    leaving = changed & ~is_t
+    entering = changed & (newu > 0)
+    new_l = newu - 1
+    # -- runs: swap-remove holes, movers, append slots, room ----------------------------------------------
+    q = tl.arange(0, ME)
+    hole = e < 0
+    mover_of = tl.zeros([ME], tl.int64)
+    dst_of = tl.zeros([ME], tl.int64)
+    fits = tl.load(FLAG + r * 2 + 0) != 0
+    free_min = tl.full([], I64_MAX, tl.int64)
+    for lv in tl.static_range(L):
+        t0 = tl.load(TOK + lv * (R + 1) + r)
+        cap = tl.load(TOK + lv * (R + 1) + r + 1) - t0
+        cnt = tl.load(CNT + lv * R + r)
+        lv_leave = leaving & (old_l == lv)
+        h = tl.sum(lv_leave.to(tl.int64), 0)
+        after = cnt - h
+        lv_hole = lv_leave & (run_i < after)
+        hole = hole | lv_hole
+        hole_rank = tl.sum((lv_hole[None, :] & (run_i[None, :] < run_i[:, None])).to(tl.int64), 1)
+        cand = t0 + after + q
+        cand_leaves = tl.sum(((ident[None, :] == cand[:, None]) & lv_leave[None, :]).to(tl.int32), 1) > 0
+        cand_ok = (q < h) & ~cand_leaves
+        cand_rank = tl.sum((cand_ok[None, :] & (q[None, :] < q[:, None])).to(tl.int64), 1)
+        pick = (cand_rank[None, :] == hole_rank[:, None]) & cand_ok[None, :] & lv_hole[:, None]
+        mover_of = tl.where(lv_hole, tl.sum(tl.where(pick, cand[None, :], 0), 1), mover_of)
+        lv_ent = entering & (new_l == lv)
+        ent_rank = tl.sum((lv_ent[None, :] & (e[None, :] < e[:, None])).to(tl.int64), 1)
+        n_ent = tl.sum(lv_ent.to(tl.int64), 0)
+        dst_of = tl.where(lv_ent, t0 + after + ent_rank, dst_of)
+        fits = fits & (after + n_ent <= cap)
+        free_min = tl.minimum(free_min, cap - after - n_ent)
+    if not APPLY:
+        tl.store(FLAG + r * 2 + 0, fits.to(tl.int64))
+        tl.store(FLAG + r * 2 + 1, free_min)
+        return
+    for r0 in range(0, R, RB):  # all or nothing: every row's room
+        rr = r0 + tl.arange(0, RB)
+        fits = fits & (tl.min(tl.load(FLAG + rr * 2, mask=rr < R, other=1), 0) != 0)
+    # -- loads: every source before any store ---------------------------------------------------------------
+    c = tl.arange(0, BLOCK_D)
+    u = tl.arange(0, LP)[None, :]
+    gm = u < L
+    # entering tokens: their first w_new channels, from their old slot or the tail
+    w_old = tl.where(is_t, D, (old_l + 1) * G)
+    w_new = new_l * G + G
+    eb_old = tl.load(EB + tl.maximum(old_l, 0), mask=entering & ~is_t, other=0)
+    tb_old = tl.load(TOK + tl.maximum(old_l, 0) * (R + 1), mask=entering & ~is_t, other=0)
+    el_old = eb_old + (sl - tb_old) * w_old
+    inw = (c[None, :] < w_new[:, None]) & entering[:, None]
+    src_k = tl.where(is_t[:, None], tl.load(TK + (r * T + jt)[:, None] * D + c[None, :], mask=inw & is_t[:, None],
+                                             other=0.0),
+                     tl.load(KB_ + el_old[:, None] + c[None, :], mask=inw & ~is_t[:, None], other=0.0))
+    src_v = tl.where(is_t[:, None], tl.load(TV + (r * T + jt)[:, None] * D + c[None, :], mask=inw & is_t[:, None],
+                                             other=0.0),
+                     tl.load(VB_ + el_old[:, None] + c[None, :], mask=inw & ~is_t[:, None], other=0.0))
+    src_pos = tl.where(is_t, tl.load(TPOS + r * T + jt, mask=entering & is_t, other=0),
+                       tl.load(POS + sl, mask=entering & ~is_t, other=0))
+    src_acc = tl.where(is_t, tl.load(TACC + r * T + jt, mask=entering & is_t, other=0.0),
+                       tl.load(ACC + sl, mask=entering & ~is_t, other=0.0))
+    keepg = gm & (u < newu[:, None]) & entering[:, None]
+    src_ke = tl.where(is_t[:, None], tl.load(TKE + (r * T + jt)[:, None] * L + u, mask=keepg & is_t[:, None], other=0.0),
+                      tl.load(KE + sl[:, None] * L + u, mask=keepg & ~is_t[:, None], other=0.0))
+    src_ve = tl.where(is_t[:, None], tl.load(TVE + (r * T + jt)[:, None] * L + u, mask=keepg & is_t[:, None], other=0.0),
+                      tl.load(VE + sl[:, None] * L + u, mask=keepg & ~is_t[:, None], other=0.0))
+    src_prof = _unit_profile(src_ke, src_ve, keepg, LP, L)
+    # movers: the whole row of their (the hole's) level
+    hole = hole & fits
+    w_h = (old_l + 1) * G
+    eb_h = tl.load(EB + tl.maximum(old_l, 0), mask=hole, other=0)
+    tb_h = tl.load(TOK + tl.maximum(old_l, 0) * (R + 1), mask=hole, other=0)
+    inh = (c[None, :] < w_h[:, None]) & hole[:, None]
+    m_el = eb_h + (mover_of - tb_h) * w_h
+    h_el = eb_h + (sl - tb_h) * w_h
+    mv_k = tl.load(KB_ + m_el[:, None] + c[None, :], mask=inh, other=0.0)
+    mv_v = tl.load(VB_ + m_el[:, None] + c[None, :], mask=inh, other=0.0)
+    mv_pos = tl.load(POS + mover_of, mask=hole, other=0)
+    mv_acc = tl.load(ACC + mover_of, mask=hole, other=0.0)
+    hg = hole[:, None] & gm
+    mv_ke = tl.load(KE + mover_of[:, None] * L + u, mask=hg, other=0.0)
+    mv_ve = tl.load(VE + mover_of[:, None] * L + u, mask=hg, other=0.0)
+    mv_pf = tl.load(PROF + mover_of[:, None] * L + u, mask=hg, other=0.0)
+    # every load above happens before any store below, in every warp: a mover's or an entering
+    # token's source slot can be another token's destination (program order alone does not order
+    # global memory across the warps of a program)
+    tl.debug_barrier()
+    # -- stores ---------------------------------------------------------------------------------------------
+    tl.store(KB_ + h_el[:, None] + c[None, :], mv_k, mask=inh)
+    tl.store(VB_ + h_el[:, None] + c[None, :], mv_v, mask=inh)
+    tl.store(POS + sl, mv_pos, mask=hole)
+    tl.store(ACC + sl, mv_acc, mask=hole)
+    tl.store(KE + sl[:, None] * L + u, mv_ke, mask=hg)
+    tl.store(VE + sl[:, None] * L + u, mv_ve, mask=hg)
+    tl.store(PROF + sl[:, None] * L + u, mv_pf, mask=hg)
+    ent = entering & fits
+    eb_n = tl.load(EB + tl.maximum(new_l, 0), mask=ent, other=0)
+    tb_n = tl.load(TOK + tl.maximum(new_l, 0) * (R + 1), mask=ent, other=0)
+    d_el = eb_n + (dst_of - tb_n) * w_new
+    inn = (c[None, :] < w_new[:, None]) & ent[:, None]
+    tl.store(KB_ + d_el[:, None] + c[None, :], src_k.to(KB_.dtype.element_ty), mask=inn)
+    tl.store(VB_ + d_el[:, None] + c[None, :], src_v.to(VB_.dtype.element_ty), mask=inn)
+    tl.store(POS + dst_of, src_pos, mask=ent)
+    tl.store(ACC + dst_of, src_acc, mask=ent)
+    eg = ent[:, None] & gm
+    tl.store(KE + dst_of[:, None] * L + u, src_ke, mask=eg)
+    tl.store(VE + dst_of[:, None] * L + u, src_ve, mask=eg)
+    tl.store(PROF + dst_of[:, None] * L + u, src_prof, mask=eg)
+    # vacated slots of every run, and the counts
+    for lv in tl.static_range(L):
+        t0 = tl.load(TOK + lv * (R + 1) + r)
+        cnt = tl.load(CNT + lv * R + r)
+        h = tl.sum((leaving & (old_l == lv)).to(tl.int64), 0)
+        n_ent = tl.sum((entering & (new_l == lv)).to(tl.int64), 0)
+        fin = cnt - h + n_ent
+        vs = t0 + fin + q
+        vm = (fin + q < cnt) & fits
+        eb = tl.load(EB + lv)
+        tb = tl.load(TOK + lv * (R + 1))
+        vel = eb + (vs - tb) * ((lv + 1) * G)
+        vmk = vm[:, None] & (c[None, :] < (lv + 1) * G)
+        tl.store(KB_ + vel[:, None] + c[None, :], tl.zeros([ME, BLOCK_D], KB_.dtype.element_ty), mask=vmk)
+        tl.store(VB_ + vel[:, None] + c[None, :], tl.zeros([ME, BLOCK_D], VB_.dtype.element_ty), mask=vmk)
+        tl.store(POS + vs, tl.full([ME], -1, tl.int64), mask=vm)
+        tl.store(ACC + vs, tl.zeros([ME], tl.float32), mask=vm)
+        vg = vm[:, None] & gm
+        tl.store(KE + vs[:, None] * L + u, tl.zeros([ME, LP], tl.float32), mask=vg)
+        tl.store(VE + vs[:, None] * L + u, tl.zeros([ME, LP], tl.float32), mask=vg)
+        tl.store(PROF + vs[:, None] * L + u, tl.zeros([ME, LP], tl.float32), mask=vg)
+        tl.store(CNT + lv * R + r, tl.where(fits, fin, cnt))
+
+
+def _p2(n: int) -> int:
+    return max(1, triton.next_power_of_2(int(n)))
+
+
+def step_apply(store, state, tk, tv, tpos, tacc, tke, tve, tprof, seen: int, keep: int, sinks: int, recent: int,
+               drop: int, max_row_tokens: int, block: int = 512) -> torch.Tensor:
+    """One incremental step on the device (the three launches above). ``tk``, ``tv`` [R, t, D] the
+    tail in rank order; ``tke``, ``tve``, ``tprof`` [R, t, L] its energies and profiles (as the torch
+    step computes them); ``max_row_tokens`` a host bound on any row's held tokens (its slots).
+    Returns ``[fits, free]`` (device, over all rows)."""
+    R, L, g, d = store.rows, store.levels, store.step, store.d
+    dev = store.pos.device
+    t = tk.shape[1]
+    KA = _p2(max(drop, 1))
+    KB = 2 * KA
+    P = max(1, triton.cdiv(max_row_tokens + t, block))
+    i64 = dict(dtype=torch.int64, device=dev)
+    oa_key, oa_id = torch.empty(R, P, KA, **i64), torch.empty(R, P, KA, **i64)
+    ob_key, ob_id = torch.empty(R, P, KB, **i64), torch.empty(R, P, KB, **i64)
+    ostat = torch.empty(R, P, 3, **i64)
+    omax = torch.empty(R, P, dtype=torch.float32, device=dev)
+    LP = _p2(L)
+    tpos_c, tacc_c = tpos.reshape(R, t).contiguous(), tacc.reshape(R, t).float().contiguous()
+    _scan_kernel[(P, R)](store.tok_off, store.count, store.pos, store.acc, state.prof, tpos_c, tacc_c,
+                         tprof.contiguous(), oa_key, oa_id, ob_key, ob_id, ostat, omax, R, P, t, seen, sinks,
+                         recent, L=L, LP=LP, KA=KA, KB=KB, BLOCK=block)
+    d1_key, d1_id = torch.empty(R, KA, **i64), torch.empty(R, KA, **i64)
+    live, tau = torch.empty(R, **i64), torch.empty(R, **i64)
+    rowmax = torch.empty(R, dtype=torch.float32, device=dev)
+    flag = torch.empty(R, 2, **i64)
+    _stage1_kernel[(R,)](oa_key, oa_id, ostat, omax, d1_key, d1_id, live, rowmax, tau, flag, R, P, keep * L,
+                         L=L, KA=KA, PKP=_p2(P * KA), PP=_p2(P))
+    ME = _p2(2 * KA + t)
+    tke, tve, tk, tv = tke.contiguous(), tve.contiguous(), tk.contiguous(), tv.contiguous()
+    for apply in (False, True):
+        _apply_kernel[(R,)](d1_key, d1_id, ob_key, ob_id, live, rowmax, tau, flag,
+                            store.tok_off, store.count, store.elem_base, store.pos, store.acc, state.ke, state.ve,
+                            state.prof, store.kbuf, store.vbuf, tpos_c, tacc_c, tke, tve, tk, tv, R, P, t,
+                            L=L, LP=LP, G=g, D=d, BLOCK_D=_p2(d), KA=KA, KB=KB, PBP=_p2(P * KB), TP=_p2(t), ME=ME,
+                            RB=min(1024, _p2(R)), APPLY=apply)
+    return torch.stack([flag[:, 0].min(), flag[:, 1].min()])
+
+
+def compile_check(target=("cuda", 90, 32), levels: int = 4, step: int = 32, drop: int = 4, t: int = 1,
+                  dtype: str = "bf16") -> list[str]:
+    """Compile the three kernels for ``target`` without a GPU (front end to PTX/cubin through the
+    installed backend): catches what the interpreter does not check (constexpr globals, types).
+    Returns the compiled kernels' names; raises on an error."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    KA = _p2(max(drop, 1))
+    ints = {n: "i32" for n in ("R", "P", "T", "seen", "sinks", "recent", "keep_units")}
+    f32 = {n: "*fp32" for n in ("ACC", "PROF", "TACC", "TPROF", "OMAX", "ROWMAX", "KE", "VE", "TKE", "TVE")}
+    half = {n: f"*{dtype}" for n in ("KB_", "VB_", "TK", "TV")}
+    types = {**ints, **f32, **half}
+    LP = _p2(levels)
+    jobs = [(_scan_kernel, dict(L=levels, LP=LP, KA=KA, KB=2 * KA, BLOCK=512)),
+            (_stage1_kernel, dict(L=levels, KA=KA, PKP=128, PP=32))]
+    jobs += [(_apply_kernel, dict(L=levels, LP=LP, G=step, D=levels * step, BLOCK_D=_p2(levels * step), KA=KA,
+                                  KB=2 * KA, PBP=256, TP=_p2(t), ME=_p2(2 * KA + t), RB=128, APPLY=a))
+             for a in (False, True)]
+    done = []
+    for fn, consts in jobs:
+        sig = {n: ("constexpr" if n in consts else types.get(n, "*i64")) for n in fn.arg_names}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget(*target))
+        done.append(fn.__name__)
+    return done
