@@ -64,7 +64,23 @@ def bench(fn, rep=40):
     return (time.perf_counter() - t0) * 1e3
 
 
-def make(B, Hk, Hq, T, D, levels, keep, dtype, seed=0, sinks=4, recent=64, tq=1):
+def wall_ms(fn, reps):
+    """Wall time per call of ``fn`` over ``reps`` calls (after one), the GPU synchronised at both
+    ends (for code that copies to the host, where event timing would hide the host's part)."""
+    fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def make_inputs(B, Hk, Hq, T, D, dtype, seed=0, tq=1):
+    """A cache's raw contents: k, v [B, Hk, T, D], positions, running scores, key and value channel
+    ranks, and the step's queries [B, tq, Hq, D]."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     k = torch.randn(B, Hk, T, D, generator=g, device=DEV).to(dtype)
     v = torch.randn(B, Hk, T, D, generator=g, device=DEV).to(dtype)
@@ -72,10 +88,15 @@ def make(B, Hk, Hq, T, D, levels, keep, dtype, seed=0, sinks=4, recent=64, tq=1)
     acc = torch.rand(B, Hk, T, generator=g, device=DEV) ** 4
     kr = torch.argsort(torch.rand(B, Hk, D, generator=g, device=DEV), -1)
     vr = torch.argsort(torch.rand(B, Hk, D, generator=g, device=DEV), -1)
+    q = torch.randn(B, tq, Hq, D, generator=g, device=DEV).to(dtype)
+    return k, v, pos, acc, kr, vr, q
+
+
+def make(B, Hk, Hq, T, D, levels, keep, dtype, seed=0, sinks=4, recent=64, tq=1):
+    k, v, pos, acc, kr, vr, q = make_inputs(B, Hk, Hq, T, D, dtype, seed, tq)
     st = PackedKV.empty(B, Hk, D, levels, kr, vr, dtype, DEV)
     st = repack(st, k[:, :, :T - tq], v[:, :, :T - tq], pos[:, :, :T - tq], acc[:, :, :T - tq], T,
                 keep, min(sinks, keep // 4), min(recent, keep // 4))
-    q = torch.randn(B, tq, Hq, D, generator=g, device=DEV).to(dtype)
     return st, q, k, v
 
 

@@ -27,7 +27,7 @@ from _bootstrap import ensure_blockzoo  # noqa: E402
 ensure_blockzoo()
 
 import torch  # noqa: E402
-from kv_mixeddim_gpu import CUDA, DEV  # noqa: E402
+from kv_mixeddim_gpu import CUDA, DEV, make_inputs  # noqa: E402
 
 from blockzoo.plugins.token.mixeddim import PackedKV, decode_kernel, repack  # noqa: E402
 from blockzoo.plugins.token.mixeddim_step import step_bound, step_rewrite, step_state  # noqa: E402
@@ -59,20 +59,13 @@ def main():
     sinks, recent = min(4, keep // 4), min(64, keep // 4)
     steps = 4 if a.smoke else a.steps
     dt = torch.bfloat16
-    g = torch.Generator(device=DEV).manual_seed(0)
-    k = torch.randn(B, Hk, T, D, generator=g, device=DEV).to(dt)
-    v = torch.randn(B, Hk, T, D, generator=g, device=DEV).to(dt)
-    pos = torch.arange(T, device=DEV).expand(B, Hk, T).contiguous()
-    acc = torch.rand(B, Hk, T, generator=g, device=DEV) ** 4
-    kr = torch.argsort(torch.rand(B, Hk, D, generator=g, device=DEV), -1)
-    vr = torch.argsort(torch.rand(B, Hk, D, generator=g, device=DEV), -1)
+    k, v, pos, acc, kr, vr, q = make_inputs(B, Hk, Hq, T, D, dt)
     empty = PackedKV.empty(B, Hk, D, L, kr, vr, dt, DEV)
     T0 = T - steps
     full = repack(empty, k[:, :, :T0], v[:, :, :T0], pos[:, :, :T0], acc[:, :, :T0], T0, keep, sinks, recent)
     inc = repack(empty, k[:, :, :T0], v[:, :, :T0], pos[:, :, :T0], acc[:, :, :T0], T0, keep, sinks, recent,
                  slack=a.slack)
     state = step_state(inc)
-    q = torch.randn(B, 1, Hq, D, generator=g, device=DEV).to(dt)
     res = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
            "shape": [B, Hq, Hk, T, D], "levels": L, "keep": keep, "slack": a.slack, "steps": steps,
            "impl": a.impl}

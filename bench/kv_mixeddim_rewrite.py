@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _bootstrap import ensure_blockzoo  # noqa: E402
@@ -25,22 +24,10 @@ from _bootstrap import ensure_blockzoo  # noqa: E402
 ensure_blockzoo()
 
 import torch  # noqa: E402
-from kv_mixeddim_gpu import CUDA, DEV, make  # noqa: E402
+from kv_mixeddim_gpu import CUDA, DEV, make, wall_ms  # noqa: E402
 
 from blockzoo.kernels.triton import kv_mixeddim as km  # noqa: E402
 from blockzoo.plugins.token.mixeddim import permute_queries, repack  # noqa: E402
-
-
-def wall_ms(fn, reps):
-    fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def main():

@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _bootstrap import ensure_blockzoo  # noqa: E402
@@ -29,7 +28,7 @@ from _bootstrap import ensure_blockzoo  # noqa: E402
 ensure_blockzoo()
 
 import torch  # noqa: E402
-from kv_mixeddim_gpu import CUDA, DEV, make  # noqa: E402
+from kv_mixeddim_gpu import CUDA, DEV, make, wall_ms  # noqa: E402
 
 from blockzoo.plugins.token.reference import (  # noqa: E402
     allocate_step,
@@ -38,18 +37,6 @@ from blockzoo.plugins.token.reference import (  # noqa: E402
     protected_mask,
     unit_profile,
 )
-
-
-def wall_ms(fn, reps):
-    fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def graph_ms(fn, reps):

@@ -49,6 +49,18 @@ def _order_key(gain, pos, u, L: tl.constexpr):
 
 
 @triton.jit
+def _store_smallest(keys, ids, OUT_KEY, OUT_ID, K: tl.constexpr):
+    """The K smallest of the unique ``keys`` [BLOCK, LP] (I64_MAX = none), ascending, with their
+    ``ids``, stored at OUT_KEY[0..K) and OUT_ID[0..K) (a missing one: I64_MAX, id 0)."""
+    for i in tl.static_range(K):
+        mn = tl.min(tl.min(keys, 1), 0)
+        hit = keys == mn
+        tl.store(OUT_KEY + i, mn)
+        tl.store(OUT_ID + i, tl.sum(tl.sum(tl.where(hit & (mn != I64_MAX), ids, 0), 1), 0))
+        keys = tl.where(hit, I64_MAX, keys)
+
+
+@triton.jit
 def _scan_kernel(TOK, CNT, POS, ACC, PROF, TPOS, TACC, TPROF,
                  OA_KEY, OA_ID, OB_KEY, OB_ID, OSTAT, OMAX,
                  R, P, T, seen, sinks, recent,
@@ -94,20 +106,8 @@ def _scan_kernel(TOK, CNT, POS, ACC, PROF, TPOS, TACC, TPROF,
     keya = tl.where(heldu, key, I64_MAX)
     keyb = tl.where(heldu & (u[None, :] >= 1), key, I64_MAX)
     out = (r * P + p).to(tl.int64)
-    for i in tl.static_range(KA):
-        mn = tl.min(tl.min(keya, 1), 0)
-        hit = keya == mn
-        idm = tl.sum(tl.sum(tl.where(hit & (mn != I64_MAX), idt, 0), 1), 0)
-        tl.store(OA_KEY + out * KA + i, mn)
-        tl.store(OA_ID + out * KA + i, idm)
-        keya = tl.where(hit, I64_MAX, keya)
-    for i in tl.static_range(KB):
-        mn = tl.min(tl.min(keyb, 1), 0)
-        hit = keyb == mn
-        idm = tl.sum(tl.sum(tl.where(hit & (mn != I64_MAX), idt, 0), 1), 0)
-        tl.store(OB_KEY + out * KB + i, mn)
-        tl.store(OB_ID + out * KB + i, idm)
-        keyb = tl.where(hit, I64_MAX, keyb)
+    _store_smallest(keya, idt, OA_KEY + out * KA, OA_ID + out * KA, KA)
+    _store_smallest(keyb, idt, OB_KEY + out * KB, OB_ID + out * KB, KB)
     tl.store(OMAX + out, tl.max(tl.where(valid, s, 0.0), 0))
     tl.store(OSTAT + out * 3 + 0, tl.sum(prot.to(tl.int64), 0))
     tl.store(OSTAT + out * 3 + 1, tl.sum(free.to(tl.int64), 0))
