@@ -208,10 +208,14 @@ def _held(lc):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("budget", [0.25, 0.5, {"budget_tokens": 11}])
-def test_budget_in_real_bytes_and_protected_whole(backend, budget):
+@pytest.mark.parametrize("budget,slack", [(0.25, None), (0.5, 16), ({"budget_tokens": 11}, None),
+                                          ({"budget_tokens": 11}, 12)],
+                         ids=["0.25", "0.5-slack16", "tokens11", "tokens11-slack12"])
+def test_budget_in_real_bytes_and_protected_whole(backend, budget, slack):
+    """slack None: the default (no spare slots at this size: whole-cache rewrites); 12 / 16: spare
+    slots, so the steps rewrite incrementally."""
     params = dict(budget) if isinstance(budget, dict) else {"budget": budget}
-    params.update(sinks=3, recent=4)
+    params.update(sinks=3, recent=4, slack=slack)
     m = _model({"type": "token.mixeddim", "backend": backend, "params": params})
     cache = make_cache(m)
     x = _tokens(2, 40)
@@ -252,10 +256,12 @@ def test_full_budget_generates_exactly_like_no_policy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_makes_the_zeroed_layouts_decisions(backend):
+@pytest.mark.parametrize("slack", [None, 16], ids=["default", "slack16"])
+def test_packed_makes_the_zeroed_layouts_decisions(backend, slack):
     """Greedy generation and, after every step, the kept positions and dims per token of the packed
-    layout (this backend) equal those of the zeroed full-width layout (reference backend)."""
-    params = {"budget": 0.3, "sinks": 2, "recent": 3}
+    layout (this backend) equal those of the zeroed full-width layout (reference backend); with
+    spare slots (slack16) the packed steps rewrite incrementally."""
+    params = {"budget": 0.3, "sinks": 2, "recent": 3, "slack": slack}
     m = _model(None, d_model=64, heads=4, kv_heads=2)  # head dim 16, levels 4
     packed = make_policy("token.mixeddim", backend=backend)
     packed.params = packed.params.model_copy(update=params)

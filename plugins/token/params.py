@@ -75,8 +75,12 @@ class MixedDimParams(KVPolicyParams):
         "packed", description="packed: one buffer per width, tokens of each level stored at that width (real "
                               "memory savings); zeroed: full-width cache with the dropped channels zeroed "
                               "(the same decisions; memory only accounted)")
-    slack: int = Field(64, ge=0, description="packed layout: spare slots per (level, batch, kv head) after a "
-                                             "whole-cache rewrite, so that the following decode steps rewrite "
-                                             "incrementally (only the tokens whose width changes move; the "
-                                             "same decisions) until a level runs out of room; 0: every step "
-                                             "rewrites the whole cache. The buffers hold the spare slots too")
+    slack: int | None = Field(None, ge=0, description="packed layout: spare slots per (level, batch, kv head) "
+                                                      "after a whole-cache rewrite, so that the following decode "
+                                                      "steps rewrite incrementally (only the tokens whose width "
+                                                      "changes move; the same decisions) until a level runs out "
+                                                      "of room (a step needs 2 x levels + 1 spare); 0: every step "
+                                                      "rewrites the whole cache. Default: 64 from a budget of "
+                                                      "2048 tokens per row (2% of the pools at 8192), else 0 "
+                                                      "(small caches rewrite whole, cheaply). The buffers hold the "
+                                                      "spare slots too")
