@@ -134,3 +134,29 @@ def test_triton_step_kernels_compile_for_sm90():
         pytest.skip("under TRITON_INTERPRET=1 the kernels are interpreted functions (the reference env compiles)")
     from blockzoo.kernels.triton.kv_mixeddim_step import compile_check
     assert compile_check() == ["_scan_kernel", "_stage1_kernel", "_apply_kernel", "_apply_kernel"]
+
+
+@pytest.mark.parametrize("device,impl", CASES, ids=[f"{d}-{i}" for d, i in CASES])
+def test_a_wrong_drop_is_refused_not_applied(device, impl):
+    """The caller tracks how many units the pools are over budget (a host int, so a step needs no
+    device -> host copy); a step told a wrong number writes nothing and says so, rather than
+    selecting too few units and going over budget silently."""
+    g = torch.Generator().manual_seed(5)
+    B, Hk, D, L, T0, keep = 1, 2, 16, 4, 30, 15
+    k, v = torch.randn(B, Hk, T0, D, generator=g).to(device), torch.randn(B, Hk, T0, D, generator=g).to(device)
+    pos = torch.arange(T0, device=device).expand(B, Hk, T0).contiguous()
+    acc = torch.rand(B, Hk, T0, generator=g).to(device)
+    kr = torch.argsort(torch.rand(B, Hk, D, generator=g), -1).to(device)
+    empty = PackedKV.empty(B, Hk, D, L, kr, kr, torch.float32, device)
+    inc = repack(empty, k, v, pos, acc, T0, keep, 1, 2, slack=16)
+    state = step_state(inc)
+    tk, tv = torch.randn(B, Hk, 1, D, generator=g).to(device), torch.randn(B, Hk, 1, D, generator=g).to(device)
+    tpos, tacc = torch.full((B, Hk, 1), T0, device=device), torch.rand(B, Hk, 1, generator=g).to(device)
+    before = [x.clone() for x in (inc.count, inc.kbuf, inc.pos, inc.acc, state.prof)]
+    for wrong in (L - 1, L + 1):
+        fits, _ = step_rewrite(inc, state, tk, tv, tpos, tacc, T0 + 1, keep, 1, 2, drop=wrong, impl=impl).tolist()
+        assert not fits, wrong
+        assert all(torch.equal(x, y) for x, y in zip(before, (inc.count, inc.kbuf, inc.pos, inc.acc, state.prof),
+                                                         strict=True))
+    fits, _ = step_rewrite(inc, state, tk, tv, tpos, tacc, T0 + 1, keep, 1, 2, drop=L, impl=impl).tolist()
+    assert fits

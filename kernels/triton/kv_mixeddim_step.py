@@ -116,7 +116,8 @@ def _scan_kernel(TOK, CNT, POS, ACC, PROF, TPOS, TACC, TPROF,
 
 @triton.jit
 def _stage1_kernel(OA_KEY, OA_ID, OSTAT, OMAX, D1_KEY, D1_ID, LIVE, ROWMAX, TAU, FLAG,
-                   R, P, keep_units, L: tl.constexpr, KA: tl.constexpr, PKP: tl.constexpr, PP: tl.constexpr):
+                   R, P, keep_units, drop_host, L: tl.constexpr, KA: tl.constexpr, PKP: tl.constexpr,
+                   PP: tl.constexpr):
     r = tl.program_id(0)
     q = tl.arange(0, PKP)
     qm = q < P * KA
@@ -145,7 +146,8 @@ def _stage1_kernel(OA_KEY, OA_ID, OSTAT, OMAX, D1_KEY, D1_ID, LIVE, ROWMAX, TAU,
     tl.store(LIVE + r, nfree - emptied)
     tl.store(ROWMAX + r, rowmax)
     tl.store(TAU + r, tau)
-    tl.store(FLAG + r * 2 + 0, (drop <= KA).to(tl.int64))
+    # the caller's drop must be the row's (else the step would select too few units: refused)
+    tl.store(FLAG + r * 2 + 0, ((drop == drop_host) & (drop <= KA)).to(tl.int64))
 
 
 @triton.jit
@@ -416,7 +418,7 @@ def step_apply(store, state, tk, tv, tpos, tacc, tke, tve, tprof, seen: int, kee
     live, tau = torch.empty(R, **i64), torch.empty(R, **i64)
     rowmax = torch.empty(R, dtype=torch.float32, device=dev)
     flag = torch.empty(R, 2, **i64)
-    _stage1_kernel[(R,)](oa_key, oa_id, ostat, omax, d1_key, d1_id, live, rowmax, tau, flag, R, P, keep * L,
+    _stage1_kernel[(R,)](oa_key, oa_id, ostat, omax, d1_key, d1_id, live, rowmax, tau, flag, R, P, keep * L, drop,
                          L=L, KA=KA, PKP=_p2(P * KA), PP=_p2(P))
     ME = _p2(2 * KA + t)
     tke, tve, tk, tv = tke.contiguous(), tve.contiguous(), tk.contiguous(), tv.contiguous()
@@ -438,7 +440,7 @@ def compile_check(target=("cuda", 90, 32), levels: int = 4, step: int = 32, drop
     from triton.compiler import ASTSource
 
     KA = _p2(max(drop, 1))
-    ints = {n: "i32" for n in ("R", "P", "T", "seen", "sinks", "recent", "keep_units")}
+    ints = {n: "i32" for n in ("R", "P", "T", "seen", "sinks", "recent", "keep_units", "drop_host")}
     f32 = {n: "*fp32" for n in ("ACC", "PROF", "TACC", "TPROF", "OMAX", "ROWMAX", "KE", "VE", "TKE", "TVE")}
     half = {n: f"*{dtype}" for n in ("KB_", "VB_", "TK", "TV")}
     types = {**ints, **f32, **half}

@@ -208,9 +208,12 @@ def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, ta
     e = _count(lr_new, entering, L * R)
     final = after + e
     free = (cap - final).min() if cap.numel() else torch.zeros((), dtype=torch.long, device=dev)
-    # device bool: every run had room, and no row changed more tokens than the bound M (which
-    # 2 * drop + t is, by allocate_step's stages; checked, as a wrong bound would lose tokens)
-    fits = (free >= 0) & (changed.sum(-1).max() <= M)
+    # device bool: every run had room, every row was exactly the caller's ``drop`` units over
+    # (allocate_step selects at most that many: a caller tracking the pools wrongly would go
+    # over budget silently) and no row changed more tokens than the bound M (2 * drop + t by
+    # allocate_step's stages; checked, as a wrong bound would lose tokens)
+    over = (units * (~prot & (units > 0))).sum(-1) - rest
+    fits = (free >= 0) & (changed.sum(-1).max() <= M) & (over == drop).all()
     dst_slot = store.tok_off[lev_new, rows[:, None]] + dst_run
     # -- writes: no boolean indexing (no device -> host copy): masked entries add zeros --------------
     # Every destination is first cleared (x + (-x) = 0 exactly), then the value added (0 + v = v), by
