@@ -93,30 +93,21 @@ def _tolerance(comp, dtype: torch.dtype, kind: str, backend: str, device: str):
     return tolerance(dtype, kind, backend, device)
 
 
-def _same_precision(run_ref, inputs: dict, kwargs: dict, grad_names: list[str], cots: list[torch.Tensor]) -> dict:
-    """The oracle at the case's own precision, on the case's inputs (fp16 / bf16 cases): keyed as
-    :func:`_exact`; what the rounding of that precision costs the oracle itself."""
-    own = {k: (None if t is None else t.detach().clone().requires_grad_(t.requires_grad)) for k, t in inputs.items()}
+def _rerun(run_ref, inputs: dict, kwargs: dict, grad_names: list[str], cots: list[torch.Tensor],
+           dtype: torch.dtype | None = None) -> dict:
+    """The oracle again on the same input values, in ``dtype`` (None: the inputs' own precision):
+    ``{("out", i): output, ("grad", name): grad}`` (the gradients of ``grad_names`` for the
+    cotangents ``cots``, cast alike). fp64: the exact values; the case's precision (fp16 / bf16
+    cases): what that precision's rounding costs the oracle itself."""
+    def cast(t):
+        return t.detach().clone() if dtype is None else t.detach().to(dtype)
+    own = {k: (None if t is None else cast(t).requires_grad_(t.requires_grad)) for k, t in inputs.items()}
     outs = _as_tuple(run_ref(**own, **kwargs))
     out = {("out", i): o for i, o in enumerate(outs)}
     if grad_names:
-        grads = torch.autograd.grad(outs, [own[k] for k in grad_names], cots, allow_unused=True)
+        grads = torch.autograd.grad(outs, [own[k] for k in grad_names], [cast(c) for c in cots], allow_unused=True)
         out.update({("grad", k): g for k, g in zip(grad_names, grads, strict=True)})
     return out
-
-
-def _exact(run_ref, inputs: dict, kwargs: dict, grad_names: list[str], cots: list[torch.Tensor]) -> dict:
-    """The oracle in fp64 on the same input values: ``{("out", i): output, ("grad", name): grad}``
-    (the gradients of ``grad_names`` for the cotangents ``cots``, upcast)."""
-    exact_inputs = {k: (None if t is None else t.detach().double().requires_grad_(t.requires_grad))
-                    for k, t in inputs.items()}
-    outs = _as_tuple(run_ref(**exact_inputs, **kwargs))
-    exact = {("out", i): o for i, o in enumerate(outs)}
-    if grad_names:
-        grads = torch.autograd.grad(outs, [exact_inputs[k] for k in grad_names], [c.double() for c in cots],
-                                    allow_unused=True)
-        exact.update({("grad", k): g for k, g in zip(grad_names, grads, strict=True)})
-    return exact
 
 
 def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
@@ -184,9 +175,9 @@ def check(cc: ConformanceCase, seed: int | None = None) -> list[CloseReport]:
     # report shows them.
     if any(not r.ok for r in reports) and cc.dtype in (torch.float32, torch.float16, torch.bfloat16):
         run_ref = oracle.reference if oracle is not None else reference.fn
-        exact = _exact(run_ref, inputs, kwargs, grad_names if grad_ok else [], cots)
-        same = None if cc.dtype == torch.float32 else _same_precision(run_ref, inputs, kwargs,
-                                                                     grad_names if grad_ok else [], cots)
+        names = grad_names if grad_ok else []
+        exact = _rerun(run_ref, inputs, kwargs, names, cots, torch.float64)
+        same = None if cc.dtype == torch.float32 else _rerun(run_ref, inputs, kwargs, names, cots)
 
         def noise(e, key):
             x = None if key is None else exact.get(key)

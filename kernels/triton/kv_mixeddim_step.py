@@ -177,7 +177,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
                   TPOS, TACC, TKE, TVE, TK, TV,
                   R, P, T,
                   L: tl.constexpr, LP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  KA: tl.constexpr, KB: tl.constexpr, PBP: tl.constexpr, TP: tl.constexpr, ME: tl.constexpr,
+                  KA: tl.constexpr, KB: tl.constexpr, PBP: tl.constexpr, ME: tl.constexpr,
                   RB: tl.constexpr, APPLY: tl.constexpr):
     """Launched twice with the same decisions: APPLY=False writes each row's room check (FLAG);
     APPLY=True moves the tokens if every row had room (all or nothing, as the torch step)."""
@@ -190,7 +190,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
     need = n_live - tl.load(LIVE + r)
     rowmax = tl.maximum(tl.load(ROWMAX + r), 1e-30)
     tau = tl.load(TAU + r)
-    # -- entries: stage-1 drops [0, KA), stage-2 drops [KA, 2 KA), tail tokens [2 KA, 2 KA + TP) --------
+    # -- entries: stage-1 drops [0, KA), stage-2 drops [KA, 2 KA), tail tokens [2 KA, 2 KA + T) --------
     e = tl.arange(0, ME)
     in1 = e < KA
     intl = (e >= 2 * KA) & (e < 2 * KA + T)
@@ -426,7 +426,7 @@ def step_apply(store, state, tk, tv, tpos, tacc, tke, tve, tprof, seen: int, kee
         _apply_kernel[(R,)](d1_key, d1_id, ob_key, ob_id, live, rowmax, tau, flag,
                             store.tok_off, store.count, store.elem_base, store.pos, store.acc, state.ke, state.ve,
                             state.prof, store.kbuf, store.vbuf, tpos_c, tacc_c, tke, tve, tk, tv, R, P, t,
-                            L=L, LP=LP, G=g, D=d, BLOCK_D=_p2(d), KA=KA, KB=KB, PBP=_p2(P * KB), TP=_p2(t), ME=ME,
+                            L=L, LP=LP, G=g, D=d, BLOCK_D=_p2(d), KA=KA, KB=KB, PBP=_p2(P * KB), ME=ME,
                             RB=min(1024, _p2(R)), APPLY=apply)
     return torch.stack([flag[:, 0].min(), flag[:, 1].min()])
 
@@ -448,7 +448,7 @@ def compile_check(target=("cuda", 90, 32), levels: int = 4, step: int = 32, drop
     jobs = [(_scan_kernel, dict(L=levels, LP=LP, KA=KA, KB=2 * KA, BLOCK=512)),
             (_stage1_kernel, dict(L=levels, KA=KA, PKP=128, PP=32))]
     jobs += [(_apply_kernel, dict(L=levels, LP=LP, G=step, D=levels * step, BLOCK_D=_p2(levels * step), KA=KA,
-                                  KB=2 * KA, PBP=256, TP=_p2(t), ME=_p2(2 * KA + t), RB=128, APPLY=a))
+                                  KB=2 * KA, PBP=256, ME=_p2(2 * KA + t), RB=128, APPLY=a))
              for a in (False, True)]
     done = []
     for fn, consts in jobs:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import allocate_units, decode_attention, per_kv_head, protected_mask
+from .reference import allocate_units, decode_attention, group_energy, per_kv_head, protected_mask
 
 
 @dataclass
@@ -158,12 +158,32 @@ class PackedKV:
             held.append(first[lv] + i - self.tok_off[lv, rw] < self.count[lv, rw])
         return torch.cat(lev), torch.cat(row), torch.cat(base), torch.cat(held), n_held
 
+    def slot_energies(self, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group energies of K and V per slot [slots, levels] (fp32; zero beyond a token's width,
+        and for unused slots, whose channels are zero), from the stored channels (:func:`energies`).
+        ``bounds``: :meth:`_bounds` if the caller has it (else one device -> host copy)."""
+        first, end, bases, _ = self._bounds() if bounds is None else bounds
+        acc_dt = torch.promote_types(self.kbuf.dtype, torch.float32)
+        out = []
+        for buf in (self.kbuf, self.vbuf):
+            e = torch.zeros(self.slots, self.levels, dtype=acc_dt, device=self.pos.device)
+            for lv in range(self.levels):
+                n, w = end[lv] - first[lv], self.width(lv)
+                if n:
+                    e[first[lv]:end[lv], :lv + 1] = energies(buf[bases[lv]:bases[lv] + n * w].view(n, w), self.step)
+            out.append(e)
+        return out[0], out[1]
+
+    def _held_slots(self, held: torch.Tensor, n_held: int) -> torch.Tensor:
+        """The held slots' indices (every slot when every slot is held: no nonzero)."""
+        return torch.arange(self.slots, device=self.pos.device) if n_held == self.slots else \
+            torch.nonzero(held).squeeze(1)
+
     def meta(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per held token (unused slots skipped), in slot order: its global slot index, level,
         row and element base [held] (all long)."""
         lev, row, base, held, n_held = self._slot_meta()
-        slot = torch.arange(self.slots, device=self.pos.device) if n_held == self.slots else \
-            torch.nonzero(held).squeeze(1)
+        slot = self._held_slots(held, n_held)
         return slot, lev[slot], row[slot], base[slot]
 
     def _time_table(self, slot: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -186,8 +206,7 @@ class PackedKV:
         index of each [R, n]. For the reference decode and the tests (it is the zeroed layout's
         content)."""
         lev, row, base, held, n_held = self._slot_meta()
-        slot = torch.arange(self.slots, device=self.pos.device) if n_held == self.slots else \
-            torch.nonzero(held).squeeze(1)
+        slot = self._held_slots(held, n_held)
         idx = self._time_table(slot, row[slot])
         n = idx.shape[1]
         dims = ((lev + 1) * self.step)[idx]                                  # [R, n]
@@ -202,6 +221,13 @@ class PackedKV:
             out.append(nat.view(self.b, self.hk, n, self.d))
         shp = (self.b, self.hk, n)
         return out[0], out[1], self.pos[idx].view(shp), self.acc[idx].view(shp), dims.view(shp), idx
+
+
+def energies(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[..., w] rank-ordered channels -> [..., w / g] group energies in fp32 (fp64 for fp64): what
+    the allocator sees of a token, computed the same way wherever it is (pools, tail, the
+    incremental step), so the decisions are the same bits."""
+    return group_energy(x.to(torch.promote_types(x.dtype, torch.float32)) ** 2, g)
 
 
 def _rank_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -221,7 +247,6 @@ def repack(store: PackedKV, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep:
         raise ValueError(f"token.mixeddim repack: slack must be an int >= 0, got {slack!r}")
     R, L, g, d = store.rows, store.levels, store.step, store.d
     dev = store.pos.device
-    acc_dt = torch.promote_types(store.kbuf.dtype, torch.float32)
     t = 0 if tail_k is None else tail_k.shape[2]
     bounds = store._bounds()
     offs0, offs1, bases, n_held = bounds
@@ -237,19 +262,12 @@ def repack(store: PackedKV, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep:
     if T == 0 or T * L <= budget:
         return None
     # group energies [slots + tail, L] from the stored values (the same numbers the zeroed layout sees)
-    ke = torch.zeros(ns + R * t, L, dtype=acc_dt, device=dev)
-    ve = torch.zeros(ns + R * t, L, dtype=acc_dt, device=dev)
-    for lv in range(L):
-        t0, t1, w = offs0[lv], offs1[lv], store.width(lv)
-        if t1 > t0:
-            for e, buf in ((ke, store.kbuf), (ve, store.vbuf)):
-                blk = buf[bases[lv]:bases[lv] + (t1 - t0) * w].view(t1 - t0, lv + 1, g)
-                e[t0:t1, :lv + 1] = (blk.to(acc_dt) ** 2).sum(-1)
+    ke, ve = store.slot_energies(bounds)
     tk = tv = None
     if t:
         tk, tv = _rank_order(tail_k, store.k_order), _rank_order(tail_v, store.v_order)
-        ke[ns:] = (tk.to(acc_dt) ** 2).view(R * t, L, g).sum(-1)
-        ve[ns:] = (tv.to(acc_dt) ** 2).view(R * t, L, g).sum(-1)
+        ke = torch.cat([ke, energies(tk, g).view(R * t, L)])
+        ve = torch.cat([ve, energies(tv, g).view(R * t, L)])
     rows_all = torch.cat([row, torch.arange(R, device=dev).repeat_interleave(t)])
     pos_all = torch.cat([store.pos, tail_pos.reshape(-1)]) if t else store.pos
     acc_all = torch.cat([store.acc, tail_acc.reshape(-1).float()]) if t else store.acc

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mixeddim import PackedKV, _rank_order
+from .mixeddim import PackedKV, _rank_order, energies
 from .reference import allocate_step, protected_mask, unit_profile
 
 
@@ -45,29 +45,11 @@ class StepState:
     prof: torch.Tensor    # [slots, L] fp32 unit_profile(ke, ve)
 
 
-def _energies(buf: torch.Tensor, lv: int, n: int, base: int, g: int, acc_dt) -> torch.Tensor:
-    """Group energies [n, lv + 1] of ``n`` level-``lv`` slots from ``base`` (as :func:`repack`)."""
-    blk = buf[base:base + n * (lv + 1) * g].view(n, lv + 1, g)
-    return (blk.to(acc_dt) ** 2).sum(-1)
-
-
 def step_state(store: PackedKV) -> StepState:
     """The state :func:`step_rewrite` needs, from a store (one device -> host copy)."""
-    R, L, g = store.rows, store.levels, store.step
-    dev = store.pos.device
-    acc_dt = torch.promote_types(store.kbuf.dtype, torch.float32)
-    first, end, bases, _ = store._bounds()
+    R, L = store.rows, store.levels
     offs = store.tok_off.tolist()
-    ke = torch.zeros(store.slots, L, dtype=acc_dt, device=dev)
-    ve = torch.zeros_like(ke)
-    for lv in range(L):
-        n = end[lv] - first[lv]
-        if n:
-            ke[first[lv]:end[lv], :lv + 1] = _energies(store.kbuf, lv, n, bases[lv], g, acc_dt)
-            ve[first[lv]:end[lv], :lv + 1] = _energies(store.vbuf, lv, n, bases[lv], g, acc_dt)
-    held = _slot_held(store)
-    ke *= held[:, None]
-    ve *= held[:, None]
+    ke, ve = store.slot_energies()
     caps = [[offs[lv][r + 1] - offs[lv][r] for lv in range(L)] for r in range(R)]
     S = max(1, max(sum(c) for c in caps))
     slot = torch.zeros(R, S, dtype=torch.long)
@@ -81,12 +63,8 @@ def step_state(store: PackedKV) -> StepState:
             level[r, j:j + c] = lv
             run[r, j:j + c] = torch.arange(c)
             j += c
+    dev = store.pos.device
     return StepState(slot.to(dev), level.to(dev), run.to(dev), ke, ve, unit_profile(ke, ve))
-
-
-def _slot_held(store: PackedKV) -> torch.Tensor:
-    lev, row, _, held, _ = store._slot_meta()
-    return held
 
 
 def _pairwise_rank(key: torch.Tensor, group: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -124,14 +102,12 @@ def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, ta
     (tested: both against :func:`repack` after every step)."""
     R, L, g, d = store.rows, store.levels, store.step, store.d
     dev = store.pos.device
-    acc_dt = state.ke.dtype
     t = tail_k.shape[2]
     rows = torch.arange(R, device=dev)
     # -- the row view: slots (every level) then the tail ------------------------------------------
     S = state.slot.shape[1]
     tk, tv = _rank_order(tail_k, store.k_order), _rank_order(tail_v, store.v_order)   # [R, t, D]
-    ke_t = (tk.to(acc_dt) ** 2).view(R, t, L, g).sum(-1)
-    ve_t = (tv.to(acc_dt) ** 2).view(R, t, L, g).sum(-1)
+    ke_t, ve_t = energies(tk, g), energies(tv, g)                          # [R, t, L]
     if _use_triton(store, impl):
         from ...kernels.triton.kv_mixeddim_step import step_apply
         return step_apply(store, state, tk, tv, tail_pos, tail_acc, ke_t, ve_t, unit_profile(ke_t, ve_t), seen, keep,

@@ -336,7 +336,6 @@ def allocate_units(scores: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor, cap
 
 
 _I64_MAX = torch.iinfo(torch.int64).max
-_I64_MIN = torch.iinfo(torch.int64).min
 
 
 def _order_bits(x: torch.Tensor) -> torch.Tensor:
@@ -402,14 +401,9 @@ def allocate_step(scores: torch.Tensor, profile: torch.Tensor, units: torch.Tens
     # revive: the emptied tokens with the best score / row max (ties: the earlier), as the sort did
     rowmax = sc.masked_fill(~valid, 0).amax(-1, keepdim=True).clamp_min(1e-30)
     emptied = free & (after == 0)
-    rkey = (_order_bits(sc / rowmax) << 32) | (2**32 - 1 - positions)
-    rkey = rkey.masked_fill(~emptied, _I64_MIN)
-    revive = torch.zeros_like(emptied)
-    if min(k_max, s_) > 0:
-        idx = torch.topk(rkey, min(k_max, s_), dim=-1, largest=True, sorted=True).indices
-        take = (torch.arange(idx.shape[-1], device=dev)[None, :] < need[:, None]) & \
-            (torch.gather(rkey, -1, idx) != _I64_MIN)
-        revive.scatter_(-1, idx, take)
+    # (the largest keys, as the smallest of their bitwise complements: ~x = -1 - x, keys >= 0)
+    rkey = ~((_order_bits(sc / rowmax) << 32) | (2**32 - 1 - positions))
+    revive = _k_smallest(rkey.masked_fill(~emptied, _I64_MAX), need, k_max)
     # and pay for them: the lowest remaining units of rank >= 1
     key2 = key.view(r, s_, L).masked_fill(d1 | (ranks == 0), _I64_MAX).view(r, -1)
     d2 = _k_smallest(key2, need, k_max).view(r, s_, L)
