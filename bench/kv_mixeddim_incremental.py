@@ -43,6 +43,51 @@ def _bump(p, i):
     return ((p * 2654435761 + i * 9973) % 1000003).float() / 1000003.0
 
 
+def pipelined(q, inc, state, keep, sinks, recent, L, T, slack, impl, n=24):
+    """Decode steps as generation runs them: no synchronisation between steps, the step's
+    ``[fits, free]`` read one step late. Wall time per step of the pooled decode alone, of the
+    incremental step alone and of both; the step's share of a decode step is (both - decode) /
+    decode. New tokens at positions T, T+1, ...; the budget stays ``keep`` (``L`` units a step)."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    D = inc.d
+    toks = [(torch.randn(inc.b, inc.hk, 1, D, device=DEV, generator=g, dtype=inc.kbuf.dtype),
+             torch.randn(inc.b, inc.hk, 1, D, device=DEV, generator=g, dtype=inc.kbuf.dtype),
+             torch.rand(inc.b, inc.hk, 1, device=DEV, generator=g)) for _ in range(n)]
+    out = {"pipelined_steps": n, "pipelined_fallbacks": 0}
+
+    def run(decode: bool, step: bool, seen0: int):
+        nonlocal inc, state
+        flag = None
+        sync()
+        t0 = time.perf_counter()
+        for i, (tk, tv, tacc) in enumerate(toks):
+            if decode:
+                decode_kernel("triton" if CUDA else "numba", q, inc, tk, tv)
+            if step:
+                seen = seen0 + i + 1
+                tpos = torch.full((inc.b, inc.hk, 1), seen - 1, device=DEV, dtype=torch.int64)
+                fits, free = (1, slack) if flag is None else flag.tolist()
+                if not fits:
+                    raise SystemExit("an incremental step had no room (the room check failed)")
+                if free < step_bound(L, 1):
+                    out["pipelined_fallbacks"] += 1
+                    inc = repack(inc, tk, tv, tpos, tacc, seen, keep, sinks, recent, slack=slack)
+                    state, flag = step_state(inc), None
+                else:
+                    flag = step_rewrite(inc, state, tk, tv, tpos, tacc, seen, keep, sinks, recent, drop=L,
+                                        impl=impl)
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    run(True, True, T + 1000)  # warm-up (compiles), at later positions than the timed runs
+    out["pipelined_decode_ms"] = run(True, False, 0)
+    out["pipelined_step_ms"] = run(False, True, T + 2000)
+    out["pipelined_decode_step_ms"] = run(True, True, T + 3000)
+    out["pipelined_step_share"] = (out["pipelined_decode_step_ms"] - out["pipelined_decode_ms"]) / \
+        out["pipelined_decode_ms"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
@@ -116,6 +161,7 @@ def main():
         tk, tv = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
         for name, st in (("decode_scores_no_slack_ms", full), ("decode_scores_slack_ms", inc)):
             res[name] = do_bench(lambda st=st: decode_kernel("triton", q, st, tk, tv), warmup=25, rep=200)
+    res.update(pipelined(q, inc, state, keep, sinks, recent, L, T, a.slack, a.impl, n=4 if a.smoke else 24))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"kv_mixeddim_incremental_{a.impl}.json").write_text(json.dumps(res, indent=1))

@@ -134,6 +134,11 @@ def test_triton_step_kernels_compile_for_sm90():
         pytest.skip("under TRITON_INTERPRET=1 the kernels are interpreted functions (the reference env compiles)")
     from blockzoo.kernels.triton.kv_mixeddim_step import compile_check
     assert compile_check() == ["_scan_kernel", "_stage1_kernel", "_apply_kernel", "_apply_kernel"]
+    # the wrong-drop test's launch (drop 5: 8 candidates failed in triton's layout pass on the H100)
+    # and an odd level count with a two-chunk scan
+    assert compile_check(levels=4, step=4, drop=5, dtype="fp32", rows=2, chunks=1, kernels=("apply",)) == \
+        ["_apply_kernel"] * 2
+    assert len(compile_check(levels=3, step=8, drop=6, t=2, dtype="fp32", rows=3, chunks=2)) == 4
 
 
 @pytest.mark.parametrize("device,impl", CASES, ids=[f"{d}-{i}" for d, i in CASES])

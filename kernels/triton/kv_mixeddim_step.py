@@ -49,18 +49,26 @@ def _order_key(gain, pos, u, L: tl.constexpr):
 
 
 @triton.jit
-def _store_smallest(keys, ids, OUT_KEY, OUT_ID, K: tl.constexpr):
-    """The K smallest of the unique ``keys`` [BLOCK, LP] (I64_MAX = none), ascending, with their
-    ``ids``, stored at OUT_KEY[0..K) and OUT_ID[0..K) (a missing one: I64_MAX, id 0)."""
-    for i in tl.static_range(K):
-        mn = tl.min(tl.min(keys, 1), 0)
-        hit = keys == mn
+def _store_smallest(keys, head, lo, ids, OUT_KEY, OUT_ID, K: tl.constexpr):
+    """The K smallest keys of the units ``lo <= u <= head`` of every token of the block, ascending,
+    with their token's ``ids``, stored at OUT_KEY[0..K) and OUT_ID[0..K) (a missing one: I64_MAX,
+    id 0). ``keys`` [BLOCK, LP]: a token's keys fall with its rank (its gain is ``s * profile`` and
+    the profile is a running minimum along the ranks; ties go to the higher rank), so its smallest
+    not-yet-taken unit is always its highest one: each extraction is a minimum over the tokens'
+    current heads ([BLOCK]) rather than over every unit ([BLOCK, LP])."""
+    u = tl.arange(0, keys.shape[1])[None, :]
+    cur = tl.where(head >= lo, tl.sum(tl.where(u == head[:, None], keys, 0), 1), I64_MAX)
+    for i in range(K):  # a loop, not unrolled: compile time grows with K otherwise
+        mn = tl.min(cur, 0)
+        hit = cur == mn
         tl.store(OUT_KEY + i, mn)
-        tl.store(OUT_ID + i, tl.sum(tl.sum(tl.where(hit & (mn != I64_MAX), ids, 0), 1), 0))
-        keys = tl.where(hit, I64_MAX, keys)
+        tl.store(OUT_ID + i, tl.sum(tl.where(hit & (mn != I64_MAX), ids, 0), 0))
+        head = tl.where(hit, head - 1, head)
+        nxt = tl.where(head >= lo, tl.sum(tl.where(u == head[:, None], keys, 0), 1), I64_MAX)
+        cur = tl.where(hit, nxt, cur)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seen"])  # one compiled kernel for every step, not one per seen % 16
 def _scan_kernel(TOK, CNT, POS, ACC, PROF, TPOS, TACC, TPROF,
                  OA_KEY, OA_ID, OB_KEY, OB_ID, OSTAT, OMAX,
                  R, P, T, seen, sinks, recent,
@@ -100,21 +108,18 @@ def _scan_kernel(TOK, CNT, POS, ACC, PROF, TPOS, TACC, TPROF,
                     tl.load(TPROF + (r * T + jt)[:, None] * L + u[None, :], mask=intail[:, None] & um[None, :],
                             other=0.0))
     key = _order_key(s[:, None] * prof, pos[:, None], u[None, :].to(tl.int64), L)
-    heldu = free[:, None] & (u[None, :] < units[:, None])
+    head = tl.where(free, units - 1, -1)  # a token's highest held unit (none: -1)
     ida = tl.where(inpool, slot, -1 - jt)
-    idt = tl.broadcast_to(ida[:, None], [BLOCK, LP])
-    keya = tl.where(heldu, key, I64_MAX)
-    keyb = tl.where(heldu & (u[None, :] >= 1), key, I64_MAX)
     out = (r * P + p).to(tl.int64)
-    _store_smallest(keya, idt, OA_KEY + out * KA, OA_ID + out * KA, KA)
-    _store_smallest(keyb, idt, OB_KEY + out * KB, OB_ID + out * KB, KB)
+    _store_smallest(key, head, 0, ida, OA_KEY + out * KA, OA_ID + out * KA, KA)
+    _store_smallest(key, head, 1, ida, OB_KEY + out * KB, OB_ID + out * KB, KB)
     tl.store(OMAX + out, tl.max(tl.where(valid, s, 0.0), 0))
     tl.store(OSTAT + out * 3 + 0, tl.sum(prot.to(tl.int64), 0))
     tl.store(OSTAT + out * 3 + 1, tl.sum(free.to(tl.int64), 0))
     tl.store(OSTAT + out * 3 + 2, tl.sum(tl.where(free, units, 0), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["keep_units", "drop_host"])
 def _stage1_kernel(OA_KEY, OA_ID, OSTAT, OMAX, D1_KEY, D1_ID, LIVE, ROWMAX, TAU, FLAG,
                    R, P, keep_units, drop_host, L: tl.constexpr, KA: tl.constexpr, PKP: tl.constexpr,
                    PP: tl.constexpr):
@@ -132,7 +137,7 @@ def _stage1_kernel(OA_KEY, OA_ID, OSTAT, OMAX, D1_KEY, D1_ID, LIVE, ROWMAX, TAU,
     drop = ufree - (keep_units - nprot * L)
     emptied = tl.zeros([], tl.int64)
     tau = tl.full([], -1, tl.int64)
-    for i in tl.static_range(KA):
+    for i in range(KA):
         mn = tl.min(keys, 0)
         hit = keys == mn
         act = (i < drop) & (mn != I64_MAX)
@@ -204,7 +209,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
     kb = tl.where(kb > tau, kb, I64_MAX)
     k2 = tl.full([ME], I64_MAX, tl.int64)
     i2 = tl.zeros([ME], tl.int64)
-    for i in tl.static_range(KA):
+    for i in range(KA):
         mn = tl.min(kb, 0)
         hit = kb == mn
         act = (i < need) & (mn != I64_MAX)
@@ -234,7 +239,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
     pkey = (pbits.to(tl.int64) << 32) | (4294967295 - e_pos)
     pkey = tl.where(emp, pkey, I64_NEG)
     revive = e < 0
-    for i in tl.static_range(KA):
+    for i in range(KA):
         mx = tl.max(pkey, 0)
         hit = pkey == mx
         act = (i < need) & (mx != I64_NEG)
@@ -262,7 +267,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
     new_l = newu - 1
     # -- runs: swap-remove holes, movers, append slots, room ----------------------------------------------
     q = tl.arange(0, ME)
-    hole = e < 0
+    n_hole = tl.zeros([ME], tl.int32)  # a token leaves one level: 0 or 1
     mover_of = tl.zeros([ME], tl.int64)
     dst_of = tl.zeros([ME], tl.int64)
     fits = tl.load(FLAG + r * 2 + 0) != 0
@@ -275,7 +280,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
         h = tl.sum(lv_leave.to(tl.int64), 0)
         after = cnt - h
         lv_hole = lv_leave & (run_i < after)
-        hole = hole | lv_hole
+        n_hole += lv_hole.to(tl.int32)  # a count, not `hole | lv_hole`: triton 3.6's sm_90 layout pass fails on that
         hole_rank = tl.sum((lv_hole[None, :] & (run_i[None, :] < run_i[:, None])).to(tl.int64), 1)
         cand = t0 + after + q
         cand_leaves = tl.sum(((ident[None, :] == cand[:, None]) & lv_leave[None, :]).to(tl.int32), 1) > 0
@@ -324,7 +329,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG,
                       tl.load(VE + sl[:, None] * L + u, mask=keepg & ~is_t[:, None], other=0.0))
     src_prof = _unit_profile(src_ke, src_ve, keepg, LP, L)
     # movers: the whole row of their (the hole's) level
-    hole = hole & fits
+    hole = (n_hole > 0) & fits
     w_h = (old_l + 1) * G
     eb_h = tl.load(EB + tl.maximum(old_l, 0), mask=hole, other=0)
     tb_h = tl.load(TOK + tl.maximum(old_l, 0) * (R + 1), mask=hole, other=0)
@@ -392,66 +397,79 @@ def _p2(n: int) -> int:
     return max(1, triton.next_power_of_2(int(n)))
 
 
+def _ka(drop: int) -> int:
+    """Candidates a row keeps per scan chunk (a power of two >= ``drop``). 8 is skipped: triton
+    3.6's sm_90 layout pass (TritonGPURemoveLayoutConversions) fails on the apply kernel with 8
+    (an i1 -> i32 cast across two layouts); 1, 2, 4, 16 and 32 compile (``compile_check``)."""
+    ka = _p2(max(drop, 1))
+    return 16 if ka == 8 else ka
+
+
+def _consts(L: int, g: int, drop: int, t: int, R: int, P: int, block: int = 512) -> dict:
+    """The constexprs of the four launches (scan, stage 1, apply): one place, so that
+    :func:`compile_check` compiles exactly what :func:`step_apply` launches."""
+    KA, LP = _ka(drop), _p2(L)
+    return {"scan": dict(L=L, LP=LP, KA=KA, KB=2 * KA, BLOCK=block),
+            "stage1": dict(L=L, KA=KA, PKP=_p2(P * KA), PP=_p2(P)),
+            "apply": dict(L=L, LP=LP, G=g, D=L * g, BLOCK_D=_p2(L * g), KA=KA, KB=2 * KA, PBP=_p2(P * 2 * KA),
+                          ME=_p2(2 * KA + t), RB=min(1024, _p2(R)))}
+
+
 def step_apply(store, state, tk, tv, tpos, tacc, tke, tve, tprof, seen: int, keep: int, sinks: int, recent: int,
                drop: int, max_row_tokens: int, block: int = 512) -> torch.Tensor:
     """One incremental step on the device (the three launches above). ``tk``, ``tv`` [R, t, D] the
     tail in rank order; ``tke``, ``tve``, ``tprof`` [R, t, L] its energies and profiles (as the torch
     step computes them); ``max_row_tokens`` a host bound on any row's held tokens (its slots).
     Returns ``[fits, free]`` (device, over all rows)."""
-    R, L, g, d = store.rows, store.levels, store.step, store.d
+    R, L, g = store.rows, store.levels, store.step
     dev = store.pos.device
     t = tk.shape[1]
-    KA = _p2(max(drop, 1))
-    KB = 2 * KA
     P = max(1, triton.cdiv(max_row_tokens + t, block))
+    c = _consts(L, g, drop, t, R, P, block)
+    KA, KB = c["scan"]["KA"], c["scan"]["KB"]
     i64 = dict(dtype=torch.int64, device=dev)
     oa_key, oa_id = torch.empty(R, P, KA, **i64), torch.empty(R, P, KA, **i64)
     ob_key, ob_id = torch.empty(R, P, KB, **i64), torch.empty(R, P, KB, **i64)
     ostat = torch.empty(R, P, 3, **i64)
     omax = torch.empty(R, P, dtype=torch.float32, device=dev)
-    LP = _p2(L)
     tpos_c, tacc_c = tpos.reshape(R, t).contiguous(), tacc.reshape(R, t).float().contiguous()
     _scan_kernel[(P, R)](store.tok_off, store.count, store.pos, store.acc, state.prof, tpos_c, tacc_c,
                          tprof.contiguous(), oa_key, oa_id, ob_key, ob_id, ostat, omax, R, P, t, seen, sinks,
-                         recent, L=L, LP=LP, KA=KA, KB=KB, BLOCK=block)
+                         recent, **c["scan"])
     d1_key, d1_id = torch.empty(R, KA, **i64), torch.empty(R, KA, **i64)
     live, tau = torch.empty(R, **i64), torch.empty(R, **i64)
     rowmax = torch.empty(R, dtype=torch.float32, device=dev)
     flag = torch.empty(R, 2, **i64)
     _stage1_kernel[(R,)](oa_key, oa_id, ostat, omax, d1_key, d1_id, live, rowmax, tau, flag, R, P, keep * L, drop,
-                         L=L, KA=KA, PKP=_p2(P * KA), PP=_p2(P))
-    ME = _p2(2 * KA + t)
+                         **c["stage1"])
     tke, tve, tk, tv = tke.contiguous(), tve.contiguous(), tk.contiguous(), tv.contiguous()
     for apply in (False, True):
         _apply_kernel[(R,)](d1_key, d1_id, ob_key, ob_id, live, rowmax, tau, flag,
                             store.tok_off, store.count, store.elem_base, store.pos, store.acc, state.ke, state.ve,
                             state.prof, store.kbuf, store.vbuf, tpos_c, tacc_c, tke, tve, tk, tv, R, P, t,
-                            L=L, LP=LP, G=g, D=d, BLOCK_D=_p2(d), KA=KA, KB=KB, PBP=_p2(P * KB), ME=ME,
-                            RB=min(1024, _p2(R)), APPLY=apply)
+                            **c["apply"], APPLY=apply)
     return torch.stack([flag[:, 0].min(), flag[:, 1].min()])
 
 
 def compile_check(target=("cuda", 90, 32), levels: int = 4, step: int = 32, drop: int = 4, t: int = 1,
-                  dtype: str = "bf16") -> list[str]:
-    """Compile the three kernels for ``target`` without a GPU (front end to PTX/cubin through the
-    installed backend): catches what the interpreter does not check (constexpr globals, types).
-    Returns the compiled kernels' names; raises on an error."""
+                  dtype: str = "bf16", rows: int = 128, chunks: int = 18, kernels=("scan", "stage1", "apply")
+                  ) -> list[str]:
+    """Compile the kernels for ``target`` without a GPU (front end to PTX/cubin through the installed
+    backend), with the constexprs a launch on ``rows`` rows of ``chunks`` scan chunks would use:
+    catches what the interpreter does not check (constexpr globals, types, the compiler's own
+    failures). Returns the compiled kernels' names; raises on an error."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    KA = _p2(max(drop, 1))
     ints = {n: "i32" for n in ("R", "P", "T", "seen", "sinks", "recent", "keep_units", "drop_host")}
     f32 = {n: "*fp32" for n in ("ACC", "PROF", "TACC", "TPROF", "OMAX", "ROWMAX", "KE", "VE", "TKE", "TVE")}
     half = {n: f"*{dtype}" for n in ("KB_", "VB_", "TK", "TV")}
     types = {**ints, **f32, **half}
-    LP = _p2(levels)
-    jobs = [(_scan_kernel, dict(L=levels, LP=LP, KA=KA, KB=2 * KA, BLOCK=512)),
-            (_stage1_kernel, dict(L=levels, KA=KA, PKP=128, PP=32))]
-    jobs += [(_apply_kernel, dict(L=levels, LP=LP, G=step, D=levels * step, BLOCK_D=_p2(levels * step), KA=KA,
-                                  KB=2 * KA, PBP=256, ME=_p2(2 * KA + t), RB=128, APPLY=a))
-             for a in (False, True)]
+    c = _consts(levels, step, drop, t, rows, chunks)
+    fns = {"scan": [(_scan_kernel, c["scan"])], "stage1": [(_stage1_kernel, c["stage1"])],
+           "apply": [(_apply_kernel, {**c["apply"], "APPLY": a}) for a in (False, True)]}
     done = []
-    for fn, consts in jobs:
+    for fn, consts in (job for name in kernels for job in fns[name]):
         sig = {n: ("constexpr" if n in consts else types.get(n, "*i64")) for n in fn.arg_names}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget(*target))
         done.append(fn.__name__)

@@ -25,6 +25,7 @@ does.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,28 @@ def step_bound(drop: int, t: int) -> int:
     return 2 * drop + t
 
 
+STEP_IMPL_ENV = "BLOCKZOO_MIXEDDIM_STEP"
+
+
 def _use_triton(store: PackedKV, impl: str) -> bool:
+    """``impl="auto"``: the environment's ``BLOCKZOO_MIXEDDIM_STEP`` when set (auto, torch or
+    triton), else the Triton step on a CUDA store and the torch step elsewhere."""
+    if impl == "auto":
+        impl = os.environ.get(STEP_IMPL_ENV, "auto") or "auto"
     if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"token.mixeddim step_rewrite: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    # "auto" is the torch step for now: the Triton step matches it bit for bit in the interpreter
-    # and compiles for sm_90, but has not run compiled on a GPU yet (docs/performance.md)
+        raise ValueError(f"token.mixeddim step_rewrite: impl must be 'auto', 'torch' or 'triton', got {impl!r}"
+                         f" (from {STEP_IMPL_ENV} when the call said 'auto')")
+    if impl == "auto":
+        return store.pos.is_cuda and _have_triton()
     return impl == "triton"
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - the CUDA machines have it
+        return False
+    return True
 
 
 def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep: int,
@@ -97,9 +114,9 @@ def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, ta
     was written) and the fewest spare slots any run has left. The caller makes sure of room
     beforehand: a run gains at most :func:`step_bound` tokens a step, so a step whose previous
     ``free`` (read one step late, when it is long computed) is at least that bound fits.
-    ``impl``: "triton" (``kernels/triton/kv_mixeddim_step.py``, four launches) or "torch" (the code
-    below; what "auto" picks until the Triton step has run compiled on a GPU); the same caches
-    (tested: both against :func:`repack` after every step)."""
+    ``impl``: "triton" (``kernels/triton/kv_mixeddim_step.py``, four launches; what "auto" picks
+    on CUDA) or "torch" (the code below; "auto" elsewhere); the same caches (tested: both against
+    :func:`repack` after every step)."""
     R, L, g, d = store.rows, store.levels, store.step, store.d
     dev = store.pos.device
     t = tail_k.shape[2]
