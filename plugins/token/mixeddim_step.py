@@ -127,7 +127,7 @@ def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, ta
     ke_t, ve_t = energies(tk, g), energies(tv, g)                          # [R, t, L]
     if _use_triton(store, impl):
         from ...kernels.triton.kv_mixeddim_step import step_apply
-        return step_apply(store, state, tk, tv, tail_pos, tail_acc, ke_t, ve_t, unit_profile(ke_t, ve_t), seen, keep,
+        return step_apply(store, state, tk, tv, tail_pos, tail_acc, ke_t, ve_t, seen, keep,
                           sinks, recent, drop, S)
     cnt = store.count                                                       # [L, R]
     held = state.run < cnt[state.level, rows[:, None]]                      # [R, S]
