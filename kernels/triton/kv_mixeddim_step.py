@@ -1,14 +1,14 @@
 """token.mixeddim's incremental rewrite step in Triton (``plugins/token/mixeddim_step.py``).
 
-Four launches (three kernels, the last one twice), no device -> host copy, the same decisions and the same moves as the torch step
-(``step_rewrite``; compared bit for bit in the tests):
+Four launches (three kernels, the last one twice), no device -> host copy, the same decisions and
+the same moves as the torch step (``step_rewrite``; compared bit for bit in the tests):
 
 1. ``_scan_kernel``, grid ``(P, R)``: program ``(p, r)`` takes ``BLOCK`` tokens of row ``r``'s view
    (its held tokens level by level, then the tail's, whose unit profiles it computes from their
-   group energies), builds the int64 key of every held unit of
-   every unprotected token (the gain's order-preserving bits, then ``2**32 - 1 - (pos * L +
-   rank)``: gain ascending, later token and higher rank first, as the whole-cache sort breaks ties)
-   and writes its ``KA`` smallest keys (with the token's id: its slot, or ``-1 - j`` for tail token
+   group energies), builds the int64 key of every held unit of every unprotected token (the
+   gain's order-preserving bits, then ``2**32 - 1 - (pos * L + rank)``: gain ascending, later
+   token and higher rank first, as the whole-cache sort breaks ties) and writes its ``KA``
+   smallest keys (with the token's id: its slot, or ``-1 - j`` for tail token
    ``j``), its ``2 * KA`` smallest keys of units of rank >= 1, the largest clamped score, the
    protected tokens, the unprotected tokens and their units.
 2. ``_stage1_kernel``, grid ``(R,)``: merges a row's partial lists: the row's ``drop`` smallest
@@ -30,6 +30,8 @@ in the torch step; the policy checks room one step ahead.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -426,15 +428,26 @@ def _consts(L: int, g: int, drop: int, t: int, R: int, P: int, block: int = 512)
                           ME=_p2(2 * KA + t), RB=min(1024, _p2(R)))}
 
 
+def _scan_cfg() -> tuple[int, int]:
+    """(BLOCK, num_warps) of the scan: ``BLOCKZOO_MIXEDDIM_SCAN="block,warps"`` (for A/B runs), else
+    (512, 4)."""
+    env = os.environ.get("BLOCKZOO_MIXEDDIM_SCAN")
+    if not env:
+        return 512, 4
+    block, warps = (int(x) for x in env.split(","))
+    return block, warps
+
+
 def step_apply(store, state, tk, tv, tpos, tacc, tke, tve, seen: int, keep: int, sinks: int, recent: int,
-               drop: int, max_row_tokens: int, block: int = 512) -> torch.Tensor:
+               drop: int, max_row_tokens: int) -> torch.Tensor:
     """One incremental step on the device (the four launches above). ``tk``, ``tv`` [R, t, D] the
     tail in rank order; ``tke``, ``tve`` [R, t, L] its group energies (as the torch step computes
-    them; the kernels compute its unit profiles); ``max_row_tokens`` a host bound on any row's held tokens (its slots).
-    Returns ``[fits, free]`` (device, over all rows)."""
+    them; the kernels compute its unit profiles); ``max_row_tokens`` a host bound on any row's held
+    tokens (its slots). Returns ``[fits, free]`` (device, over all rows)."""
     R, L, g = store.rows, store.levels, store.step
     dev = store.pos.device
     t = tk.shape[1]
+    block, warps = _scan_cfg()
     P = max(1, triton.cdiv(max_row_tokens + t, block))
     c = _consts(L, g, drop, t, R, P, block)
     KA, KB = c["scan"]["KA"], c["scan"]["KB"]
@@ -447,7 +460,7 @@ def step_apply(store, state, tk, tv, tpos, tacc, tke, tve, seen: int, keep: int,
     tke, tve, tk, tv = tke.contiguous(), tve.contiguous(), tk.contiguous(), tv.contiguous()
     _scan_kernel[(P, R)](store.tok_off, store.count, store.pos, store.acc, state.prof, tpos_c, tacc_c, tke, tve,
                          oa_key, oa_id, ob_key, ob_id, ostat, omax, R, P, t, seen, sinks,
-                         recent, **c["scan"])
+                         recent, **c["scan"], num_warps=warps)
     d1_key, d1_id = torch.empty(R, KA, **i64), torch.empty(R, KA, **i64)
     live, tau = torch.empty(R, **i64), torch.empty(R, **i64)
     rowmax = torch.empty(R, dtype=torch.float32, device=dev)
