@@ -47,7 +47,8 @@ def pipelined(q, inc, state, keep, sinks, recent, L, T, slack, impl, n=24):
     """Decode steps as generation runs them: no synchronisation between steps, the step's
     ``[fits, free]`` read one step late. Wall time per step of the pooled decode alone, of the
     incremental step alone and of both; the step's share of a decode step is (both - decode) /
-    decode. New tokens at positions T, T+1, ...; the budget stays ``keep`` (``L`` units a step)."""
+    decode. Each run's new tokens take fresh positions (from ``seen0``: after the cache's and the
+    previous runs'); the budget stays ``keep`` (``L`` units a step)."""
     g = torch.Generator(device=DEV).manual_seed(0)
     D = inc.d
     toks = [(torch.randn(inc.b, inc.hk, 1, D, device=DEV, generator=g, dtype=inc.kbuf.dtype),

@@ -134,11 +134,28 @@ def test_triton_step_kernels_compile_for_sm90():
         pytest.skip("under TRITON_INTERPRET=1 the kernels are interpreted functions (the reference env compiles)")
     from blockzoo.kernels.triton.kv_mixeddim_step import compile_check
     assert compile_check() == ["_scan_kernel", "_stage1_kernel", "_apply_kernel", "_apply_kernel"]
-    # the wrong-drop test's launch (drop 5: 8 candidates failed in triton's layout pass on the H100)
+    # the wrong-drop test's launch (drop 5: 8 candidates; triton's sm_90 layout pass failed on it while
+    # the candidate loops were unrolled)
     # and an odd level count with a two-chunk scan
     assert compile_check(levels=4, step=4, drop=5, dtype="fp32", rows=2, chunks=1, kernels=("apply",)) == \
         ["_apply_kernel"] * 2
     assert len(compile_check(levels=3, step=8, drop=6, t=2, dtype="fp32", rows=3, chunks=2)) == 4
+
+
+def test_step_impl_choice(monkeypatch):
+    """``impl="auto"``: the environment's choice when set (a bad one is an error naming the
+    variable), else Triton on a CUDA store only; an explicit impl wins over the environment."""
+    from blockzoo.plugins.token.mixeddim_step import STEP_IMPL_ENV, _use_triton
+    store = PackedKV.empty(1, 1, 8, 2, torch.arange(8)[None], torch.arange(8)[None], torch.float32, "cpu")
+    monkeypatch.delenv(STEP_IMPL_ENV, raising=False)
+    assert not _use_triton(store, "auto") and not _use_triton(store, "torch") and _use_triton(store, "triton")
+    monkeypatch.setenv(STEP_IMPL_ENV, "triton")
+    assert _use_triton(store, "auto") and not _use_triton(store, "torch")
+    monkeypatch.setenv(STEP_IMPL_ENV, "cuda")
+    with pytest.raises(ValueError, match=STEP_IMPL_ENV):
+        _use_triton(store, "auto")
+    with pytest.raises(ValueError, match="impl must be"):
+        _use_triton(store, "fast")
 
 
 @pytest.mark.parametrize("device,impl", CASES, ids=[f"{d}-{i}" for d, i in CASES])

@@ -275,7 +275,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG, OUT,
     new_l = newu - 1
     # -- runs: swap-remove holes, movers, append slots, room ----------------------------------------------
     q = tl.arange(0, ME)
-    n_hole = tl.zeros([ME], tl.int32)  # a token leaves one level: 0 or 1
+    hole = e < 0
     mover_of = tl.zeros([ME], tl.int64)
     dst_of = tl.zeros([ME], tl.int64)
     fits = tl.load(FLAG + r * 2 + 0) != 0
@@ -288,7 +288,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG, OUT,
         h = tl.sum(lv_leave.to(tl.int64), 0)
         after = cnt - h
         lv_hole = lv_leave & (run_i < after)
-        n_hole += lv_hole.to(tl.int32)  # a count, not `hole | lv_hole`: triton 3.6's sm_90 layout pass fails on that
+        hole = hole | lv_hole
         hole_rank = tl.sum((lv_hole[None, :] & (run_i[None, :] < run_i[:, None])).to(tl.int64), 1)
         cand = t0 + after + q
         cand_leaves = tl.sum(((ident[None, :] == cand[:, None]) & lv_leave[None, :]).to(tl.int32), 1) > 0
@@ -342,7 +342,7 @@ def _apply_kernel(D1_KEY, D1_ID, OB_KEY, OB_ID, LIVE, ROWMAX, TAU, FLAG, OUT,
                       tl.load(VE + sl[:, None] * L + u, mask=keepg & ~is_t[:, None], other=0.0))
     src_prof = _unit_profile(src_ke, src_ve, keepg, LP, L)
     # movers: the whole row of their (the hole's) level
-    hole = (n_hole > 0) & fits
+    hole = hole & fits
     w_h = (old_l + 1) * G
     eb_h = tl.load(EB + tl.maximum(old_l, 0), mask=hole, other=0)
     tb_h = tl.load(TOK + tl.maximum(old_l, 0) * (R + 1), mask=hole, other=0)
@@ -410,18 +410,10 @@ def _p2(n: int) -> int:
     return max(1, triton.next_power_of_2(int(n)))
 
 
-def _ka(drop: int) -> int:
-    """Candidates a row keeps per scan chunk (a power of two >= ``drop``). 8 is skipped: triton
-    3.6's sm_90 layout pass (TritonGPURemoveLayoutConversions) fails on the apply kernel with 8
-    (an i1 -> i32 cast across two layouts); 1, 2, 4, 16 and 32 compile (``compile_check``)."""
-    ka = _p2(max(drop, 1))
-    return 16 if ka == 8 else ka
-
-
 def _consts(L: int, g: int, drop: int, t: int, R: int, P: int, block: int = 512) -> dict:
     """The constexprs of the four launches (scan, stage 1, apply): one place, so that
     :func:`compile_check` compiles exactly what :func:`step_apply` launches."""
-    KA, LP = _ka(drop), _p2(L)
+    KA, LP = _p2(max(drop, 1)), _p2(L)  # candidates a row keeps per scan chunk
     return {"scan": dict(L=L, LP=LP, KA=KA, KB=2 * KA, BLOCK=block),
             "stage1": dict(L=L, KA=KA, PKP=_p2(P * KA), PP=_p2(P)),
             "apply": dict(L=L, LP=LP, G=g, D=L * g, BLOCK_D=_p2(L * g), KA=KA, KB=2 * KA, PBP=_p2(P * 2 * KA),

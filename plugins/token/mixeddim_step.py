@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...registry.capabilities import package_reason
 from .mixeddim import PackedKV, _rank_order, energies
 from .reference import allocate_step, protected_mask, unit_profile
 
@@ -93,16 +94,8 @@ def _use_triton(store: PackedKV, impl: str) -> bool:
         raise ValueError(f"token.mixeddim step_rewrite: impl must be 'auto', 'torch' or 'triton', got {impl!r}"
                          f" (from {STEP_IMPL_ENV} when the call said 'auto')")
     if impl == "auto":
-        return store.pos.is_cuda and _have_triton()
+        return store.pos.is_cuda and package_reason("triton>=3.6") is None
     return impl == "triton"
-
-
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - the CUDA machines have it
-        return False
-    return True
 
 
 def step_rewrite(store: PackedKV, state: StepState, tail_k, tail_v, tail_pos, tail_acc, seen: int, keep: int,
